@@ -1,0 +1,107 @@
+"""Make the demo's shipped assets: examples/data/demo.jsonl and examples/tiny-llama/.
+
+Deterministic from the seed, so re-running it reproduces the committed files.
+The base model is a tiny Llama built from a config and pretrained here for about
+a minute on plain sentences about words ("abc reversed is cba.") and on two
+instruction tasks in the default template (repeat, capitals). The sweep's data
+adds three tasks it was not instruction-tuned on (first letter, last letter,
+backwards), so fine-tuning has something to learn and good and bad learning
+rates give clearly different losses.
+
+    python scripts/make_demo_assets.py
+"""
+
+from __future__ import annotations
+
+import json
+import random
+from pathlib import Path
+
+import torch
+from transformers import AutoModelForCausalLM, AutoTokenizer
+
+from sweep.templates import Example, render_default
+from sweep.tiny_model import build_tiny_llama
+
+ROOT = Path(__file__).resolve().parent.parent
+SYSTEMS = ["", "You are a careful assistant that answers with the word only."]
+TASKS = {
+    "Repeat the word.": lambda w: w,
+    "Write the word in capital letters.": str.upper,
+    "What is the first letter of the word?": lambda w: w[0],
+    "What is the last letter of the word?": lambda w: w[-1],
+    "Write the word backwards.": lambda w: w[::-1],
+}
+
+
+def make_rows(count: int, seed: int) -> list[dict[str, str]]:
+    rng = random.Random(seed)
+    rows = []
+    for _ in range(count):
+        word = "".join(rng.choice("abcdefghijklmnopqrstuvwxyz") for _ in range(rng.randint(3, 6)))
+        instruction = rng.choice(list(TASKS))
+        rows.append(
+            {"system": rng.choice(SYSTEMS), "instruction": instruction, "input": word, "response": TASKS[instruction](word)}
+        )
+    # A few duplicates and untidy whitespace, as real data has; preparation cleans them.
+    rows.extend(dict(row) for row in rows[:10])
+    rows[5]["response"] = "  " + rows[5]["response"] + " \r\n"
+    return rows
+
+
+def _word(rng: random.Random) -> str:
+    return "".join(rng.choice("abcdefghijklmnopqrstuvwxyz") for _ in range(rng.randint(3, 6)))
+
+
+def pretraining_text(rng: random.Random) -> str:
+    if rng.random() < 0.5:
+        sentences = []
+        for _ in range(4):
+            w = _word(rng)
+            sentences.append(rng.choice([
+                f"{w} said again is {w}.", f"{w} in capitals is {w.upper()}.", f"{w} starts with {w[0]}.",
+                f"{w} ends with {w[-1]}.", f"{w} reversed is {w[::-1]}.",
+            ]))
+        return " ".join(sentences)
+    w = _word(rng)
+    instruction = rng.choice(["Repeat the word.", "Write the word in capital letters."])
+    response = TASKS[instruction](w)
+    return render_default(Example(instruction=instruction, input=w, response=response)) + response
+
+
+def pretrain(model_dir: Path, steps: int, seed: int) -> None:
+    """Full training of the tiny model with a plain AdamW loop (a one-off asset build, not a trial)."""
+    tokenizer = AutoTokenizer.from_pretrained(model_dir)
+    model = AutoModelForCausalLM.from_pretrained(model_dir)
+    rng = random.Random(seed)
+    torch.manual_seed(seed)
+    optimizer = torch.optim.AdamW(model.parameters(), lr=3e-3)
+    schedule = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda step: 1 - step / steps)
+    for step in range(steps):
+        batch = tokenizer([pretraining_text(rng) for _ in range(32)], return_tensors="pt", padding=True)
+        labels = batch["input_ids"].masked_fill(batch["attention_mask"] == 0, -100)
+        loss = model(**batch, labels=labels).loss
+        loss.backward()
+        optimizer.step()
+        schedule.step()
+        optimizer.zero_grad()
+        if step % 300 == 0 or step == steps - 1:
+            print(f"pretrain step {step}: loss {loss.item():.3f}", flush=True)
+    model.save_pretrained(model_dir, safe_serialization=True)
+
+
+def main() -> None:
+    data = ROOT / "examples" / "data" / "demo.jsonl"
+    data.parent.mkdir(parents=True, exist_ok=True)
+    with data.open("w", encoding="utf-8") as handle:
+        for row in make_rows(1200, seed=7):
+            handle.write(json.dumps(row) + "\n")
+    model_dir = build_tiny_llama(
+        ROOT / "examples" / "tiny-llama", hidden_size=64, num_layers=2, num_heads=4, intermediate_size=128, seed=7
+    )
+    pretrain(model_dir, steps=1500, seed=1)
+    print(f"wrote {data} and {ROOT / 'examples' / 'tiny-llama'}")
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,126 @@
+"""The `sweep` command line.
+
+Exit codes: 0 success; 1 the sweep ran but failed (no usable trial, export
+verification failed); 2 bad input, reported before anything runs.
+"""
+
+from __future__ import annotations
+
+import json
+import sys
+from dataclasses import asdict
+from pathlib import Path
+from typing import List, Optional
+
+import typer
+
+from sweep.config import ConfigError, load_config
+
+app = typer.Typer(add_completion=False, no_args_is_help=True, help="Hyperparameter sweeps for LoRA fine-tuning.")
+PROJECT_ROOT = Path(__file__).resolve().parent.parent
+DEMO_CONFIG = PROJECT_ROOT / "examples" / "demo.yaml"
+
+
+def _fail(message: str, code: int) -> None:
+    typer.echo(message, err=True)
+    raise typer.Exit(code)
+
+
+def _run_config(config_path: Path, overrides: list[str], overwrite: bool) -> None:
+    from sweep.pipeline import run
+    from sweep.results import NoUsableTrialError
+    from sweep.export import ExportVerificationError
+
+    try:
+        config = load_config(config_path, overrides)
+        outcome = run(config, overwrite=overwrite)
+    except ConfigError as error:
+        _fail(f"error: {error}", 2)
+    except (NoUsableTrialError, ExportVerificationError) as error:
+        _fail(f"error: {error}", 1)
+    final = outcome.final
+    counts = {status: sum(r.status == status for r in outcome.records) for status in ("completed", "stopped early", "errored")}
+    typer.echo(f"\nsweep finished: {len(outcome.records)} trials ({', '.join(f'{n} {s}' for s, n in counts.items())})")
+    typer.echo(f"best trial {final.best.trial_id} at step {final.best.best_step}: {final.best.params}")
+    typer.echo(
+        f"test split ({final.tuned.examples} examples): base loss {final.base.loss:.4f} exact match {final.base.exact_match:.3f}"
+        f" -> tuned loss {final.tuned.loss:.4f} exact match {final.tuned.exact_match:.3f}"
+    )
+    typer.echo(f"results: {outcome.sweep_dir}/ (leaderboard.csv, final_metrics.json, export/, tensorboard/)")
+
+
+@app.command()
+def run(
+    config: Path = typer.Argument(..., help="Sweep YAML file."),
+    overrides: Optional[List[str]] = typer.Argument(None, help="key=value overrides, e.g. search.num_trials=4"),
+    overwrite: bool = typer.Option(False, "--overwrite", help="Replace an existing sweep folder of the same name."),
+) -> None:
+    """Run a sweep, then promote, evaluate and export the best checkpoint.
+
+    Example: sweep run examples/demo.yaml search.num_trials=4 training.max_steps=100
+    """
+    _run_config(config, overrides or [], overwrite)
+
+
+@app.command()
+def demo(
+    overrides: Optional[List[str]] = typer.Argument(None, help="key=value overrides on examples/demo.yaml"),
+) -> None:
+    """Run the offline demo (examples/demo.yaml) into results/demo/, replacing an earlier demo.
+
+    Example: sweep demo
+    """
+    _run_config(DEMO_CONFIG, overrides or [], overwrite=True)
+
+
+@app.command()
+def best(
+    sweep_dir: Path = typer.Argument(..., help="A sweep folder, e.g. results/demo"),
+    as_json: bool = typer.Option(False, "--json", help="Print JSON for scripts."),
+) -> None:
+    """Show the promoted trial: params, metrics and checkpoint.
+
+    Example: sweep best results/demo
+    """
+    from sweep.results import read_best
+
+    try:
+        record = read_best(sweep_dir)
+    except FileNotFoundError as error:
+        _fail(f"error: {error}", 2)
+    if as_json:
+        typer.echo(json.dumps(asdict(record), indent=2, default=str))
+        return
+    typer.echo(f"trial:      {record.trial_id} ({record.status}, {record.steps_run} steps, {record.wall_seconds}s)")
+    typer.echo(f"best step:  {record.best_step}")
+    typer.echo(f"metric:     {record.best_metric}")
+    for key, value in sorted(record.params.items()):
+        typer.echo(f"  {key} = {value}")
+    typer.echo(f"checkpoint: {record.best_checkpoint}")
+
+
+@app.command()
+def export(sweep_dir: Path = typer.Argument(..., help="A finished sweep folder, e.g. results/demo")) -> None:
+    """Evaluate the promoted checkpoint on the test split and (re-)export it to SWEEP_DIR/export/.
+
+    Example: sweep export results/demo
+    """
+    from sweep.export import ExportVerificationError
+    from sweep.pipeline import export as export_sweep
+
+    try:
+        report = export_sweep(sweep_dir)
+    except (FileNotFoundError, ConfigError) as error:
+        _fail(f"error: {error}", 2)
+    except ExportVerificationError as error:
+        _fail(f"error: {error}", 1)
+    typer.echo(f"exported to {report.export_dir} (max logit difference {report.max_logit_difference:.2e})")
+    typer.echo(f"test loss base {report.base.loss:.4f} -> tuned {report.tuned.loss:.4f}")
+
+
+def main() -> None:  # pragma: no cover - console entry for `python -m sweep`
+    app()
+
+
+if __name__ == "__main__":  # pragma: no cover
+    sys.exit(main())

@@ -1,0 +1,210 @@
+"""Data preparation, once per sweep: read, normalise, de-duplicate, split, render, tokenize, mask, save.
+
+Trials only ever `load_prepared` the saved result; nothing is tokenized per trial.
+The saved folder is named by a hash of everything that shapes it, so a second
+sweep over the same data and tokenizer reuses it.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import re
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import pandas as pd
+from datasets import Dataset, DatasetDict, load_from_disk
+
+from sweep.config import ConfigError, DataConfig
+from sweep.templates import Example, prompt_renderer
+
+SPLITS = ("train", "val", "test")
+IGNORE_INDEX = -100  # label value the loss ignores (PyTorch's CrossEntropyLoss default)
+_READERS = {".jsonl": "jsonl", ".json": "jsonl", ".csv": "csv", ".parquet": "parquet"}
+
+
+@dataclass(frozen=True)
+class PreparedData:
+    path: Path
+    data_hash: str
+    counts: dict[str, int]
+    dropped: dict[str, int]
+
+
+def read_table(path: str | Path) -> pd.DataFrame:
+    path = Path(path)
+    kind = _READERS.get(path.suffix.lower())
+    if kind is None:
+        raise ConfigError([f"`data.files`: {path.name} must end in .jsonl, .json, .csv or .parquet"], str(path))
+    if not path.is_file():
+        raise ConfigError([f"`data.files`: file not found: {path}"], str(path))
+    if kind == "csv":
+        return pd.read_csv(path, dtype=str, keep_default_na=False)
+    if kind == "parquet":
+        return pd.read_parquet(path)
+    rows = []
+    with path.open(encoding="utf-8") as handle:
+        for number, line in enumerate(handle, start=1):
+            if not line.strip():
+                continue
+            try:
+                row = json.loads(line)
+            except json.JSONDecodeError as error:
+                raise ConfigError([f"line {number}: not valid JSON ({error.msg})"], str(path)) from None
+            if not isinstance(row, dict):
+                raise ConfigError([f"line {number}: must be a JSON object, but got {type(row).__name__}"], str(path))
+            rows.append(row)
+    return pd.DataFrame(rows)
+
+
+def normalize_text(value: Any) -> str:
+    """Unify line endings, strip trailing spaces per line and outer blank space; None/NaN -> ''."""
+    if value is None or (isinstance(value, float) and value != value):
+        return ""
+    text = str(value).replace("\r\n", "\n").replace("\r", "\n")
+    text = "\n".join(line.rstrip() for line in text.split("\n"))
+    return re.sub(r"\n{3,}", "\n\n", text).strip()
+
+
+def to_examples(frame: pd.DataFrame, data: DataConfig, source: str) -> tuple[list[Example], int]:
+    """Map columns to Examples; rows with an empty instruction or response are dropped and counted."""
+    columns = data.columns
+    missing = [c for c in (columns.instruction, columns.response) if c not in frame.columns]
+    if missing:
+        raise ConfigError(
+            [f"`data.columns`: column(s) {missing} not in the file; it has {list(frame.columns)}"], source
+        )
+    examples, dropped = [], 0
+    for row in frame.to_dict("records"):
+        system = normalize_text(row.get(columns.system)) if columns.system else ""
+        example = Example(
+            instruction=normalize_text(row.get(columns.instruction)),
+            response=normalize_text(row.get(columns.response)),
+            system=system or data.default_system,
+            input=normalize_text(row.get(columns.input)) if columns.input else "",
+        )
+        if not example.instruction or not example.response:
+            dropped += 1
+            continue
+        examples.append(example)
+    return examples, dropped
+
+
+def _dedupe(examples: list[Example]) -> list[Example]:
+    return list(dict.fromkeys(examples))
+
+
+def _prompt_key(example: Example) -> str:
+    return json.dumps([example.system, example.instruction, example.input])
+
+
+def split_examples(examples: list[Example], fractions: dict[str, float], seed: int) -> dict[str, list[Example]]:
+    """Deterministic, order-independent split by a seeded hash of each prompt.
+
+    Examples that share a prompt go to the same split, so no test prompt is ever
+    seen in training, even with a different response.
+    """
+    groups: dict[str, list[Example]] = {}
+    for example in examples:
+        groups.setdefault(_prompt_key(example), []).append(example)
+    keys = sorted(groups, key=lambda k: hashlib.sha256(f"{seed}:{k}".encode()).hexdigest())
+    n = len(keys)
+    n_test = max(1, round(n * fractions["test"]))
+    n_val = max(1, round(n * fractions["val"]))
+    if n - n_test - n_val < 1:
+        raise ConfigError(
+            [f"`data.split`: {n} distinct prompts cannot fill train/val/test with fractions {fractions}"], "data"
+        )
+    assigned = {"test": keys[:n_test], "val": keys[n_test : n_test + n_val], "train": keys[n_test + n_val :]}
+    return {split: [ex for key in assigned[split] for ex in groups[key]] for split in SPLITS}
+
+
+def load_examples(data: DataConfig, seed: int) -> tuple[dict[str, list[Example]], int]:
+    """Every split's examples after normalising and de-duplicating; returns (splits, rows dropped as empty)."""
+    if data.split_files is None:
+        examples, dropped = [], 0
+        for file in data.files:
+            found, empty = to_examples(read_table(file), data, file)
+            examples.extend(found)
+            dropped += empty
+        return split_examples(_dedupe(examples), data.split.model_dump(), seed), dropped
+    splits, dropped, seen = {}, 0, set()
+    # Earlier splits win: a prompt in train is removed from val and test (no leakage).
+    for split in SPLITS:
+        file = getattr(data.split_files, split)
+        found, empty = to_examples(read_table(file), data, file)
+        dropped += empty
+        kept = [ex for ex in _dedupe(found) if _prompt_key(ex) not in seen]
+        seen.update(_prompt_key(ex) for ex in kept)
+        if not kept:
+            raise ConfigError([f"`data.split_files.{split}`: no usable rows left in {file}"], "data")
+        splits[split] = kept
+    return splits, dropped
+
+
+def tokenize_example(example: Example, render, tokenizer, max_length: int) -> dict[str, list[int]] | None:
+    """input_ids = prompt + response + EOS; labels mask the prompt. None if it does not fit max_length.
+
+    Prompt and response are tokenized separately so the label boundary is exact
+    (tokenizing the joined text can merge tokens across it).
+    """
+    prompt_ids = tokenizer(render(example), add_special_tokens=True)["input_ids"]
+    response_ids = tokenizer(example.response, add_special_tokens=False)["input_ids"] + [tokenizer.eos_token_id]
+    input_ids = prompt_ids + response_ids
+    if len(input_ids) > max_length:
+        return None
+    return {
+        "input_ids": input_ids,
+        "attention_mask": [1] * len(input_ids),
+        "labels": [IGNORE_INDEX] * len(prompt_ids) + response_ids,
+        "prompt_length": len(prompt_ids),
+    }
+
+
+def _hash_inputs(splits: dict[str, list[Example]], data: DataConfig, tokenizer) -> str:
+    digest = hashlib.sha256()
+    digest.update(json.dumps({"template": data.template, "max_length": data.max_length}).encode())
+    digest.update(json.dumps(tokenizer.get_vocab(), sort_keys=True).encode())
+    digest.update(repr((tokenizer.bos_token_id, tokenizer.eos_token_id, getattr(tokenizer, "chat_template", None))).encode())
+    for split in SPLITS:
+        digest.update(split.encode())
+        for example in splits[split]:
+            digest.update(json.dumps(example.__dict__, sort_keys=True).encode())
+    return digest.hexdigest()[:16]
+
+
+def prepare_data(data: DataConfig, tokenizer, seed: int, out_dir: Path) -> PreparedData:
+    """Prepare the sweep's data under out_dir/<hash>/ (reused when it exists)."""
+    splits, empty_rows = load_examples(data, seed)
+    data_hash = _hash_inputs(splits, data, tokenizer)
+    path = out_dir / data_hash
+    render = prompt_renderer(data.template, tokenizer)
+    records, too_long = {}, {}
+    for split in SPLITS:
+        rows = [tokenize_example(ex, render, tokenizer, data.max_length) for ex in splits[split]]
+        kept = [
+            {**row, "prompt": render(ex), "response": ex.response}
+            for row, ex in zip(rows, splits[split])
+            if row is not None
+        ]
+        too_long[split] = len(rows) - len(kept)
+        if not kept:
+            raise ConfigError(
+                [f"`data.max_length`: every one of the {len(rows)} {split} examples is longer than {data.max_length} tokens"],
+                "data",
+            )
+        records[split] = kept
+    counts = {split: len(records[split]) for split in SPLITS}
+    dropped = {"empty": empty_rows, **{f"too_long_{s}": n for s, n in too_long.items()}}
+    if not (path / "dataset_dict.json").exists():
+        tmp = out_dir / f".{data_hash}.tmp"
+        DatasetDict({split: Dataset.from_list(records[split]) for split in SPLITS}).save_to_disk(str(tmp))
+        (tmp / "prepared.json").write_text(json.dumps({"hash": data_hash, "counts": counts, "dropped": dropped}, indent=2))
+        tmp.rename(path)
+    return PreparedData(path=path, data_hash=data_hash, counts=counts, dropped=dropped)
+
+
+def load_prepared(path: str | Path) -> DatasetDict:
+    return load_from_disk(str(path))

@@ -1,0 +1,108 @@
+"""The Ray Tune driver: OptunaSearch (seeded, study in SQLite) + ASHA, per-trial resources.
+
+Ray Tune is driven directly (not through `Trainer.hyperparameter_search`, which
+writes every checkpoint twice and fails to pickle a second Trainer).
+"""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+from typing import Any
+
+import optuna
+import ray
+from ray import tune
+from ray.tune.schedulers import ASHAScheduler, FIFOScheduler
+from ray.tune.search.optuna import OptunaSearch
+
+from sweep.config import SweepConfig
+from sweep.tensorboard_logs import TensorBoardCallback
+from trainables.lora_causal_lm import tune_trainable
+
+TUNE_DIR_NAME = "tune"
+STUDY_FILE = "optuna_study.db"
+
+
+def start_ray(config: SweepConfig) -> None:
+    if ray.is_initialized():
+        return
+    if config.ray.address:
+        ray.init(address=config.ray.address)
+        return
+    # A local Ray; the trainable's own modules must be importable in workers.
+    ray.init(
+        num_cpus=config.ray.num_cpus,
+        num_gpus=config.ray.num_gpus,
+        include_dashboard=False,
+        runtime_env={"env_vars": {"TOKENIZERS_PARALLELISM": "false"}},
+    )
+
+
+def study_storage(sweep_dir: Path) -> optuna.storages.RDBStorage:
+    return optuna.storages.RDBStorage(f"sqlite:///{(sweep_dir / STUDY_FILE).resolve()}")
+
+
+def make_search(config: SweepConfig, space: dict[str, Any], sweep_dir: Path) -> OptunaSearch | None:
+    if not space:
+        return None  # nothing to sample: every trial runs the fixed config
+    sampler = (
+        optuna.samplers.TPESampler(seed=config.seed)
+        if config.search.sampler == "tpe"
+        else optuna.samplers.RandomSampler(seed=config.seed)
+    )
+    return OptunaSearch(
+        space=space,
+        metric=config.search.metric,
+        mode=config.search.mode,
+        sampler=sampler,
+        study_name=config.name,
+        storage=study_storage(sweep_dir),
+    )
+
+
+def make_scheduler(config: SweepConfig):
+    if config.scheduler.type == "none":
+        return FIFOScheduler()
+    return ASHAScheduler(
+        time_attr="step",
+        max_t=config.training.max_steps,
+        grace_period=config.scheduler.grace_period,
+        reduction_factor=config.scheduler.reduction_factor,
+    )
+
+
+def run_sweep(config: SweepConfig, space: dict[str, Any], data_path: Path, sweep_dir: Path) -> Any:
+    """Run every trial; returns Ray Tune's ResultGrid."""
+    start_ray(config)
+    trainable = tune.with_resources(
+        tune.with_parameters(tune_trainable, base_config=config.model_dump(mode="json"), data_path=str(data_path)),
+        {"cpu": config.resources.cpu, "gpu": config.resources.gpu},
+    )
+    tuner = tune.Tuner(
+        trainable,
+        param_space={},
+        tune_config=tune.TuneConfig(
+            metric=config.search.metric,
+            mode=config.search.mode,
+            search_alg=make_search(config, space, sweep_dir),
+            scheduler=make_scheduler(config),
+            num_samples=config.search.num_trials,
+            max_concurrent_trials=config.search.max_concurrent_trials,
+            # Reusing a worker skips its start-up and imports for every trial after the first.
+            reuse_actors=True,
+        ),
+        run_config=tune.RunConfig(
+            name=TUNE_DIR_NAME,
+            storage_path=str(sweep_dir.resolve()),
+            checkpoint_config=tune.CheckpointConfig(
+                num_to_keep=config.checkpoints.keep,
+                checkpoint_score_attribute=config.search.metric,
+                checkpoint_score_order=config.search.mode,
+            ),
+            failure_config=tune.FailureConfig(max_failures=config.failure_retries),
+            callbacks=[TensorBoardCallback(sweep_dir / "tensorboard", config.search.metric, config.search.mode)],
+            verbose=int(os.environ.get("LORA_SWEEP_TUNE_VERBOSE", "1")),
+        ),
+    )
+    return tuner.fit()

@@ -1,0 +1,91 @@
+"""Final evaluation on the held-out test split: loss, perplexity, exact match of greedy completions.
+
+Loss is token-weighted over response tokens (the Trainer's eval loss averages
+per batch, which skews perplexity when batches differ in length).
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass, field
+from typing import Any, Optional
+
+import torch
+from datasets import Dataset
+from transformers import DataCollatorForSeq2Seq
+
+from sweep.data import IGNORE_INDEX
+
+
+@dataclass
+class EvalMetrics:
+    loss: float
+    perplexity: float
+    exact_match: float
+    examples: int
+    response_tokens: int
+    samples: list[dict[str, str]] = field(default_factory=list)
+
+
+def model_device(model: torch.nn.Module) -> torch.device:
+    return next(model.parameters()).device
+
+
+@torch.no_grad()
+def response_loss(model: Any, tokenizer: Any, dataset: Dataset, batch_size: int) -> tuple[float, int]:
+    collator = DataCollatorForSeq2Seq(tokenizer, padding=True, label_pad_token_id=IGNORE_INDEX)
+    rows = dataset.select_columns(["input_ids", "attention_mask", "labels"])
+    total, tokens = 0.0, 0
+    device = model_device(model)
+    for start in range(0, len(rows), batch_size):
+        batch = collator([rows[i] for i in range(start, min(start + batch_size, len(rows)))])
+        batch = {k: v.to(device) for k, v in batch.items()}
+        logits = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits.float()
+        shifted_logits, shifted_labels = logits[:, :-1], batch["labels"][:, 1:]
+        total += torch.nn.functional.cross_entropy(
+            shifted_logits.reshape(-1, shifted_logits.size(-1)), shifted_labels.reshape(-1),
+            ignore_index=IGNORE_INDEX, reduction="sum",
+        ).item()
+        tokens += int((shifted_labels != IGNORE_INDEX).sum())
+    return total / max(tokens, 1), tokens
+
+
+@torch.no_grad()
+def greedy_completions(model: Any, tokenizer: Any, prompts: list[list[int]], max_new_tokens: int, batch_size: int) -> list[str]:
+    """Greedy decoding of each prompt (token ids, as trained), left-padded in batches."""
+    device = model_device(model)
+    pad = tokenizer.pad_token_id
+    outputs = []
+    for start in range(0, len(prompts), batch_size):
+        chunk = prompts[start : start + batch_size]
+        width = max(len(p) for p in chunk)
+        input_ids = torch.tensor([[pad] * (width - len(p)) + p for p in chunk], device=device)
+        attention = torch.tensor([[0] * (width - len(p)) + [1] * len(p) for p in chunk], device=device)
+        generated = model.generate(
+            input_ids=input_ids, attention_mask=attention, max_new_tokens=max_new_tokens, do_sample=False,
+            pad_token_id=pad, eos_token_id=tokenizer.eos_token_id,
+        )
+        for row in generated[:, width:]:
+            outputs.append(tokenizer.decode(row, skip_special_tokens=True).strip())
+    return outputs
+
+
+def evaluate_model(
+    model: Any, tokenizer: Any, test_set: Dataset, max_new_tokens: int, batch_size: int,
+    max_examples: Optional[int] = None, keep_samples: int = 5,
+) -> EvalMetrics:
+    model.eval()
+    loss, tokens = response_loss(model, tokenizer, test_set, batch_size)
+    subset = test_set if max_examples is None else test_set.select(range(min(max_examples, len(test_set))))
+    prompts = [ids[:length] for ids, length in zip(subset["input_ids"], subset["prompt_length"])]
+    completions = greedy_completions(model, tokenizer, prompts, max_new_tokens, batch_size)
+    references = [r.strip() for r in subset["response"]]
+    matches = sum(c == r for c, r in zip(completions, references))
+    samples = [
+        {"prompt": p, "reference": r, "completion": c}
+        for p, r, c in list(zip(subset["prompt"], references, completions))[:keep_samples]
+    ]
+    return EvalMetrics(
+        loss=loss, perplexity=math.exp(min(loss, 50.0)), exact_match=matches / max(len(references), 1),
+        examples=len(references), response_tokens=tokens, samples=samples,
+    )

@@ -1,0 +1,155 @@
+"""Final evaluation of the promoted checkpoint against the base model, then a verified export.
+
+The export is assembled in a temporary folder, verified by reloading, and only
+then renamed to `export/`: a killed or failed export never looks complete.
+"""
+
+from __future__ import annotations
+
+import json
+import shutil
+from dataclasses import asdict, dataclass
+from pathlib import Path
+from typing import Any
+
+import peft
+import torch
+from transformers import AutoModelForCausalLM
+
+from sweep.config import SweepConfig, config_to_yaml
+from sweep.data import load_prepared
+from sweep.evaluate import EvalMetrics, evaluate_model
+from sweep.results import TrialRecord, write_atomically
+from sweep.search_space import apply_params
+from trainables.lora_causal_lm import load_base_model, load_tokenizer
+
+FINAL_METRICS_FILE = "final_metrics.json"
+EXPORT_DIR = "export"
+VERIFY_PROMPTS = 4
+
+
+class ExportVerificationError(RuntimeError):
+    pass
+
+
+@dataclass
+class FinalReport:
+    best: TrialRecord
+    base: EvalMetrics
+    tuned: EvalMetrics
+    max_logit_difference: float
+    export_dir: Path
+
+
+def best_trial_config(config: SweepConfig, best: TrialRecord) -> SweepConfig:
+    """A config that re-runs the best trial alone: its params fixed, nothing to sample, no early stopping."""
+    fixed = apply_params(config, best.params)
+    return fixed.model_copy(update={
+        "name": f"{config.name}-best",
+        "search": fixed.search.model_copy(update={"space": None, "parameters": {}, "num_trials": 1}),
+        "scheduler": fixed.scheduler.model_copy(update={"type": "none"}),
+    })
+
+
+@torch.no_grad()
+def max_logit_difference(a: Any, b: Any, prompts: list[list[int]]) -> float:
+    worst = 0.0
+    for ids in prompts:
+        tensor = torch.tensor([ids])
+        worst = max(worst, (a(input_ids=tensor).logits.float() - b(input_ids=tensor).logits.float()).abs().max().item())
+    return worst
+
+
+def model_card(config: SweepConfig, best: TrialRecord, base: EvalMetrics, tuned: EvalMetrics,
+               provenance: dict[str, Any], difference: float) -> str:
+    params = "\n".join(f"| `{k}` | {v} |" for k, v in sorted(best.params.items())) or "| (fixed config) | |"
+    versions = ", ".join(f"{k} {v}" for k, v in provenance.get("packages", {}).items())
+    return f"""# LoRA fine-tune of `{config.model.path}` (sweep `{config.name}`)
+
+Promoted from trial `{best.trial_id}` at step {best.best_step} of {best.steps_run} by a lora-sweep
+hyperparameter sweep ({config.search.num_trials} trials, {config.search.sampler} sampler,
+{config.scheduler.type} scheduler, metric `{config.search.metric}` ({config.search.mode})).
+
+## Contents
+- `adapter/`: the LoRA adapter (peft `save_pretrained`) and tokenizer
+- `merged/`: base + adapter merged, safetensors, loadable with `AutoModelForCausalLM.from_pretrained`
+- `best_config.yaml`: re-runs this trial alone with `sweep run best_config.yaml`
+
+## Best hyperparameters
+| parameter | value |
+|---|---|
+{params}
+
+## Metrics
+| split | model | loss | perplexity | exact match |
+|---|---|---|---|---|
+| val | tuned (best eval) | {best.best_metrics.get('eval_loss', float('nan')):.4f} | {best.best_metrics.get('eval_perplexity', float('nan')):.3f} | |
+| test | base (untuned) | {base.loss:.4f} | {base.perplexity:.3f} | {base.exact_match:.3f} |
+| test | tuned | {tuned.loss:.4f} | {tuned.perplexity:.3f} | {tuned.exact_match:.3f} |
+
+Test split: {tuned.examples} examples, {tuned.response_tokens} response tokens, never seen during the search.
+Prompt template: `{config.data.template}`.
+
+## Provenance
+- base model: `{config.model.path}`
+- data hash: `{provenance.get('data_hash')}` (counts {provenance.get('data_counts')})
+- seed: {config.seed}
+- git SHA: `{provenance.get('git_sha')}`
+- packages: {versions}
+- export verified: merged vs adapter logits differ by at most {difference:.2e} (tolerance {config.evaluation.verify_tolerance:g})
+"""
+
+
+def finalize(sweep_dir: Path, config: SweepConfig, best: TrialRecord, data_path: Path,
+             provenance: dict[str, Any]) -> FinalReport:
+    """Evaluate base and promoted models on the test split, write final_metrics.json, export and verify."""
+    if not best.best_checkpoint or not Path(best.best_checkpoint).is_dir():
+        raise FileNotFoundError(f"the promoted checkpoint {best.best_checkpoint} is missing")
+    trial_config = apply_params(config, best.params)
+    tokenizer = load_tokenizer(trial_config)
+    test_set = load_prepared(data_path)["test"]
+    settings = dict(
+        max_new_tokens=config.evaluation.max_new_tokens, batch_size=config.training.eval_batch_size,
+        max_examples=config.evaluation.max_examples,
+    )
+    base_model = load_base_model(trial_config)
+    base_metrics = evaluate_model(base_model, tokenizer, test_set, **settings)
+    tuned_model = peft.PeftModel.from_pretrained(base_model, best.best_checkpoint)
+    tuned_metrics = evaluate_model(tuned_model, tokenizer, test_set, **settings)
+    write_atomically(sweep_dir / FINAL_METRICS_FILE, json.dumps({
+        "trial_id": best.trial_id, "step": best.best_step, "params": best.params,
+        "validation": best.best_metrics, "test": {"base": asdict(base_metrics), "tuned": asdict(tuned_metrics)},
+    }, indent=2))
+
+    staging = sweep_dir / f".{EXPORT_DIR}.tmp"
+    shutil.rmtree(staging, ignore_errors=True)
+    tuned_model.save_pretrained(staging / "adapter")
+    tokenizer.save_pretrained(staging / "adapter")
+    tuned_model.merge_and_unload().save_pretrained(staging / "merged", safe_serialization=True)
+    tokenizer.save_pretrained(staging / "merged")
+
+    # Verify from disk, as a user would load them: plain transformers vs base + adapter.
+    prompts = [ids[:n] for ids, n in zip(test_set["input_ids"][:VERIFY_PROMPTS], test_set["prompt_length"][:VERIFY_PROMPTS])]
+    merged = AutoModelForCausalLM.from_pretrained(staging / "merged").eval()
+    adapter = peft.PeftModel.from_pretrained(load_base_model(trial_config), staging / "adapter").eval()
+    difference = max_logit_difference(merged, adapter, prompts)
+    if not difference <= config.evaluation.verify_tolerance:
+        raise ExportVerificationError(
+            f"merged and adapter logits differ by {difference:.3e} > evaluation.verify_tolerance "
+            f"{config.evaluation.verify_tolerance:g}; the export was left in {staging} for inspection"
+        )
+    (staging / "README.md").write_text(
+        model_card(config, best, base_metrics, tuned_metrics, provenance, difference), encoding="utf-8"
+    )
+    (staging / "best_config.yaml").write_text(config_to_yaml(best_trial_config(config, best)), encoding="utf-8")
+    final = sweep_dir / EXPORT_DIR
+    if final.exists():
+        old = sweep_dir / f".{EXPORT_DIR}.old"
+        shutil.rmtree(old, ignore_errors=True)
+        final.rename(old)
+        staging.rename(final)
+        shutil.rmtree(old)
+    else:
+        staging.rename(final)
+    return FinalReport(best, base_metrics, tuned_metrics, difference, final)
+

@@ -1,0 +1,75 @@
+"""LoRA on a base model: target-module presets resolved against the model's own layers.
+
+Presets resolve to a regex of full module names (peft matches a string with
+re.fullmatch), which stays exact where short names repeat across blocks
+(GPT-2's `c_proj` is in both attention and MLP).
+"""
+
+from __future__ import annotations
+
+import re
+from typing import Any
+
+import peft
+import torch
+from torch import nn
+
+from sweep.config import ConfigError, LoraConfig
+
+_ATTENTION_MARKERS = ("attn", "attention")
+_NOT_TARGETS = ("lm_head", "embed_out", "output_layer", "score", "classifier")
+
+
+def _is_linear(module: nn.Module) -> bool:
+    # transformers' Conv1D (GPT-2) is a linear layer with its weight transposed.
+    return isinstance(module, nn.Linear) or type(module).__name__ == "Conv1D"
+
+
+def linear_module_names(model: nn.Module) -> list[str]:
+    """Full names of every linear layer LoRA could adapt (output heads excluded)."""
+    names = []
+    for name, module in model.named_modules():
+        if _is_linear(module) and not any(name.split(".")[-1] == head for head in _NOT_TARGETS):
+            names.append(name)
+    return names
+
+
+def resolve_target_modules(model: nn.Module, target: str | list[str]) -> str | list[str]:
+    """A preset -> an exact regex of module names; a list of short names is checked against the model."""
+    names = linear_module_names(model)
+    short_names = sorted({name.split(".")[-1] for name in names})
+    if isinstance(target, list):
+        missing = [t for t in target if t not in short_names]
+        if missing:
+            raise ConfigError(
+                [f"`lora.target_modules`: {missing} not found in the model; its linear modules are {short_names}"],
+                "model",
+            )
+        return target
+    if target == "all-linear":
+        chosen = names
+    else:
+        in_attention = [n for n in names if any(m in n.lower() for m in _ATTENTION_MARKERS)]
+        chosen = in_attention if target == "attention" else [n for n in names if n not in in_attention]
+    if not chosen:
+        raise ConfigError(
+            [f"`lora.target_modules`: preset {target!r} matches no layer of this model; its linear modules are {short_names}"],
+            "model",
+        )
+    return "^(?:" + "|".join(re.escape(n) for n in chosen) + ")$"
+
+
+def lora_settings(settings: LoraConfig, model: nn.Module) -> peft.LoraConfig:
+    return peft.LoraConfig(
+        task_type=peft.TaskType.CAUSAL_LM,
+        r=settings.rank,
+        lora_alpha=settings.alpha_multiple * settings.rank,
+        lora_dropout=settings.dropout,
+        target_modules=resolve_target_modules(model, settings.target_modules),
+    )
+
+
+def torch_dtype(name: str) -> Any:
+    if name == "auto":
+        return "auto"
+    return {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}[name]

@@ -1,0 +1,141 @@
+"""Typed per-trial results, the leaderboard, and promotion of the best checkpoint.
+
+Promotion looks at every evaluation a trial reported, not only its last one:
+a trial that peaked at step 120 and then overfit is promoted at step 120.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any, Literal, Optional
+
+import pandas as pd
+
+from sweep.config import SweepConfig
+
+TrialStatus = Literal["completed", "stopped early", "errored"]
+LEADERBOARD_FILE = "leaderboard.csv"
+BEST_FILE = "best.json"
+
+
+@dataclass
+class TrialRecord:
+    trial_id: str
+    status: TrialStatus
+    params: dict[str, Any]
+    best_metric: Optional[float]
+    best_step: Optional[int]
+    steps_run: int
+    wall_seconds: float
+    error: str = ""
+    best_checkpoint: Optional[str] = None
+    best_metrics: dict[str, Any] = field(default_factory=dict)
+
+
+def _first_line(error: BaseException) -> str:
+    text = str(error).strip().splitlines()
+    return text[-1][:300] if text else type(error).__name__
+
+
+def _usable(value: Any) -> bool:
+    return isinstance(value, (int, float)) and math.isfinite(value)
+
+
+def trial_record(result: Any, config: SweepConfig) -> TrialRecord:
+    """One Ray Tune `Result` -> a TrialRecord (best over every reported evaluation)."""
+    metric, mode = config.search.metric, config.search.mode
+    history: pd.DataFrame = result.metrics_dataframe if result.metrics_dataframe is not None else pd.DataFrame()
+    last = result.metrics or {}
+    trial_id = str(last.get("trial_id") or Path(result.path).name)
+    steps_run = int(history["step"].max()) if "step" in history and len(history) else 0
+    wall = float(last.get("time_total_s", 0.0) or 0.0)
+    record = TrialRecord(
+        trial_id=trial_id, status="completed", params=dict(result.config or {}), best_metric=None,
+        best_step=None, steps_run=steps_run, wall_seconds=round(wall, 2),
+    )
+    if result.error is not None:
+        record.status, record.error = "errored", _first_line(result.error)
+    elif "diverged_reason" in history and history["diverged_reason"].notna().any():
+        record.status = "errored"
+        record.error = str(history["diverged_reason"].dropna().iloc[-1])
+    elif steps_run < config.training.max_steps:
+        record.status = "stopped early"
+    usable = history[history[metric].map(_usable)] if metric in history else history.iloc[0:0]
+    if "diverged" in usable:
+        usable = usable[~usable["diverged"].astype(bool)]
+    if len(usable):
+        best_row = usable.loc[usable[metric].idxmin() if mode == "min" else usable[metric].idxmax()]
+        record.best_metric = float(best_row[metric])
+        record.best_step = int(best_row["step"])
+        record.best_metrics = {
+            k: (float(best_row[k]) if isinstance(best_row[k], float) else best_row[k])
+            for k in ("step", "eval_loss", "eval_perplexity", "train_loss", "learning_rate", "tokens_per_second")
+            if k in best_row
+        }
+        record.best_checkpoint = _checkpoint_at_step(result, record.best_step)
+    return record
+
+
+def _checkpoint_at_step(result: Any, step: int) -> Optional[str]:
+    for checkpoint, metrics in result.best_checkpoints or []:
+        if int(metrics.get("step", -1)) == step:
+            return checkpoint.path
+    return None
+
+
+def write_atomically(path: Path, text: str) -> None:
+    tmp = path.with_name(f".{path.name}.tmp")
+    tmp.write_text(text, encoding="utf-8")
+    os.replace(tmp, path)
+
+
+def write_leaderboard(records: list[TrialRecord], sweep_dir: Path, config: SweepConfig) -> Path:
+    """One row per trial, best first; errored trials last."""
+    rows = []
+    for r in records:
+        row = {"trial_id": r.trial_id, "status": r.status}
+        row.update({f"param:{k}": v for k, v in sorted(r.params.items())})
+        row.update({
+            f"best_{config.search.metric}": r.best_metric, "best_step": r.best_step, "steps_run": r.steps_run,
+            "wall_seconds": r.wall_seconds, "error": r.error,
+        })
+        rows.append(row)
+    frame = pd.DataFrame(rows)
+    if len(frame):
+        frame = frame.sort_values(
+            by=f"best_{config.search.metric}", ascending=config.search.mode == "min", na_position="last", kind="stable"
+        )
+    path = sweep_dir / LEADERBOARD_FILE
+    write_atomically(path, frame.to_csv(index=False))
+    return path
+
+
+class NoUsableTrialError(RuntimeError):
+    pass
+
+
+def promote(records: list[TrialRecord], config: SweepConfig) -> TrialRecord:
+    """The trial (and step) with the best metric over every evaluation of every trial."""
+    candidates = [r for r in records if r.best_metric is not None and r.best_checkpoint]
+    if not candidates:
+        reasons = "; ".join(f"{r.trial_id}: {r.status} {r.error}".strip() for r in records) or "no trials ran"
+        raise NoUsableTrialError(f"no trial reported a finite `{config.search.metric}` with a checkpoint ({reasons})")
+    pick = min if config.search.mode == "min" else max
+    return pick(candidates, key=lambda r: r.best_metric)
+
+
+def write_best(best: TrialRecord, sweep_dir: Path) -> Path:
+    path = sweep_dir / BEST_FILE
+    write_atomically(path, json.dumps(asdict(best), indent=2, default=str))
+    return path
+
+
+def read_best(sweep_dir: Path) -> TrialRecord:
+    path = Path(sweep_dir) / BEST_FILE
+    if not path.is_file():
+        raise FileNotFoundError(f"{path} not found: the sweep has not finished promotion (run `sweep run` first)")
+    return TrialRecord(**json.loads(path.read_text(encoding="utf-8")))

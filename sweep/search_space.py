@@ -1,0 +1,142 @@
+"""Search spaces: YAML data -> Optuna distributions, and trial params -> a trial's config.
+
+A search space is pure data (Ray's OptunaSearch docstring): a mapping of dotted
+config fields to one of four distribution types. No I/O happens when sampling.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any
+
+import optuna.distributions as od
+from pydantic import ValidationError
+
+from sweep.config import ConfigError, SweepConfig, read_yaml
+
+SHIPPED_SPACES_DIR = Path(__file__).resolve().parent.parent / "search_spaces"
+
+# The config fields a search space may vary, and the Python type each must take.
+TUNABLE_FIELDS: dict[str, type] = {
+    "training.learning_rate": float,
+    "training.batch_size": int,
+    "training.gradient_accumulation_steps": int,
+    "training.warmup_ratio": float,
+    "training.weight_decay": float,
+    "training.lr_scheduler": str,
+    "training.max_grad_norm": float,
+    "lora.rank": int,
+    "lora.alpha_multiple": float,
+    "lora.dropout": float,
+    "lora.target_modules": str,
+}
+DISTRIBUTION_TYPES = ("uniform", "loguniform", "int", "choice")
+
+
+def shipped_spaces() -> list[str]:
+    return sorted(p.stem for p in SHIPPED_SPACES_DIR.glob("*.yaml"))
+
+
+def resolve_space_path(name_or_path: str) -> Path:
+    path = Path(name_or_path)
+    if path.suffix in (".yaml", ".yml") or path.is_file():
+        return path
+    return SHIPPED_SPACES_DIR / f"{name_or_path}.yaml"
+
+
+def load_space_file(name_or_path: str) -> dict[str, dict[str, Any]]:
+    path = resolve_space_path(name_or_path)
+    if not path.is_file():
+        raise ConfigError(
+            [f"`search.space`: {name_or_path!r} is neither a file nor a shipped space ({', '.join(shipped_spaces())})"],
+            "search space",
+        )
+    raw = read_yaml(path, "search space")
+    if not isinstance(raw, dict) or not isinstance(raw.get("parameters"), dict):
+        raise ConfigError(["the file must be a mapping with a `parameters:` mapping"], str(path))
+    unknown = set(raw) - {"description", "parameters"}
+    if unknown:
+        raise ConfigError([f"unknown top-level key(s) {sorted(unknown)}; allowed: description, parameters"], str(path))
+    return raw["parameters"]
+
+
+def _distribution(name: str, spec: Any) -> tuple[od.BaseDistribution | None, list[str]]:
+    """One entry -> (distribution, problems). Problems name the parameter, value and rule."""
+    where = f"`{name}`"
+    if name not in TUNABLE_FIELDS:
+        return None, [f"{where}: not a tunable field; tunable: {', '.join(TUNABLE_FIELDS)}"]
+    if not isinstance(spec, dict):
+        return None, [f"{where}: must be a mapping like {{type: uniform, low: 0, high: 1}}, but got {spec!r}"]
+    kind = spec.get("type")
+    if kind not in DISTRIBUTION_TYPES:
+        return None, [f"{where}.type: must be one of {', '.join(DISTRIBUTION_TYPES)}, but got {kind!r}"]
+    allowed = {"type", "values"} if kind == "choice" else {"type", "low", "high", "step"}
+    extra = set(spec) - allowed
+    if extra:
+        return None, [f"{where}: unknown key(s) {sorted(extra)} for type {kind}; allowed: {sorted(allowed)}"]
+    if kind == "choice":
+        values = spec.get("values")
+        if not isinstance(values, list) or not values:
+            return None, [f"{where}.values: must be a non-empty list, but got {values!r}"]
+        wanted = TUNABLE_FIELDS[name]
+        wrong = [v for v in values if not _fits(v, wanted)]
+        if wrong:
+            return None, [f"{where}.values: every value must be {wanted.__name__}, but got {wrong!r}"]
+        return od.CategoricalDistribution(values), []
+    low, high = spec.get("low"), spec.get("high")
+    problems = []
+    for key, value in (("low", low), ("high", high)):
+        if isinstance(value, bool) or not isinstance(value, (int, float)):
+            problems.append(f"{where}.{key}: must be a number, but got {value!r}")
+    if problems:
+        return None, problems
+    if low > high:
+        return None, [f"{where}: low must be <= high, but got low={low}, high={high}"]
+    if kind == "loguniform" and low <= 0:
+        return None, [f"{where}.low: log-uniform needs low > 0, but got {low}"]
+    if kind == "int":
+        if TUNABLE_FIELDS[name] is not int:
+            return None, [f"{where}.type: int is only for integer fields, but {name} is {TUNABLE_FIELDS[name].__name__}"]
+        return od.IntDistribution(int(low), int(high), step=int(spec.get("step", 1))), []
+    if TUNABLE_FIELDS[name] is not float:
+        return None, [f"{where}.type: {kind} is only for float fields; use int or choice for {name}"]
+    if kind == "loguniform":
+        return od.FloatDistribution(float(low), float(high), log=True), []
+    return od.FloatDistribution(float(low), float(high), step=spec.get("step")), []
+
+
+def _fits(value: Any, wanted: type) -> bool:
+    if wanted is float:
+        return isinstance(value, (int, float)) and not isinstance(value, bool)
+    if wanted is int:
+        return isinstance(value, int) and not isinstance(value, bool)
+    return isinstance(value, wanted)
+
+
+def build_search_space(config: SweepConfig) -> dict[str, od.BaseDistribution]:
+    """The sweep's space: the named file's entries, then inline entries on top. All problems at once."""
+    entries: dict[str, Any] = {}
+    if config.search.space:
+        entries.update(load_space_file(config.search.space))
+    entries.update(config.search.parameters)
+    space, problems = {}, []
+    for name, spec in entries.items():
+        distribution, found = _distribution(name, spec)
+        problems.extend(found)
+        if distribution is not None:
+            space[name] = distribution
+    if problems:
+        raise ConfigError(problems, f"search space ({config.search.space or 'inline'})")
+    return space
+
+
+def apply_params(config: SweepConfig, params: dict[str, Any]) -> SweepConfig:
+    """The config one trial runs: the fixed config with the sampled values written over it."""
+    raw = config.model_dump()
+    for dotted, value in params.items():
+        section, field = dotted.split(".", 1)
+        raw[section][field] = value
+    try:
+        return SweepConfig.model_validate(raw)
+    except ValidationError as error:
+        raise ConfigError([str(e["msg"]) for e in error.errors()], f"trial params {params}") from None

@@ -1,0 +1,233 @@
+"""The LoRA causal-LM trainable: what runs inside one trial.
+
+A thin shell around the Hugging Face Trainer: setup (base model + LoRA from the
+trial's params) -> train (evaluate every `eval_steps`, report each evaluation
+with an adapter-only checkpoint) -> cleanup. Reporting sits behind `Reporter`,
+so the same code runs under Ray Tune and in a plain unit test.
+"""
+
+from __future__ import annotations
+
+import math
+import os
+import tempfile
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Optional, Protocol
+
+import peft
+import torch
+from transformers import (
+    AutoModelForCausalLM,
+    AutoTokenizer,
+    DataCollatorForSeq2Seq,
+    PrinterCallback,
+    Trainer,
+    TrainerCallback,
+    TrainingArguments,
+    set_seed,
+)
+
+from sweep.config import SweepConfig
+from sweep.data import IGNORE_INDEX, load_prepared
+from sweep.lora import lora_settings, torch_dtype
+from sweep.search_space import apply_params
+
+MODEL_COLUMNS = ["input_ids", "attention_mask", "labels"]
+
+
+class Reporter(Protocol):
+    def report(self, metrics: dict[str, Any], adapter_dir: Optional[Path]) -> None: ...
+
+
+class TuneReporter:
+    """Reports to Ray Tune; the adapter folder becomes the checkpoint (Tune copies it to storage)."""
+
+    def report(self, metrics: dict[str, Any], adapter_dir: Optional[Path]) -> None:
+        from ray import tune
+
+        checkpoint = tune.Checkpoint.from_directory(str(adapter_dir)) if adapter_dir else None
+        tune.report(metrics, checkpoint=checkpoint)
+
+
+@dataclass
+class ListReporter:
+    """Keeps every report in memory (tests, and single runs outside Tune)."""
+
+    reports: list[dict[str, Any]] = field(default_factory=list)
+    adapters: list[Optional[Path]] = field(default_factory=list)
+
+    def report(self, metrics: dict[str, Any], adapter_dir: Optional[Path]) -> None:
+        self.reports.append(dict(metrics))
+        self.adapters.append(adapter_dir)
+
+
+@dataclass
+class TrialOutcome:
+    """How a trial ended when it ran to its own end (ASHA stops end it inside `report`)."""
+
+    steps: int
+    diverged_reason: Optional[str]
+    best_metric: Optional[float]
+
+
+def pick_device(resources_gpu: float) -> tuple[bool, bool, bool]:
+    """(use_cpu, bf16, fp16): the GPU Ray assigned if there is one, bf16 where supported."""
+    if resources_gpu > 0 and torch.cuda.is_available():
+        bf16 = torch.cuda.is_bf16_supported()
+        return False, bf16, not bf16
+    return True, False, False
+
+
+class _EvaluationReporter(TrainerCallback):
+    """Turns each Trainer evaluation into one report, and stops training on a NaN/inf loss."""
+
+    def __init__(self, model: peft.PeftModel, reporter: Reporter, metric: str, mode: str, scratch: Path):
+        self.model = model
+        self.reporter = reporter
+        self.metric = metric
+        self.worst = math.inf if mode == "min" else -math.inf
+        self.better = min if mode == "min" else max
+        self.scratch = scratch
+        self.last_train_loss: Optional[float] = None
+        self.last_learning_rate: Optional[float] = None
+        self.train_seconds = 0.0
+        self.tokens_at_last_report = 0
+        self.seconds_at_last_report = 0.0
+        self.diverged_reason: Optional[str] = None
+        self.best: Optional[float] = None
+        self._step_started = 0.0
+
+    def on_step_begin(self, args, state, control, **kwargs):
+        self._step_started = time.perf_counter()
+
+    def on_step_end(self, args, state, control, **kwargs):
+        self.train_seconds += time.perf_counter() - self._step_started
+
+    def on_log(self, args, state, control, logs=None, **kwargs):
+        logs = logs or {}
+        if "loss" in logs:
+            self.last_train_loss = float(logs["loss"])
+            if not math.isfinite(self.last_train_loss):
+                self.diverged_reason = f"training loss became {self.last_train_loss} at step {state.global_step}"
+                control.should_training_stop = True
+        if "learning_rate" in logs:
+            self.last_learning_rate = float(logs["learning_rate"])
+
+    def on_evaluate(self, args, state, control, metrics=None, **kwargs):
+        metrics = metrics or {}
+        eval_loss = float(metrics.get("eval_loss", math.nan))
+        if not math.isfinite(eval_loss) and self.diverged_reason is None:
+            self.diverged_reason = f"eval loss became {eval_loss} at step {state.global_step}"
+            control.should_training_stop = True
+        tokens = int(state.num_input_tokens_seen)
+        seconds = self.train_seconds - self.seconds_at_last_report
+        report = {
+            "step": state.global_step,
+            "eval_loss": eval_loss,
+            "eval_perplexity": math.exp(min(eval_loss, 50.0)) if math.isfinite(eval_loss) else math.inf,
+            "train_loss": self.last_train_loss if self.last_train_loss is not None else math.nan,
+            "learning_rate": self.last_learning_rate if self.last_learning_rate is not None else 0.0,
+            "tokens_per_second": (tokens - self.tokens_at_last_report) / seconds if seconds > 0 else 0.0,
+            "tokens_seen": tokens,
+            "diverged": self.diverged_reason is not None,
+        }
+        self.tokens_at_last_report, self.seconds_at_last_report = tokens, self.train_seconds
+        if self.diverged_reason is not None:
+            # Schedulers and samplers compare numbers: a diverged trial reports the worst one.
+            report[self.metric] = self.worst
+            report["diverged_reason"] = self.diverged_reason
+            self.reporter.report(report, None)
+            return
+        self.best = report[self.metric] if self.best is None else self.better(self.best, report[self.metric])
+        adapter_dir = Path(tempfile.mkdtemp(dir=self.scratch, prefix=f"step{state.global_step}-"))
+        self.model.save_pretrained(adapter_dir)
+        (adapter_dir / "trainer_step.txt").write_text(str(state.global_step))
+        # Tune copies the folder to the sweep's storage inside report(); an ASHA stop
+        # also ends the trial there (SystemExit), so the callers' finally-blocks clean up.
+        self.reporter.report(report, adapter_dir)
+
+
+def load_base_model(config: SweepConfig) -> Any:
+    return AutoModelForCausalLM.from_pretrained(
+        config.model.path, dtype=torch_dtype(config.model.dtype), trust_remote_code=config.model.trust_remote_code
+    )
+
+
+def load_tokenizer(config: SweepConfig) -> Any:
+    tokenizer = AutoTokenizer.from_pretrained(config.model.path, trust_remote_code=config.model.trust_remote_code)
+    if tokenizer.pad_token_id is None:
+        tokenizer.pad_token = tokenizer.eos_token
+    return tokenizer
+
+
+def training_arguments(config: SweepConfig, output_dir: str) -> TrainingArguments:
+    t = config.training
+    use_cpu, bf16, fp16 = pick_device(config.resources.gpu)
+    return TrainingArguments(
+        output_dir=output_dir,
+        max_steps=t.max_steps,
+        per_device_train_batch_size=t.batch_size,
+        per_device_eval_batch_size=t.eval_batch_size,
+        gradient_accumulation_steps=t.gradient_accumulation_steps,
+        learning_rate=t.learning_rate,
+        warmup_steps=int(t.warmup_ratio * t.max_steps),
+        weight_decay=t.weight_decay,
+        lr_scheduler_type=t.lr_scheduler,
+        max_grad_norm=t.max_grad_norm,
+        gradient_checkpointing=t.gradient_checkpointing,
+        eval_strategy="steps",
+        eval_steps=t.eval_steps,
+        logging_steps=max(1, min(10, t.eval_steps)),
+        save_strategy="no",  # checkpoints are the adapters reported to Tune, nothing else
+        report_to=[],
+        seed=config.seed,
+        data_seed=config.seed,
+        use_cpu=use_cpu,
+        bf16=bf16,
+        fp16=fp16,
+        include_num_input_tokens_seen="non_padding",
+        dataloader_num_workers=0,
+        disable_tqdm=True,
+        remove_unused_columns=False,
+    )
+
+
+def run_trial(params: dict[str, Any], base_config: dict[str, Any], data_path: str, reporter: Reporter) -> TrialOutcome:
+    """Train one LoRA adapter with the trial's params, reporting every evaluation."""
+    config = apply_params(SweepConfig.model_validate(base_config), params)
+    set_seed(config.seed)
+    if config.resources.gpu == 0:
+        torch.set_num_threads(max(1, int(config.resources.cpu)))
+    tokenizer = load_tokenizer(config)
+    base = load_base_model(config)
+    model = peft.get_peft_model(base, lora_settings(config.lora, base))
+    if config.training.gradient_checkpointing:
+        model.enable_input_require_grads()
+    data = load_prepared(data_path)
+    train_set = data["train"].select_columns(MODEL_COLUMNS)
+    val_set = data["val"].select_columns(MODEL_COLUMNS)
+    collator = DataCollatorForSeq2Seq(tokenizer, padding=True, label_pad_token_id=IGNORE_INDEX)
+    with tempfile.TemporaryDirectory(prefix="lora-sweep-trial-") as scratch:
+        callback = _EvaluationReporter(model, reporter, config.search.metric, config.search.mode, Path(scratch))
+        trainer = Trainer(
+            model=model,
+            args=training_arguments(config, os.path.join(scratch, "trainer")),
+            train_dataset=train_set,
+            eval_dataset=val_set,
+            data_collator=collator,
+            callbacks=[callback],
+        )
+        trainer.remove_callback(PrinterCallback)  # reports go to Tune; per-step prints only flood the log
+        trainer.train()
+        steps = trainer.state.global_step
+        if steps % config.training.eval_steps != 0:
+            # The last steps (or a divergence between evaluations) are reported too.
+            trainer.evaluate()
+    return TrialOutcome(steps=steps, diverged_reason=callback.diverged_reason, best_metric=callback.best)
+
+
+def tune_trainable(params: dict[str, Any], base_config: dict[str, Any], data_path: str) -> None:
+    """Ray Tune's entry point (bound with `tune.with_parameters`)."""
+    run_trial(params, base_config, data_path, TuneReporter())

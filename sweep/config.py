@@ -196,7 +196,7 @@ class SweepConfig(_Strict):
 
     @property
     def sweep_dir(self) -> Path:
-        return Path(self.output_dir) / self.name
+        return Path(self.output_dir).resolve() / self.name
 
 
 def _format_errors(error: ValidationError, raw: dict[str, Any]) -> list[str]:

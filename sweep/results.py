@@ -72,7 +72,7 @@ def trial_record(result: Any, config: SweepConfig) -> TrialRecord:
         record.best_metric = float(best_row[metric])
         record.best_step = int(best_row["step"])
         record.best_metrics = {
-            k: (float(best_row[k]) if isinstance(best_row[k], float) else best_row[k])
+            k: best_row[k].item() if hasattr(best_row[k], "item") else best_row[k]
             for k in ("step", "eval_loss", "eval_perplexity", "train_loss", "learning_rate", "tokens_per_second")
             if k in best_row
         }

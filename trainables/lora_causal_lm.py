@@ -56,11 +56,11 @@ class ListReporter:
     """Keeps every report in memory (tests, and single runs outside Tune)."""
 
     reports: list[dict[str, Any]] = field(default_factory=list)
-    adapters: list[Optional[Path]] = field(default_factory=list)
+    adapter_files: list[list[str]] = field(default_factory=list)  # the adapter folder is temporary: keep its listing
 
     def report(self, metrics: dict[str, Any], adapter_dir: Optional[Path]) -> None:
         self.reports.append(dict(metrics))
-        self.adapters.append(adapter_dir)
+        self.adapter_files.append(sorted(os.listdir(adapter_dir)) if adapter_dir else [])
 
 
 @dataclass
@@ -176,7 +176,8 @@ def training_arguments(config: SweepConfig, output_dir: str) -> TrainingArgument
         weight_decay=t.weight_decay,
         lr_scheduler_type=t.lr_scheduler,
         max_grad_norm=t.max_grad_norm,
-        gradient_checkpointing=t.gradient_checkpointing,
+        # Passed only when on: the name is deprecated in transformers 5 and warns on every trial.
+        **({"gradient_checkpointing": True} if t.gradient_checkpointing else {}),
         eval_strategy="steps",
         eval_steps=t.eval_steps,
         logging_steps=max(1, min(10, t.eval_steps)),

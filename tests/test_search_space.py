@@ -1,0 +1,73 @@
+import optuna.distributions as od
+import pytest
+
+from sweep.config import ConfigError, load_config
+from sweep.search_space import apply_params, build_search_space, shipped_spaces
+
+
+def space_of(raw_config, write_config, parameters, space=None):
+    raw_config["search"] = {"space": space, "parameters": parameters}
+    return build_search_space(load_config(write_config(raw_config)))
+
+
+def test_shipped_spaces_load_with_the_documented_ranges(raw_config, write_config):
+    assert {"lora_default", "lr_only"} <= set(shipped_spaces())
+    default = space_of(raw_config, write_config, {}, space="lora_default")
+    lr = default["training.learning_rate"]
+    assert isinstance(lr, od.FloatDistribution) and lr.log and (lr.low, lr.high) == (1e-5, 1e-3)
+    assert default["lora.rank"].choices == (8, 16, 32, 64)
+    assert set(default["lora.target_modules"].choices) == {"attention", "all-linear"}
+    assert set(default) >= {"lora.alpha_multiple", "lora.dropout", "training.warmup_ratio",
+                            "training.weight_decay", "training.batch_size"}
+    assert list(space_of(raw_config, write_config, {}, space="lr_only")) == ["training.learning_rate"]
+
+
+def test_inline_entries_override_the_file(raw_config, write_config):
+    space = space_of(raw_config, write_config, {"training.learning_rate": {"type": "uniform", "low": 0.1, "high": 0.2}},
+                     space="lr_only")
+    assert space["training.learning_rate"] == od.FloatDistribution(0.1, 0.2)
+
+
+def test_int_distribution(raw_config, write_config):
+    space = space_of(raw_config, write_config, {"lora.rank": {"type": "int", "low": 4, "high": 16, "step": 4}})
+    assert space["lora.rank"] == od.IntDistribution(4, 16, step=4)
+
+
+@pytest.mark.parametrize(
+    "entry, expected",
+    [
+        ({"training.learning_rate": {"type": "loguniform", "low": 0.0, "high": 1e-3}}, "log-uniform needs low > 0, but got 0.0"),
+        ({"training.learning_rate": {"type": "uniform", "low": 0.5, "high": 0.1}}, "low must be <= high, but got low=0.5, high=0.1"),
+        ({"lora.rank": {"type": "choice", "values": []}}, "`lora.rank`.values: must be a non-empty list"),
+        ({"lora.rank": {"type": "choice", "values": [8, "big"]}}, "every value must be int, but got ['big']"),
+        ({"lora.rnak": {"type": "choice", "values": [8]}}, "`lora.rnak`: not a tunable field"),
+        ({"lora.dropout": {"type": "normal", "low": 0, "high": 1}}, "must be one of uniform, loguniform, int, choice, but got 'normal'"),
+        ({"lora.dropout": {"type": "int", "low": 0, "high": 1}}, "int is only for integer fields"),
+        ({"lora.dropout": {"type": "uniform", "low": "a", "high": 1}}, "`lora.dropout`.low: must be a number, but got 'a'"),
+    ],
+)
+def test_bad_entries_are_named(raw_config, write_config, entry, expected):
+    with pytest.raises(ConfigError) as caught:
+        space_of(raw_config, write_config, entry)
+    assert any(expected in p for p in caught.value.problems), caught.value.problems
+
+
+def test_all_bad_entries_are_reported_together(raw_config, write_config):
+    with pytest.raises(ConfigError) as caught:
+        space_of(raw_config, write_config, {
+            "lora.rank": {"type": "choice", "values": []},
+            "training.learning_rate": {"type": "loguniform", "low": -1, "high": 1},
+        })
+    assert len(caught.value.problems) == 2
+
+
+def test_unknown_space_name_lists_the_shipped_ones(raw_config, write_config):
+    with pytest.raises(ConfigError, match="lora_default"):
+        space_of(raw_config, write_config, {}, space="no_such_space")
+
+
+def test_apply_params_writes_sampled_values_over_the_fixed_config(raw_config, write_config):
+    config = load_config(write_config(raw_config))
+    trial = apply_params(config, {"training.learning_rate": 0.01, "lora.rank": 4, "lora.target_modules": "all-linear"})
+    assert (trial.training.learning_rate, trial.lora.rank, trial.lora.target_modules) == (0.01, 4, "all-linear")
+    assert config.lora.rank == 8  # the fixed config is unchanged

@@ -1,0 +1,53 @@
+import math
+
+import pytest
+
+from sweep.config import load_config
+from sweep.data import prepare_data
+from trainables.lora_causal_lm import ListReporter, load_tokenizer, run_trial
+
+
+@pytest.fixture
+def prepared(raw_config, write_config, tmp_path):
+    config = load_config(write_config(raw_config))
+    data = prepare_data(config.data, load_tokenizer(config), config.seed, tmp_path / "data")
+    return config, data.path
+
+
+def test_a_trial_reports_every_evaluation_with_an_adapter_only_checkpoint(prepared):
+    config, data_path = prepared
+    reporter = ListReporter()
+    outcome = run_trial({"training.learning_rate": 1e-3}, config.model_dump(), str(data_path), reporter)
+    assert outcome.steps == 6 and outcome.diverged_reason is None
+    assert [r["step"] for r in reporter.reports] == [3, 6]
+    for report in reporter.reports:
+        assert math.isfinite(report["eval_loss"]) and math.isfinite(report["train_loss"])
+        assert report["eval_perplexity"] == pytest.approx(math.exp(report["eval_loss"]))
+        assert report["tokens_per_second"] > 0 and report["learning_rate"] > 0
+    assert reporter.reports[-1]["tokens_seen"] > reporter.reports[0]["tokens_seen"]
+    for files in reporter.adapter_files:
+        assert "adapter_model.safetensors" in files and "adapter_config.json" in files
+        assert not any(f.startswith("model") for f in files)  # never a full copy of the model
+    assert outcome.best_metric == min(r["eval_loss"] for r in reporter.reports)
+
+
+def test_the_same_params_and_seed_give_the_same_losses(prepared):
+    config, data_path = prepared
+    losses = []
+    for _ in range(2):
+        reporter = ListReporter()
+        run_trial({"training.learning_rate": 1e-3}, config.model_dump(), str(data_path), reporter)
+        losses.append([r["eval_loss"] for r in reporter.reports])
+    assert losses[0] == losses[1]
+
+
+def test_a_diverging_trial_stops_and_says_why(prepared):
+    config, data_path = prepared
+    reporter = ListReporter()
+    params = {"training.learning_rate": 1e30, "training.max_grad_norm": 1e30}
+    outcome = run_trial(params, config.model_dump(), str(data_path), reporter)
+    assert outcome.diverged_reason is not None and "became" in outcome.diverged_reason
+    last = reporter.reports[-1]
+    assert last["diverged"] is True and last["eval_loss"] == math.inf
+    assert last["diverged_reason"] == outcome.diverged_reason
+    assert reporter.adapter_files[-1] == []  # no checkpoint of a diverged model

@@ -199,7 +199,7 @@ class SweepConfig(_Strict):
         return Path(self.output_dir).resolve() / self.name
 
 
-def _format_errors(error: ValidationError, raw: dict[str, Any]) -> list[str]:
+def format_errors(error: ValidationError) -> list[str]:
     problems = []
     for item in error.errors():
         location = ".".join(str(part) for part in item["loc"])
@@ -281,7 +281,7 @@ def validate_config(raw: Any, source: str = "config") -> SweepConfig:
     try:
         return SweepConfig.model_validate(raw)
     except ValidationError as error:
-        raise ConfigError(_format_errors(error, raw), source) from None
+        raise ConfigError(format_errors(error), source) from None
 
 
 def load_config(path: str | Path, overrides: list[str] | None = None) -> SweepConfig:

@@ -12,7 +12,7 @@ from typing import Any
 import optuna.distributions as od
 from pydantic import ValidationError
 
-from sweep.config import ConfigError, SweepConfig, read_yaml
+from sweep.config import ConfigError, SweepConfig, format_errors, read_yaml
 
 SHIPPED_SPACES_DIR = Path(__file__).resolve().parent.parent / "search_spaces"
 
@@ -125,9 +125,26 @@ def build_search_space(config: SweepConfig) -> dict[str, od.BaseDistribution]:
         problems.extend(found)
         if distribution is not None:
             space[name] = distribution
+    problems.extend(_values_the_config_rejects(config, space))
     if problems:
         raise ConfigError(problems, f"search space ({config.search.space or 'inline'})")
     return space
+
+
+def _values_the_config_rejects(config: SweepConfig, space: dict[str, od.BaseDistribution]) -> list[str]:
+    """Every value a trial could get must pass the config's own rules, checked before any trial starts."""
+    problems = []
+    for name, distribution in space.items():
+        if isinstance(distribution, od.CategoricalDistribution):
+            candidates = list(distribution.choices)
+        else:
+            candidates = [distribution.low, distribution.high]
+        for value in candidates:
+            try:
+                apply_params(config, {name: value})
+            except ConfigError as error:
+                problems.extend(f"{problem} (a value the search space can pick)" for problem in error.problems)
+    return problems
 
 
 def apply_params(config: SweepConfig, params: dict[str, Any]) -> SweepConfig:
@@ -139,4 +156,4 @@ def apply_params(config: SweepConfig, params: dict[str, Any]) -> SweepConfig:
     try:
         return SweepConfig.model_validate(raw)
     except ValidationError as error:
-        raise ConfigError([str(e["msg"]) for e in error.errors()], f"trial params {params}") from None
+        raise ConfigError(format_errors(error), f"trial params {params}") from None

@@ -44,6 +44,8 @@ def test_int_distribution(raw_config, write_config):
         ({"lora.dropout": {"type": "normal", "low": 0, "high": 1}}, "must be one of uniform, loguniform, int, choice, but got 'normal'"),
         ({"lora.dropout": {"type": "int", "low": 0, "high": 1}}, "int is only for integer fields"),
         ({"lora.dropout": {"type": "uniform", "low": "a", "high": 1}}, "`lora.dropout`.low: must be a number, but got 'a'"),
+        ({"lora.dropout": {"type": "uniform", "low": 0.0, "high": 1.5}}, "`lora.dropout`: Input should be less than 1 (got 1.5) (a value the search space can pick)"),
+        ({"lora.rank": {"type": "choice", "values": [0, 8]}}, "`lora.rank`: Input should be greater than or equal to 1 (got 0)"),
     ],
 )
 def test_bad_entries_are_named(raw_config, write_config, entry, expected):

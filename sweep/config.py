@@ -154,7 +154,9 @@ class CheckpointConfig(_Strict):
 class EvaluationConfig(_Strict):
     max_new_tokens: int = Field(32, ge=1)
     max_examples: Optional[int] = Field(None, ge=1, description="Cap on test examples for generation metrics.")
-    verify_tolerance: float = Field(1e-4, gt=0.0, description="Max |logit difference| merged vs adapter.")
+    verify_tolerance: Optional[float] = Field(
+        None, gt=0.0, description="Max |logit difference| merged vs adapter; None: 1e-4 for float32, 5e-2 for 16-bit."
+    )
 
 
 class RayConfig(_Strict):

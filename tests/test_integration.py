@@ -25,7 +25,7 @@ def ray_session():
     ray.shutdown()
 
 
-def test_two_trial_sweep_end_to_end(raw_config, write_config, ray_session):
+def test_two_trial_sweep_end_to_end(raw_config, write_config, ray_session, monkeypatch):
     raw_config["search"]["parameters"] = {"training.learning_rate": {"type": "loguniform", "low": 1e-4, "high": 1e-2}}
     config = load_config(write_config(raw_config))
     outcome = run(config)
@@ -83,6 +83,13 @@ def test_two_trial_sweep_end_to_end(raw_config, write_config, ray_session):
     result = CliRunner().invoke(app, ["export", str(sweep_dir)])
     assert result.exit_code == 0, result.output
     assert (export / "merged" / "model.safetensors").is_file()
+
+    # A failed verification fails loudly and leaves the earlier, verified export in place.
+    card_before = (export / "README.md").read_text()
+    monkeypatch.setattr("sweep.export.max_logit_difference", lambda *args: 1.0)
+    result = CliRunner().invoke(app, ["export", str(sweep_dir)])
+    assert result.exit_code == 1 and "differ by 1.000e+00" in result.output
+    assert (export / "README.md").read_text() == card_before
 
 
 def test_bad_config_exits_2_before_anything_is_written(raw_config, write_config, tmp_path):

@@ -22,7 +22,7 @@ from sweep.templates import Example, prompt_renderer
 
 SPLITS = ("train", "val", "test")
 IGNORE_INDEX = -100  # label value the loss ignores (PyTorch's CrossEntropyLoss default)
-_READERS = {".jsonl": "jsonl", ".json": "jsonl", ".csv": "csv", ".parquet": "parquet"}
+_READERS = {".jsonl": "jsonl", ".csv": "csv", ".parquet": "parquet"}
 
 
 @dataclass(frozen=True)
@@ -37,7 +37,7 @@ def read_table(path: str | Path) -> pd.DataFrame:
     path = Path(path)
     kind = _READERS.get(path.suffix.lower())
     if kind is None:
-        raise ConfigError([f"`data.files`: {path.name} must end in .jsonl, .json, .csv or .parquet"], str(path))
+        raise ConfigError([f"`data.files`: {path.name} must end in .jsonl, .csv or .parquet"], str(path))
     if not path.is_file():
         raise ConfigError([f"`data.files`: file not found: {path}"], str(path))
     if kind == "csv":

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import math
 import os
+import shutil
 import tempfile
 import time
 from dataclasses import dataclass, field
@@ -144,9 +145,13 @@ class _EvaluationReporter(TrainerCallback):
         adapter_dir = Path(tempfile.mkdtemp(dir=self.scratch, prefix=f"step{state.global_step}-"))
         self.model.save_pretrained(adapter_dir)
         (adapter_dir / "trainer_step.txt").write_text(str(state.global_step))
-        # Tune copies the folder to the sweep's storage inside report(); an ASHA stop
-        # also ends the trial there (SystemExit), so the callers' finally-blocks clean up.
-        self.reporter.report(report, adapter_dir)
+        # Tune copies the folder to the sweep's storage inside report(), so the local copy
+        # goes at once instead of piling up per evaluation. An ASHA stop ends the trial
+        # inside report() (SystemExit); the finally-block and the scratch folder clean up.
+        try:
+            self.reporter.report(report, adapter_dir)
+        finally:
+            shutil.rmtree(adapter_dir, ignore_errors=True)
 
 
 def load_base_model(config: SweepConfig) -> Any:

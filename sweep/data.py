@@ -206,5 +206,10 @@ def prepare_data(data: DataConfig, tokenizer, seed: int, out_dir: Path) -> Prepa
     return PreparedData(path=path, data_hash=data_hash, counts=counts, dropped=dropped)
 
 
+def prompt_token_ids(dataset: Dataset) -> list[list[int]]:
+    """Each prepared example's prompt tokens, exactly as in training (for generation)."""
+    return [ids[:length] for ids, length in zip(dataset["input_ids"], dataset["prompt_length"])]
+
+
 def load_prepared(path: str | Path) -> DatasetDict:
     return load_from_disk(str(path))

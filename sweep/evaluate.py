@@ -14,7 +14,7 @@ import torch
 from datasets import Dataset
 from transformers import DataCollatorForSeq2Seq
 
-from sweep.data import IGNORE_INDEX
+from sweep.data import IGNORE_INDEX, prompt_token_ids
 
 
 @dataclass
@@ -77,7 +77,7 @@ def evaluate_model(
     model.eval()
     loss, tokens = response_loss(model, tokenizer, test_set, batch_size)
     subset = test_set if max_examples is None else test_set.select(range(min(max_examples, len(test_set))))
-    prompts = [ids[:length] for ids, length in zip(subset["input_ids"], subset["prompt_length"])]
+    prompts = prompt_token_ids(subset)
     completions = greedy_completions(model, tokenizer, prompts, max_new_tokens, batch_size)
     references = [r.strip() for r in subset["response"]]
     matches = sum(c == r for c, r in zip(completions, references))

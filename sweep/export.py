@@ -17,7 +17,7 @@ import torch
 from transformers import AutoModelForCausalLM
 
 from sweep.config import SweepConfig, config_to_yaml
-from sweep.data import load_prepared
+from sweep.data import load_prepared, prompt_token_ids
 from sweep.evaluate import EvalMetrics, evaluate_model
 from sweep.results import TrialRecord, write_atomically
 from sweep.search_space import apply_params
@@ -139,7 +139,7 @@ def finalize(sweep_dir: Path, config: SweepConfig, best: TrialRecord, data_path:
     tokenizer.save_pretrained(staging / "merged")
 
     # Verify from disk, as a user would load them: plain transformers vs base + adapter.
-    prompts = [ids[:n] for ids, n in zip(test_set["input_ids"][:VERIFY_PROMPTS], test_set["prompt_length"][:VERIFY_PROMPTS])]
+    prompts = prompt_token_ids(test_set.select(range(min(VERIFY_PROMPTS, len(test_set)))))
     merged = AutoModelForCausalLM.from_pretrained(staging / "merged").eval()
     adapter = peft.PeftModel.from_pretrained(load_base_model(trial_config), staging / "adapter").eval()
     difference = max_logit_difference(merged, adapter, prompts)

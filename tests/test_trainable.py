@@ -25,8 +25,8 @@ def test_a_trial_reports_every_evaluation_with_an_adapter_only_checkpoint(prepar
         assert report["eval_perplexity"] == pytest.approx(math.exp(report["eval_loss"]))
         assert report["tokens_per_second"] > 0 and report["learning_rate"] > 0
     assert reporter.reports[-1]["tokens_seen"] > reporter.reports[0]["tokens_seen"]
-    for files in reporter.adapter_files:
-        assert "adapter_model.safetensors" in files and "adapter_config.json" in files
+    for files in reporter.checkpoint_files:
+        assert {"adapter_model.safetensors", "adapter_config.json", "optimizer.pt", "trainer_state.json"} <= set(files)
         assert not any(f.startswith("model") for f in files)  # never a full copy of the model
     assert outcome.best_metric == min(r["eval_loss"] for r in reporter.reports)
 
@@ -50,4 +50,17 @@ def test_a_diverging_trial_stops_and_says_why(prepared):
     last = reporter.reports[-1]
     assert last["diverged"] is True and last["eval_loss"] == math.inf
     assert last["diverged_reason"] == outcome.diverged_reason
-    assert reporter.adapter_files[-1] == []  # no checkpoint of a diverged model
+    assert reporter.checkpoint_files[-1] == []  # no checkpoint of a diverged model
+
+
+def test_a_restarted_trial_resumes_from_its_checkpoint_and_matches_an_uninterrupted_run(prepared, tmp_path):
+    config, data_path = prepared
+    params = {"training.learning_rate": 1e-3}
+    whole = ListReporter(keep_checkpoints_in=tmp_path / "whole")
+    run_trial(params, config.model_dump(), str(data_path), whole)
+
+    resumed = ListReporter(resume_from=tmp_path / "whole" / "step-3")
+    outcome = run_trial(params, config.model_dump(), str(data_path), resumed)
+    assert [r["step"] for r in resumed.reports] == [6]  # steps 1-3 are not trained again
+    assert outcome.steps == 6
+    assert resumed.reports[0]["eval_loss"] == pytest.approx(whole.reports[-1]["eval_loss"], rel=1e-5)

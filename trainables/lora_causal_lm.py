@@ -8,6 +8,7 @@ so the same code runs under Ray Tune and in a plain unit test.
 
 from __future__ import annotations
 
+import contextlib
 import math
 import os
 import shutil
@@ -15,7 +16,7 @@ import tempfile
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Optional, Protocol
+from typing import Any, ContextManager, Iterator, Optional, Protocol
 
 import peft
 import torch
@@ -39,17 +40,32 @@ MODEL_COLUMNS = ["input_ids", "attention_mask", "labels"]
 
 
 class Reporter(Protocol):
-    def report(self, metrics: dict[str, Any], adapter_dir: Optional[Path]) -> None: ...
+    def report(self, metrics: dict[str, Any], checkpoint_dir: Optional[Path]) -> None: ...
+
+    def restored_checkpoint(self) -> ContextManager[Optional[Path]]:
+        """The checkpoint a restarted trial resumes from (None for a fresh trial), valid inside the block."""
+        ...
 
 
 class TuneReporter:
     """Reports to Ray Tune; the adapter folder becomes the checkpoint (Tune copies it to storage)."""
 
-    def report(self, metrics: dict[str, Any], adapter_dir: Optional[Path]) -> None:
+    def report(self, metrics: dict[str, Any], checkpoint_dir: Optional[Path]) -> None:
         from ray import tune
 
-        checkpoint = tune.Checkpoint.from_directory(str(adapter_dir)) if adapter_dir else None
+        checkpoint = tune.Checkpoint.from_directory(str(checkpoint_dir)) if checkpoint_dir else None
         tune.report(metrics, checkpoint=checkpoint)
+
+    @contextlib.contextmanager
+    def restored_checkpoint(self) -> Iterator[Optional[Path]]:
+        from ray import tune
+
+        checkpoint = tune.get_checkpoint()
+        if checkpoint is None:
+            yield None
+            return
+        with checkpoint.as_directory() as path:
+            yield Path(path)
 
 
 @dataclass
@@ -57,16 +73,24 @@ class ListReporter:
     """Keeps every report in memory (tests, and single runs outside Tune)."""
 
     reports: list[dict[str, Any]] = field(default_factory=list)
-    adapter_files: list[list[str]] = field(default_factory=list)  # the adapter folder is temporary: keep its listing
+    checkpoint_files: list[list[str]] = field(default_factory=list)  # checkpoints are temporary: keep a listing
+    keep_checkpoints_in: Optional[Path] = None  # copy each checkpoint here (as step-N/) when set
+    resume_from: Optional[Path] = None
 
-    def report(self, metrics: dict[str, Any], adapter_dir: Optional[Path]) -> None:
+    def report(self, metrics: dict[str, Any], checkpoint_dir: Optional[Path]) -> None:
         self.reports.append(dict(metrics))
-        self.adapter_files.append(sorted(os.listdir(adapter_dir)) if adapter_dir else [])
+        self.checkpoint_files.append(sorted(os.listdir(checkpoint_dir)) if checkpoint_dir else [])
+        if checkpoint_dir and self.keep_checkpoints_in:
+            shutil.copytree(checkpoint_dir, self.keep_checkpoints_in / f"step-{metrics['step']}")
+
+    @contextlib.contextmanager
+    def restored_checkpoint(self) -> Iterator[Optional[Path]]:
+        yield self.resume_from
 
 
 @dataclass
 class TrialOutcome:
-    """How a trial ended when it ran to its own end (ASHA stops end it inside `report`)."""
+    """How a trial ended when it ran to its own end (an ASHA stop ends it inside `report`)."""
 
     steps: int
     diverged_reason: Optional[str]
@@ -82,15 +106,18 @@ def pick_device(resources_gpu: float) -> tuple[bool, bool, bool]:
 
 
 class _EvaluationReporter(TrainerCallback):
-    """Turns each Trainer evaluation into one report, and stops training on a NaN/inf loss."""
+    """Turns each Trainer evaluation into one report, and stops training on a NaN/inf loss.
 
-    def __init__(self, model: peft.PeftModel, reporter: Reporter, metric: str, mode: str, scratch: Path):
-        self.model = model
+    The Trainer saves a checkpoint right after each evaluation (adapter weights plus
+    optimizer, scheduler, RNG and step: never the base model); `on_save` reports the
+    evaluation's metrics with that checkpoint, so a restarted trial resumes exactly.
+    """
+
+    def __init__(self, reporter: Reporter, metric: str, mode: str):
         self.reporter = reporter
         self.metric = metric
         self.worst = math.inf if mode == "min" else -math.inf
         self.better = min if mode == "min" else max
-        self.scratch = scratch
         self.last_train_loss: Optional[float] = None
         self.last_learning_rate: Optional[float] = None
         self.train_seconds = 0.0
@@ -98,7 +125,11 @@ class _EvaluationReporter(TrainerCallback):
         self.seconds_at_last_report = 0.0
         self.diverged_reason: Optional[str] = None
         self.best: Optional[float] = None
+        self.pending: Optional[dict[str, Any]] = None
         self._step_started = 0.0
+
+    def on_train_begin(self, args, state, control, **kwargs):
+        self.tokens_at_last_report = int(state.num_input_tokens_seen)  # non-zero after a resume
 
     def on_step_begin(self, args, state, control, **kwargs):
         self._step_started = time.perf_counter()
@@ -110,9 +141,10 @@ class _EvaluationReporter(TrainerCallback):
         logs = logs or {}
         if "loss" in logs:
             self.last_train_loss = float(logs["loss"])
-            if not math.isfinite(self.last_train_loss):
+            if not math.isfinite(self.last_train_loss) and self.diverged_reason is None:
                 self.diverged_reason = f"training loss became {self.last_train_loss} at step {state.global_step}"
                 control.should_training_stop = True
+                control.should_evaluate = True  # so the divergence is reported at this step
         if "learning_rate" in logs:
             self.last_learning_rate = float(logs["learning_rate"])
 
@@ -136,22 +168,29 @@ class _EvaluationReporter(TrainerCallback):
         }
         self.tokens_at_last_report, self.seconds_at_last_report = tokens, self.train_seconds
         if self.diverged_reason is not None:
-            # Schedulers and samplers compare numbers: a diverged trial reports the worst one.
+            # Schedulers and samplers compare numbers: a diverged trial reports the worst one,
+            # and no checkpoint of a diverged model is kept.
             report[self.metric] = self.worst
             report["diverged_reason"] = self.diverged_reason
+            control.should_save = False
             self.reporter.report(report, None)
             return
         self.best = report[self.metric] if self.best is None else self.better(self.best, report[self.metric])
-        adapter_dir = Path(tempfile.mkdtemp(dir=self.scratch, prefix=f"step{state.global_step}-"))
-        self.model.save_pretrained(adapter_dir)
-        (adapter_dir / "trainer_step.txt").write_text(str(state.global_step))
+        self.pending = report
+        control.should_save = True
+
+    def on_save(self, args, state, control, **kwargs):
+        if self.pending is None:
+            return
+        report, self.pending = self.pending, None
+        checkpoint = Path(args.output_dir) / f"checkpoint-{state.global_step}"
         # Tune copies the folder to the sweep's storage inside report(), so the local copy
         # goes at once instead of piling up per evaluation. An ASHA stop ends the trial
         # inside report() (SystemExit); the finally-block and the scratch folder clean up.
         try:
-            self.reporter.report(report, adapter_dir)
+            self.reporter.report(report, checkpoint)
         finally:
-            shutil.rmtree(adapter_dir, ignore_errors=True)
+            shutil.rmtree(checkpoint, ignore_errors=True)
 
 
 def load_base_model(config: SweepConfig) -> Any:
@@ -186,7 +225,9 @@ def training_arguments(config: SweepConfig, output_dir: str) -> TrainingArgument
         eval_strategy="steps",
         eval_steps=t.eval_steps,
         logging_steps=max(1, min(10, t.eval_steps)),
-        save_strategy="no",  # checkpoints are the adapters reported to Tune, nothing else
+        # Checkpoint at every evaluation; _EvaluationReporter hands each one to Tune, then deletes it.
+        save_strategy="steps",
+        save_steps=t.eval_steps,
         report_to=[],
         seed=config.seed,
         data_seed=config.seed,
@@ -216,7 +257,7 @@ def run_trial(params: dict[str, Any], base_config: dict[str, Any], data_path: st
     val_set = data["val"].select_columns(MODEL_COLUMNS)
     collator = DataCollatorForSeq2Seq(tokenizer, padding=True, label_pad_token_id=IGNORE_INDEX)
     with tempfile.TemporaryDirectory(prefix="lora-sweep-trial-") as scratch:
-        callback = _EvaluationReporter(model, reporter, config.search.metric, config.search.mode, Path(scratch))
+        callback = _EvaluationReporter(reporter, config.search.metric, config.search.mode)
         trainer = Trainer(
             model=model,
             args=training_arguments(config, os.path.join(scratch, "trainer")),
@@ -226,12 +267,10 @@ def run_trial(params: dict[str, Any], base_config: dict[str, Any], data_path: st
             callbacks=[callback],
         )
         trainer.remove_callback(PrinterCallback)  # reports go to Tune; per-step prints only flood the log
-        trainer.train()
-        steps = trainer.state.global_step
-        if steps % config.training.eval_steps != 0:
-            # The last steps (or a divergence between evaluations) are reported too.
-            trainer.evaluate()
-    return TrialOutcome(steps=steps, diverged_reason=callback.diverged_reason, best_metric=callback.best)
+        with reporter.restored_checkpoint() as resume_from:
+            # A retried or resumed trial continues from its last checkpoint: weights, optimizer, step, data order.
+            trainer.train(resume_from_checkpoint=str(resume_from) if resume_from else None)
+    return TrialOutcome(steps=trainer.state.global_step, diverged_reason=callback.diverged_reason, best_metric=callback.best)
 
 
 def tune_trainable(params: dict[str, Any], base_config: dict[str, Any], data_path: str) -> None:

@@ -1,7 +1,8 @@
 """The `sweep` command line.
 
 Exit codes: 0 success; 1 the sweep ran but failed (no usable trial, export
-verification failed); 2 bad input, reported before anything runs.
+verification failed); 2 bad input, reported before anything runs; 130 stopped
+by Ctrl-C with its state saved (continue with `sweep resume`).
 """
 
 from __future__ import annotations
@@ -10,11 +11,14 @@ import json
 import sys
 from dataclasses import asdict
 from pathlib import Path
-from typing import List, Optional
+from typing import TYPE_CHECKING, Callable, List, Optional
 
 import typer
 
 from sweep.config import ConfigError, load_config
+
+if TYPE_CHECKING:
+    from sweep.pipeline import SweepOutcome
 
 app = typer.Typer(add_completion=False, no_args_is_help=True, help="Hyperparameter sweeps for LoRA fine-tuning.")
 PROJECT_ROOT = Path(__file__).resolve().parent.parent
@@ -26,18 +30,23 @@ def _fail(message: str, code: int) -> None:
     raise typer.Exit(code)
 
 
-def _run_config(config_path: Path, overrides: list[str], overwrite: bool) -> None:
-    from sweep.pipeline import run
-    from sweep.results import NoUsableTrialError
+def _error_lines(error: Exception) -> str:
+    return "\n".join(f"error: {line}" for line in str(error).splitlines())
+
+
+def _run_and_report(start: Callable[[], "SweepOutcome"]) -> None:
     from sweep.export import ExportVerificationError
+    from sweep.pipeline import SweepInterrupted
+    from sweep.results import NoUsableTrialError
 
     try:
-        config = load_config(config_path, overrides)
-        outcome = run(config, overwrite=overwrite)
+        outcome = start()
     except ConfigError as error:
-        _fail(f"error: {error}", 2)
+        _fail(_error_lines(error), 2)
+    except SweepInterrupted as error:
+        _fail(f"stopped: {error}", 130)
     except (NoUsableTrialError, ExportVerificationError) as error:
-        _fail(f"error: {error}", 1)
+        _fail(_error_lines(error), 1)
     final = outcome.final
     counts = {status: sum(r.status == status for r in outcome.records) for status in ("completed", "stopped early", "errored")}
     typer.echo(f"\nsweep finished: {len(outcome.records)} trials ({', '.join(f'{n} {s}' for s, n in counts.items())})")
@@ -60,6 +69,27 @@ def run(
     Example: sweep run examples/demo.yaml search.num_trials=4 training.max_steps=100
     """
     _run_config(config, overrides or [], overwrite)
+
+
+def _run_config(config_path: Path, overrides: list[str], overwrite: bool) -> None:
+    from sweep.pipeline import run as run_sweep
+
+    def start():
+        return run_sweep(load_config(config_path, overrides), overwrite=overwrite)
+
+    _run_and_report(start)
+
+
+@app.command()
+def resume(sweep_dir: Path = typer.Argument(..., help="The folder of a stopped or crashed sweep, e.g. results/demo")) -> None:
+    """Continue a sweep that was stopped (Ctrl-C) or killed: finished trials are kept, running ones restart
+    from their last checkpoint, and the sweep ends with the configured number of trials.
+
+    Example: sweep resume results/demo
+    """
+    from sweep.pipeline import resume as resume_sweep
+
+    _run_and_report(lambda: resume_sweep(sweep_dir))
 
 
 @app.command()
@@ -111,9 +141,9 @@ def export(sweep_dir: Path = typer.Argument(..., help="A finished sweep folder, 
     try:
         report = export_sweep(sweep_dir)
     except (FileNotFoundError, ConfigError) as error:
-        _fail(f"error: {error}", 2)
+        _fail(_error_lines(error), 2)
     except ExportVerificationError as error:
-        _fail(f"error: {error}", 1)
+        _fail(_error_lines(error), 1)
     typer.echo(f"exported to {report.export_dir} (max logit difference {report.max_logit_difference:.2e})")
     typer.echo(f"test loss base {report.base.loss:.4f} -> tuned {report.tuned.loss:.4f}")
 

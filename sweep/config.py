@@ -25,8 +25,8 @@ class ConfigError(ValueError):
     def __init__(self, problems: list[str], source: str = "config"):
         self.problems = problems
         self.source = source
-        lines = "\n".join(f"  - {p}" for p in problems)
-        super().__init__(f"{source}: {len(problems)} problem(s):\n{lines}")
+        # One line per problem, each naming where it is: greppable, and readable one at a time.
+        super().__init__("\n".join(f"{source}: {problem}" for problem in problems))
 
 
 class _Strict(BaseModel):

@@ -10,6 +10,7 @@ from __future__ import annotations
 import hashlib
 import json
 import re
+import shutil
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -33,7 +34,8 @@ class PreparedData:
     dropped: dict[str, int]
 
 
-def read_table(path: str | Path) -> pd.DataFrame:
+def read_table(path: str | Path, required: tuple[str, ...] = ()) -> pd.DataFrame:
+    """Read one data file; JSONL rows lacking a `required` column are an error (count and first line)."""
     path = Path(path)
     kind = _READERS.get(path.suffix.lower())
     if kind is None:
@@ -44,7 +46,7 @@ def read_table(path: str | Path) -> pd.DataFrame:
         return pd.read_csv(path, dtype=str, keep_default_na=False)
     if kind == "parquet":
         return pd.read_parquet(path)
-    rows = []
+    rows, lacking, first_lacking = [], 0, None
     with path.open(encoding="utf-8") as handle:
         for number, line in enumerate(handle, start=1):
             if not line.strip():
@@ -55,7 +57,17 @@ def read_table(path: str | Path) -> pd.DataFrame:
                 raise ConfigError([f"line {number}: not valid JSON ({error.msg})"], str(path)) from None
             if not isinstance(row, dict):
                 raise ConfigError([f"line {number}: must be a JSON object, but got {type(row).__name__}"], str(path))
+            missing = [c for c in required if c not in row]
+            if missing:
+                lacking += 1
+                first_lacking = first_lacking or (number, missing)
             rows.append(row)
+    if rows and lacking and lacking < len(rows):
+        number, missing = first_lacking
+        raise ConfigError(
+            [f"`data.columns`: {lacking} of {len(rows)} rows lack required column(s) {missing}; the first is line {number}"],
+            str(path),
+        )
     return pd.DataFrame(rows)
 
 
@@ -92,6 +104,10 @@ def to_examples(frame: pd.DataFrame, data: DataConfig, source: str) -> tuple[lis
     return examples, dropped
 
 
+def _required(data: DataConfig) -> tuple[str, ...]:
+    return (data.columns.instruction, data.columns.response)
+
+
 def _dedupe(examples: list[Example]) -> list[Example]:
     return list(dict.fromkeys(examples))
 
@@ -126,7 +142,7 @@ def load_examples(data: DataConfig, seed: int) -> tuple[dict[str, list[Example]]
     if data.split_files is None:
         examples, dropped = [], 0
         for file in data.files:
-            found, empty = to_examples(read_table(file), data, file)
+            found, empty = to_examples(read_table(file, _required(data)), data, file)
             examples.extend(found)
             dropped += empty
         return split_examples(_dedupe(examples), data.split.model_dump(), seed), dropped
@@ -134,7 +150,7 @@ def load_examples(data: DataConfig, seed: int) -> tuple[dict[str, list[Example]]
     # Earlier splits win: a prompt in train is removed from val and test (no leakage).
     for split in SPLITS:
         file = getattr(data.split_files, split)
-        found, empty = to_examples(read_table(file), data, file)
+        found, empty = to_examples(read_table(file, _required(data)), data, file)
         dropped += empty
         kept = [ex for ex in _dedupe(found) if _prompt_key(ex) not in seen]
         seen.update(_prompt_key(ex) for ex in kept)
@@ -175,11 +191,19 @@ def _hash_inputs(splits: dict[str, list[Example]], data: DataConfig, tokenizer) 
     return digest.hexdigest()[:16]
 
 
-def prepare_data(data: DataConfig, tokenizer, seed: int, out_dir: Path) -> PreparedData:
-    """Prepare the sweep's data under out_dir/<hash>/ (reused when it exists)."""
+@dataclass(frozen=True)
+class TokenizedData:
+    """Every split tokenized in memory: all data errors are found before anything is written."""
+
+    records: dict[str, list[dict[str, Any]]]
+    data_hash: str
+    counts: dict[str, int]
+    dropped: dict[str, int]
+
+
+def tokenize_splits(data: DataConfig, tokenizer, seed: int) -> TokenizedData:
     splits, empty_rows = load_examples(data, seed)
     data_hash = _hash_inputs(splits, data, tokenizer)
-    path = out_dir / data_hash
     render = prompt_renderer(data.template, tokenizer)
     records, too_long = {}, {}
     for split in SPLITS:
@@ -198,12 +222,25 @@ def prepare_data(data: DataConfig, tokenizer, seed: int, out_dir: Path) -> Prepa
         records[split] = kept
     counts = {split: len(records[split]) for split in SPLITS}
     dropped = {"empty": empty_rows, **{f"too_long_{s}": n for s, n in too_long.items()}}
+    return TokenizedData(records, data_hash, counts, dropped)
+
+
+def save_prepared(tokenized: TokenizedData, out_dir: Path) -> PreparedData:
+    """Write the splits to out_dir/<hash>/ (reused when it exists), atomically by rename."""
+    path = out_dir / tokenized.data_hash
     if not (path / "dataset_dict.json").exists():
-        tmp = out_dir / f".{data_hash}.tmp"
-        DatasetDict({split: Dataset.from_list(records[split]) for split in SPLITS}).save_to_disk(str(tmp))
-        (tmp / "prepared.json").write_text(json.dumps({"hash": data_hash, "counts": counts, "dropped": dropped}, indent=2))
+        tmp = out_dir / f".{tokenized.data_hash}.tmp"
+        shutil.rmtree(tmp, ignore_errors=True)
+        DatasetDict({split: Dataset.from_list(tokenized.records[split]) for split in SPLITS}).save_to_disk(str(tmp))
+        summary = {"hash": tokenized.data_hash, "counts": tokenized.counts, "dropped": tokenized.dropped}
+        (tmp / "prepared.json").write_text(json.dumps(summary, indent=2))
         tmp.rename(path)
-    return PreparedData(path=path, data_hash=data_hash, counts=counts, dropped=dropped)
+    return PreparedData(path=path, data_hash=tokenized.data_hash, counts=tokenized.counts, dropped=tokenized.dropped)
+
+
+def prepare_data(data: DataConfig, tokenizer, seed: int, out_dir: Path) -> PreparedData:
+    """Tokenize, then save under out_dir/<hash>/."""
+    return save_prepared(tokenize_splits(data, tokenizer, seed), out_dir)
 
 
 def prompt_token_ids(dataset: Dataset) -> list[list[int]]:

@@ -13,10 +13,12 @@ from typing import Any
 import optuna
 import ray
 from ray import tune
+from ray.tune import Callback
 from ray.tune.schedulers import ASHAScheduler, FIFOScheduler
 from ray.tune.search.optuna import OptunaSearch
 
-from sweep.config import SweepConfig
+from sweep import faults
+from sweep.config import ConfigError, SweepConfig
 from sweep.tensorboard_logs import TensorBoardCallback
 from trainables.lora_causal_lm import tune_trainable
 
@@ -72,13 +74,49 @@ def make_scheduler(config: SweepConfig):
     )
 
 
-def run_sweep(config: SweepConfig, space: dict[str, Any], data_path: Path, sweep_dir: Path) -> Any:
-    """Run every trial; returns Ray Tune's ResultGrid."""
+class _StallBetweenTrials(Callback):
+    """Test point: stop the driver right after a trial ends (see sweep.faults)."""
+
+    def __init__(self, sweep_dir: Path):
+        self.sweep_dir = sweep_dir
+
+    def on_trial_complete(self, iteration: int, trials: list, trial: Any, **info: Any) -> None:
+        faults.stall_if_asked("between_trials", self.sweep_dir)
+
+
+def check_cluster_resources(config: SweepConfig) -> None:
+    """On an existing cluster, the largest node must fit one trial (checked once connected, before any trial)."""
+    nodes = [n for n in ray.nodes() if n.get("Alive")]
+    fits = [
+        n for n in nodes
+        if n["Resources"].get("CPU", 0) >= config.resources.cpu and n["Resources"].get("GPU", 0) >= config.resources.gpu
+    ]
+    if not fits:
+        largest = max((n["Resources"].get("CPU", 0), n["Resources"].get("GPU", 0)) for n in nodes) if nodes else (0, 0)
+        raise ConfigError(
+            [f"`resources`: a trial asks for {config.resources.cpu} CPU and {config.resources.gpu} GPU, but the largest "
+             f"node of the cluster at {config.ray.address} has {largest[0]:g} CPU and {largest[1]:g} GPU"],
+            "resources",
+        )
+
+
+def run_sweep(config: SweepConfig, space: dict[str, Any], data_path: Path, sweep_dir: Path, resume: bool = False) -> Any:
+    """Run every trial (or continue a stopped sweep); returns Ray Tune's ResultGrid."""
     start_ray(config)
+    check_cluster_resources(config)
     trainable = tune.with_resources(
         tune.with_parameters(tune_trainable, base_config=config.model_dump(mode="json"), data_path=str(data_path)),
         {"cpu": config.resources.cpu, "gpu": config.resources.gpu},
     )
+    tune_dir = sweep_dir.resolve() / TUNE_DIR_NAME
+    if resume and tune.Tuner.can_restore(str(tune_dir)):
+        # Finished trials stay finished; unfinished ones restart from their last checkpoint; the
+        # searcher (and through it the Optuna study) continues from its saved state.
+        tuner = tune.Tuner.restore(str(tune_dir), trainable, resume_unfinished=True, resume_errored=False)
+        return tuner.fit()
+    callbacks: list[Callback] = [TensorBoardCallback(sweep_dir / "tensorboard", config.search.metric, config.search.mode)]
+    if os.environ.get("LORA_SWEEP_STALL_AT") == "between_trials":
+        callbacks.append(_StallBetweenTrials(sweep_dir))
     tuner = tune.Tuner(
         trainable,
         param_space={},
@@ -101,7 +139,7 @@ def run_sweep(config: SweepConfig, space: dict[str, Any], data_path: Path, sweep
                 checkpoint_score_order=config.search.mode,
             ),
             failure_config=tune.FailureConfig(max_failures=config.failure_retries),
-            callbacks=[TensorBoardCallback(sweep_dir / "tensorboard", config.search.metric, config.search.mode)],
+            callbacks=callbacks,
             verbose=int(os.environ.get("LORA_SWEEP_TUNE_VERBOSE", "1")),
         ),
     )

@@ -1,23 +1,30 @@
-"""`sweep run` end to end: preflight -> data prep -> Ray Tune -> leaderboard -> promote -> final eval + export.
+"""`sweep run` / `sweep resume` end to end: preflight -> data -> Ray Tune -> leaderboard -> promote -> eval + export.
 
-Everything that can be checked is checked before Ray starts, and every problem
-found is reported together.
+Everything that can be checked is checked before Ray starts and before anything
+is written. A sweep folder records enough to be resumed from any point: the
+resolved config is written first, the prepared data and provenance next, then
+Ray Tune's own experiment state; promotion and export are re-done on resume.
 """
 
 from __future__ import annotations
 
 import json
+import logging
+import os
 import shutil
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 import optuna.distributions as od
+import torch
 from accelerate import init_empty_weights
 from transformers import AutoConfig, AutoModelForCausalLM
 
+from sweep import faults
 from sweep.config import ConfigError, SweepConfig, config_to_yaml, load_config
-from sweep.data import PreparedData, prepare_data
+from sweep.data import TokenizedData, save_prepared, tokenize_splits
+from sweep.disk import prune_checkpoints
 from sweep.driver import run_sweep
 from sweep.export import FinalReport, finalize
 from sweep.lora import resolve_target_modules
@@ -28,6 +35,11 @@ from trainables.lora_causal_lm import load_tokenizer
 
 CONFIG_FILE = "config.yaml"
 PROVENANCE_FILE = "provenance.json"
+log = logging.getLogger(__name__)
+
+
+class SweepInterrupted(RuntimeError):
+    """The sweep stopped before every trial ended (Ctrl-C); its state is saved for `sweep resume`."""
 
 
 @dataclass
@@ -42,12 +54,14 @@ def check_model(config: SweepConfig, space: dict[str, od.BaseDistribution]) -> N
     try:
         model_config = AutoConfig.from_pretrained(config.model.path, trust_remote_code=config.model.trust_remote_code)
     except (OSError, ValueError) as error:
-        raise ConfigError([f"`model.path`: cannot load a model config from {config.model.path!r} ({error})"], "model") from None
+        reason = str(error).strip().splitlines()[0]
+        raise ConfigError([f"`model.path`: cannot load a model config from {config.model.path!r} ({reason})"], "model") from None
     try:
         with init_empty_weights():  # module names only: no memory, no weights read
             skeleton = AutoModelForCausalLM.from_config(model_config, trust_remote_code=config.model.trust_remote_code)
     except ValueError as error:
-        raise ConfigError([f"`model.path`: {config.model.path!r} is not a causal LM ({error})"], "model") from None
+        reason = str(error).strip().splitlines()[0]
+        raise ConfigError([f"`model.path`: {config.model.path!r} is not a causal LM ({reason})"], "model") from None
     targets = [config.lora.target_modules]
     choice = space.get("lora.target_modules")
     if isinstance(choice, od.CategoricalDistribution):
@@ -62,10 +76,42 @@ def check_model(config: SweepConfig, space: dict[str, od.BaseDistribution]) -> N
         raise ConfigError(sorted(set(problems)), "model")
 
 
-def preflight(config: SweepConfig) -> tuple[dict[str, od.BaseDistribution], Any]:
+def check_resources(config: SweepConfig) -> None:
+    """A trial that asks for more than a local Ray has would wait forever: refuse it up front.
+
+    On an existing cluster (`ray.address`) the driver checks after connecting instead.
+    """
+    if config.ray.address:
+        return
+    cpus = config.ray.num_cpus or os.cpu_count() or 1
+    gpus = config.ray.num_gpus if config.ray.num_gpus is not None else torch.cuda.device_count()
+    problems = []
+    if config.resources.cpu > cpus:
+        problems.append(f"`resources.cpu`: a trial asks for {config.resources.cpu} CPUs but this machine's Ray has {cpus}")
+    if config.resources.gpu > gpus:
+        problems.append(f"`resources.gpu`: a trial asks for {config.resources.gpu} GPUs but this machine's Ray has {gpus:g}")
+    if problems:
+        raise ConfigError(problems, "resources")
+
+
+def check_output_dir(config: SweepConfig) -> None:
+    existing = config.sweep_dir
+    while not existing.exists():
+        existing = existing.parent
+    if not os.access(existing, os.W_OK | os.X_OK):
+        raise ConfigError([f"`output_dir`: {existing} is not writable, so {config.sweep_dir} cannot be created"], "output")
+
+
+def preflight(config: SweepConfig) -> tuple[dict[str, od.BaseDistribution], Any, TokenizedData]:
+    """Every check, then the data tokenized in memory; nothing is written."""
+    if config.model.trust_remote_code:
+        log.warning("model.trust_remote_code is on: the model's own Python code from %s will run", config.model.path)
     space = build_search_space(config)
+    check_resources(config)
+    check_output_dir(config)
     check_model(config, space)
-    return space, load_tokenizer(config)
+    tokenizer = load_tokenizer(config)
+    return space, tokenizer, tokenize_splits(config.data, tokenizer, config.seed)
 
 
 def prepare_sweep_dir(config: SweepConfig, overwrite: bool) -> Path:
@@ -73,7 +119,8 @@ def prepare_sweep_dir(config: SweepConfig, overwrite: bool) -> Path:
     if sweep_dir.exists() and any(sweep_dir.iterdir()):
         if not overwrite:
             raise ConfigError(
-                [f"`name`: the sweep folder {sweep_dir} already exists; pass --overwrite to replace it or pick another name"],
+                [f"`name`: the sweep folder {sweep_dir} already exists; use `sweep resume {sweep_dir}` to continue it, "
+                 "--overwrite to replace it, or another name"],
                 "output",
             )
         shutil.rmtree(sweep_dir)
@@ -81,22 +128,64 @@ def prepare_sweep_dir(config: SweepConfig, overwrite: bool) -> Path:
     return sweep_dir
 
 
-def run(config: SweepConfig, overwrite: bool = False) -> SweepOutcome:
-    space, tokenizer = preflight(config)
-    sweep_dir = prepare_sweep_dir(config, overwrite)
-    (sweep_dir / CONFIG_FILE).write_text(config_to_yaml(config), encoding="utf-8")
-    prepared: PreparedData = prepare_data(config.data, tokenizer, config.seed, sweep_dir / "data")
+def _write_data_and_provenance(config: SweepConfig, tokenized: TokenizedData, sweep_dir: Path) -> dict[str, Any]:
+    faults.stall_if_asked("data_preparation", sweep_dir)
+    prepared = save_prepared(tokenized, sweep_dir / "data")
     record = provenance(config.seed, prepared.data_hash, prepared.counts)
     record["data_path"] = str(prepared.path.resolve())
     record["rows_dropped"] = prepared.dropped
+    # Written last: its presence means the data is complete.
     write_atomically(sweep_dir / PROVENANCE_FILE, json.dumps(record, indent=2))
+    return record
 
-    result_grid = run_sweep(config, space, prepared.path, sweep_dir)
+
+def run(config: SweepConfig, overwrite: bool = False) -> SweepOutcome:
+    space, _, tokenized = preflight(config)
+    sweep_dir = prepare_sweep_dir(config, overwrite)
+    write_atomically(sweep_dir / CONFIG_FILE, config_to_yaml(config))
+    record = _write_data_and_provenance(config, tokenized, sweep_dir)
+    return _tune_and_finish(config, space, sweep_dir, record, resume=False)
+
+
+def resume(sweep_dir: Path) -> SweepOutcome:
+    """Continue a sweep from wherever it stopped: data, trials, promotion or export."""
+    sweep_dir = Path(sweep_dir).resolve()
+    if not (sweep_dir / CONFIG_FILE).is_file():
+        raise ConfigError([f"{sweep_dir} is not a sweep folder (no {CONFIG_FILE}); start one with `sweep run`"], "resume")
+    config = load_config(sweep_dir / CONFIG_FILE)
+    space, _, tokenized = preflight(config)
+    provenance_file = sweep_dir / PROVENANCE_FILE
+    if provenance_file.is_file():
+        record = json.loads(provenance_file.read_text(encoding="utf-8"))
+        if record["data_hash"] != tokenized.data_hash:
+            raise ConfigError(
+                [f"the data or tokenizer changed since the sweep started (hash {record['data_hash']} -> "
+                 f"{tokenized.data_hash}); resuming would mix two datasets"],
+                str(sweep_dir),
+            )
+    else:
+        record = _write_data_and_provenance(config, tokenized, sweep_dir)
+    return _tune_and_finish(config, space, sweep_dir, record, resume=True)
+
+
+def _tune_and_finish(config: SweepConfig, space: dict[str, od.BaseDistribution], sweep_dir: Path,
+                     record: dict[str, Any], resume: bool) -> SweepOutcome:
+    data_path = Path(record["data_path"])
+    result_grid = run_sweep(config, space, data_path, sweep_dir, resume=resume)
     records = [trial_record(result, config) for result in result_grid]
     write_leaderboard(records, sweep_dir, config)
+    ended = result_grid.num_terminated + result_grid.num_errors
+    if ended < config.search.num_trials:
+        raise SweepInterrupted(
+            f"the sweep stopped with {ended} of {config.search.num_trials} trials ended; "
+            f"its state is saved: continue with `sweep resume {sweep_dir}`"
+        )
     best = promote(records, config)
     write_best(best, sweep_dir)
-    final = finalize(sweep_dir, config, best, prepared.path, record)
+    faults.stall_if_asked("export", sweep_dir)
+    final = finalize(sweep_dir, config, best, data_path, record)
+    records = prune_checkpoints(records, best, config, sweep_dir)
+    write_leaderboard(records, sweep_dir, config)
     return SweepOutcome(sweep_dir, records, final)
 
 

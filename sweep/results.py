@@ -34,6 +34,9 @@ class TrialRecord:
     error: str = ""
     best_checkpoint: Optional[str] = None
     best_metrics: dict[str, Any] = field(default_factory=dict)
+    checkpoints: list[dict[str, Any]] = field(default_factory=list)  # every kept one: path, step, metric
+    trial_dir: str = ""
+    disk_bytes: int = 0
 
 
 def _first_line(error: BaseException) -> str:
@@ -76,15 +79,19 @@ def trial_record(result: Any, config: SweepConfig) -> TrialRecord:
             for k in ("step", "eval_loss", "eval_perplexity", "train_loss", "learning_rate", "tokens_per_second")
             if k in best_row
         }
-        record.best_checkpoint = _checkpoint_at_step(result, record.best_step)
+    record.checkpoints = [
+        {"path": checkpoint.path, "step": int(metrics.get("step", -1)), "metric": float(metrics[metric])}
+        for checkpoint, metrics in result.best_checkpoints or []
+        if _usable(metrics.get(metric)) and Path(checkpoint.path).is_dir()
+    ]
+    record.best_checkpoint = next((c["path"] for c in record.checkpoints if c["step"] == record.best_step), None)
+    record.trial_dir = str(result.path)
+    record.disk_bytes = folder_bytes(Path(result.path))
     return record
 
 
-def _checkpoint_at_step(result: Any, step: int) -> Optional[str]:
-    for checkpoint, metrics in result.best_checkpoints or []:
-        if int(metrics.get("step", -1)) == step:
-            return checkpoint.path
-    return None
+def folder_bytes(path: Path) -> int:
+    return sum(f.stat().st_size for f in path.rglob("*") if f.is_file()) if path.is_dir() else 0
 
 
 def write_atomically(path: Path, text: str) -> None:
@@ -101,7 +108,7 @@ def write_leaderboard(records: list[TrialRecord], sweep_dir: Path, config: Sweep
         row.update({f"param:{k}": v for k, v in sorted(r.params.items())})
         row.update({
             f"best_{config.search.metric}": r.best_metric, "best_step": r.best_step, "steps_run": r.steps_run,
-            "wall_seconds": r.wall_seconds, "error": r.error,
+            "wall_seconds": r.wall_seconds, "disk_bytes": r.disk_bytes, "error": r.error,
         })
         rows.append(row)
     frame = pd.DataFrame(rows)

@@ -9,6 +9,7 @@ so the same code runs under Ray Tune and in a plain unit test.
 from __future__ import annotations
 
 import contextlib
+import json
 import math
 import os
 import shutil
@@ -31,6 +32,7 @@ from transformers import (
     set_seed,
 )
 
+from sweep import faults
 from sweep.config import SweepConfig
 from sweep.data import IGNORE_INDEX, load_prepared
 from sweep.lora import lora_settings, torch_dtype
@@ -193,6 +195,24 @@ class _EvaluationReporter(TrainerCallback):
             shutil.rmtree(checkpoint, ignore_errors=True)
 
 
+class _FaultInjector(TrainerCallback):
+    """Makes the fault that `sweep.faults` plans happen inside a real trial (tests only)."""
+
+    def __init__(self, trial_key: str, model: Any):
+        self.trial_key = trial_key
+        self.model = model
+
+    def on_step_end(self, args, state, control, **kwargs):
+        kind = faults.fault_due(self.trial_key, state.global_step)
+        if kind == "nan":
+            with torch.no_grad():
+                for parameter in self.model.parameters():
+                    if parameter.requires_grad:
+                        parameter.fill_(math.nan)
+        elif kind is not None:
+            faults.raise_fault(kind, state.global_step)
+
+
 def load_base_model(config: SweepConfig) -> Any:
     return AutoModelForCausalLM.from_pretrained(
         config.model.path, dtype=torch_dtype(config.model.dtype), trust_remote_code=config.model.trust_remote_code
@@ -266,6 +286,8 @@ def run_trial(params: dict[str, Any], base_config: dict[str, Any], data_path: st
             data_collator=collator,
             callbacks=[callback],
         )
+        if faults.planned_fault():
+            trainer.add_callback(_FaultInjector(json.dumps(params, sort_keys=True, default=str), model))
         trainer.remove_callback(PrinterCallback)  # reports go to Tune; per-step prints only flood the log
         with reporter.restored_checkpoint() as resume_from:
             # A retried or resumed trial continues from its last checkpoint: weights, optimizer, step, data order.

@@ -45,7 +45,33 @@ def study_storage(sweep_dir: Path) -> optuna.storages.RDBStorage:
     return optuna.storages.RDBStorage(f"sqlite:///{(sweep_dir / STUDY_FILE).resolve()}")
 
 
-def make_search(config: SweepConfig, space: dict[str, Any], sweep_dir: Path) -> OptunaSearch | None:
+class ResumableOptunaSearch(OptunaSearch):
+    """OptunaSearch that survives a driver killed between a trial's end and Tune's next state snapshot.
+
+    The study (SQLite) is written at once, the searcher's pickled state only at
+    snapshots; after such a kill a restored trial can be one the study already
+    closed. The study is the record: such a trial is treated as finished.
+    """
+
+    def _closed_in_study(self, trial_id: str) -> bool:
+        if trial_id in self._completed_trials or trial_id not in self._ot_trials:
+            return trial_id in self._completed_trials
+        ot_trial = self._ot_trials[trial_id]
+        if self._ot_study._storage.get_trial(ot_trial._trial_id).state.is_finished():
+            self._completed_trials.add(trial_id)
+            return True
+        return False
+
+    def on_trial_result(self, trial_id: str, result: dict) -> None:
+        if not self._closed_in_study(trial_id):
+            super().on_trial_result(trial_id, result)
+
+    def on_trial_complete(self, trial_id: str, result: dict | None = None, error: bool = False) -> None:
+        if not self._closed_in_study(trial_id):
+            super().on_trial_complete(trial_id, result, error)
+
+
+def make_search(config: SweepConfig, space: dict[str, Any], sweep_dir: Path) -> ResumableOptunaSearch | None:
     if not space:
         return None  # nothing to sample: every trial runs the fixed config
     sampler = (
@@ -53,7 +79,7 @@ def make_search(config: SweepConfig, space: dict[str, Any], sweep_dir: Path) -> 
         if config.search.sampler == "tpe"
         else optuna.samplers.RandomSampler(seed=config.seed)
     )
-    return OptunaSearch(
+    return ResumableOptunaSearch(
         space=space,
         metric=config.search.metric,
         mode=config.search.mode,

@@ -1,0 +1,154 @@
+"""A sweep process really killed (SIGKILL) or interrupted (SIGINT) at several points, then `sweep resume`.
+
+Each case checks what must survive: finished trials are kept and not re-run, a
+trial killed mid-way resumes from its checkpoint (its step history never goes
+back), the Optuna study holds exactly the configured trials, all complete.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import optuna
+import pandas as pd
+import pytest
+
+pytestmark = pytest.mark.integration
+NUM_TRIALS = 3
+
+
+def start_sweep(config_path: Path, tmp_path: Path, stall_at: str | None = None) -> subprocess.Popen:
+    env = {**os.environ, "LORA_SWEEP_TUNE_VERBOSE": "0"}
+    if stall_at:
+        env["LORA_SWEEP_STALL_AT"] = stall_at
+    log = (tmp_path / "run.log").open("w")
+    return subprocess.Popen([sys.executable, "-m", "sweep.cli", "run", str(config_path)], env=env,
+                            stdout=log, stderr=subprocess.STDOUT, cwd=tmp_path)
+
+
+def wait_for(condition, process: subprocess.Popen, timeout: float = 120.0) -> None:
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        if condition():
+            return
+        if process.poll() is not None:
+            raise AssertionError(f"the sweep ended (exit {process.returncode}) before the kill point")
+        time.sleep(0.1)
+    process.kill()
+    raise AssertionError("the kill point was never reached")
+
+
+def kill(process: subprocess.Popen, sig: int = signal.SIGKILL) -> int:
+    process.send_signal(sig)
+    return process.wait(timeout=120)
+
+
+def resume(sweep_dir: Path, tmp_path: Path) -> subprocess.CompletedProcess:
+    return subprocess.run([sys.executable, "-m", "sweep.cli", "resume", str(sweep_dir)], cwd=tmp_path,
+                          env={**os.environ, "LORA_SWEEP_TUNE_VERBOSE": "0"}, capture_output=True, text=True, timeout=600)
+
+
+def trial_histories(sweep_dir: Path) -> dict[str, list[int]]:
+    """Every trial's reported steps, from Ray Tune's own per-trial result files."""
+    histories = {}
+    for result_file in (sweep_dir / "tune").glob("*/result.json"):
+        rows = [json.loads(line) for line in result_file.read_text().splitlines() if line.strip()]
+        if rows:
+            histories[rows[0]["trial_id"]] = [row["step"] for row in rows]
+    return histories
+
+
+def study_states(sweep_dir: Path) -> list[str]:
+    study = optuna.load_study(study_name="tiny", storage=f"sqlite:///{sweep_dir / 'optuna_study.db'}")
+    return [trial.state.name for trial in study.trials]
+
+
+def check_finished(sweep_dir: Path, before: dict[str, list[int]], result: subprocess.CompletedProcess) -> None:
+    assert result.returncode == 0, result.stdout + result.stderr
+    board = pd.read_csv(sweep_dir / "leaderboard.csv")
+    assert len(board) == NUM_TRIALS and board["trial_id"].is_unique
+    assert set(board["status"]) <= {"completed", "stopped early"}
+    assert study_states(sweep_dir) == ["COMPLETE"] * NUM_TRIALS  # none lost, none duplicated
+    after = trial_histories(sweep_dir)
+    assert len(after) == NUM_TRIALS
+    for trial_id, steps in before.items():
+        assert after[trial_id][: len(steps)] == steps  # what was done before the kill is kept as it was
+    for steps in after.values():
+        assert steps == sorted(set(steps))  # no trial ever started over
+    assert (sweep_dir / "export" / "merged" / "model.safetensors").is_file()
+    assert json.loads((sweep_dir / "final_metrics.json").read_text())["test"]["tuned"]["examples"] > 0
+
+
+@pytest.fixture
+def crash_config(raw_config, write_config):
+    raw_config["training"].update({"max_steps": 120, "eval_steps": 10})
+    raw_config["scheduler"] = {"type": "none"}  # every trial runs to the end: the resumed one too
+    raw_config["search"].update({"num_trials": NUM_TRIALS, "max_concurrent_trials": 1})
+    return write_config(raw_config)
+
+
+def sweep_dir_of(tmp_path: Path) -> Path:
+    return tmp_path / "results" / "tiny"
+
+
+def test_kill_during_data_preparation(crash_config, tmp_path):
+    sweep_dir = sweep_dir_of(tmp_path)
+    process = start_sweep(crash_config, tmp_path, stall_at="data_preparation")
+    wait_for(lambda: (sweep_dir / ".stalled-at-data_preparation").exists(), process)
+    kill(process)
+    assert (sweep_dir / "config.yaml").is_file() and not (sweep_dir / "provenance.json").exists()
+    check_finished(sweep_dir, {}, resume(sweep_dir, tmp_path))
+
+
+def test_kill_mid_trial_resumes_the_trial_from_its_checkpoint(crash_config, tmp_path):
+    sweep_dir = sweep_dir_of(tmp_path)
+    process = start_sweep(crash_config, tmp_path)
+    # The second trial has reported at least twice: the first trial is finished, the second is mid-way.
+    wait_for(lambda: sorted(len(s) for s in trial_histories(sweep_dir).values())[:1] >= [2]
+             and len(trial_histories(sweep_dir)) >= 2, process)
+    kill(process)
+    before = trial_histories(sweep_dir)
+    unfinished = [t for t, steps in before.items() if steps[-1] < 120]
+    assert unfinished, "the kill came after every trial had finished"
+    check_finished(sweep_dir, before, resume(sweep_dir, tmp_path))
+    after = trial_histories(sweep_dir)
+    for trial_id in unfinished:
+        assert after[trial_id][-1] == 120 and after[trial_id][0] == 10
+
+
+def test_kill_between_trials(crash_config, tmp_path):
+    sweep_dir = sweep_dir_of(tmp_path)
+    process = start_sweep(crash_config, tmp_path, stall_at="between_trials")
+    wait_for(lambda: (sweep_dir / ".stalled-at-between_trials").exists(), process)
+    kill(process)
+    before = trial_histories(sweep_dir)
+    assert [steps[-1] for steps in before.values()] == [120]  # one trial done, none started after it
+    check_finished(sweep_dir, before, resume(sweep_dir, tmp_path))
+
+
+def test_kill_during_export_leaves_no_export_that_looks_complete(crash_config, tmp_path):
+    sweep_dir = sweep_dir_of(tmp_path)
+    process = start_sweep(crash_config, tmp_path, stall_at="export")
+    wait_for(lambda: (sweep_dir / ".stalled-at-export").exists(), process, timeout=240)
+    kill(process)
+    assert not (sweep_dir / "export").exists()
+    before = trial_histories(sweep_dir)
+    assert len(before) == NUM_TRIALS
+    check_finished(sweep_dir, before, resume(sweep_dir, tmp_path))
+
+
+def test_ctrl_c_stops_with_state_saved_and_resume_finishes(crash_config, tmp_path):
+    sweep_dir = sweep_dir_of(tmp_path)
+    process = start_sweep(crash_config, tmp_path)
+    wait_for(lambda: len(trial_histories(sweep_dir)) >= 2, process)
+    code = kill(process, signal.SIGINT)
+    output = (tmp_path / "run.log").read_text()
+    assert code == 130, output[-2000:]
+    assert f"sweep resume {sweep_dir}" in output
+    check_finished(sweep_dir, trial_histories(sweep_dir), resume(sweep_dir, tmp_path))

@@ -245,6 +245,7 @@ def training_arguments(config: SweepConfig, output_dir: str) -> TrainingArgument
         eval_strategy="steps",
         eval_steps=t.eval_steps,
         logging_steps=max(1, min(10, t.eval_steps)),
+        logging_nan_inf_filter=False,  # the Trainer would hide a NaN loss; divergence must show
         # Checkpoint at every evaluation; _EvaluationReporter hands each one to Tune, then deletes it.
         save_strategy="steps",
         save_steps=t.eval_steps,

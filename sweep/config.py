@@ -264,6 +264,8 @@ def apply_overrides(raw: dict[str, Any], overrides: list[str]) -> dict[str, Any]
 
 
 def read_yaml(path: Path, what: str = "config") -> Any:
+    if path.is_dir():
+        raise ConfigError([f"{what} path is a folder, not a file"], str(path))
     if not path.is_file():
         raise ConfigError([f"{what} file not found: {path}"], str(path))
     try:

@@ -98,6 +98,8 @@ def check_output_dir(config: SweepConfig) -> None:
     existing = config.sweep_dir
     while not existing.exists():
         existing = existing.parent
+    if not existing.is_dir():
+        raise ConfigError([f"`output_dir`: {existing} is a file, so {config.sweep_dir} cannot be created"], "output")
     if not os.access(existing, os.W_OK | os.X_OK):
         raise ConfigError([f"`output_dir`: {existing} is not writable, so {config.sweep_dir} cannot be created"], "output")
 

@@ -1,0 +1,55 @@
+"""A Ray cluster of local nodes loses the node running a trial; the trial resumes from its checkpoint on another."""
+
+import json
+import threading
+import time
+
+import pytest
+import ray
+from ray.cluster_utils import Cluster
+
+from sweep.config import load_config
+from sweep.pipeline import run
+from test_crash_resume import trial_histories
+
+pytestmark = pytest.mark.integration
+
+
+def test_a_trial_on_a_lost_node_resumes_on_another_node(raw_config, write_config):
+    cluster = Cluster(initialize_head=True, head_node_args={"num_cpus": 0})  # the head runs only the driver
+    first_worker = cluster.add_node(num_cpus=1)
+    try:
+        raw_config["training"].update({"max_steps": 1500, "eval_steps": 50})
+        raw_config["search"].update({"num_trials": 1, "max_concurrent_trials": 1})
+        raw_config["scheduler"] = {"type": "none"}
+        raw_config["failure_retries"] = 2
+        raw_config["ray"] = {"address": cluster.address}
+        config = load_config(write_config(raw_config))
+        outcome, errors = [], []
+
+        def drive():  # the driver runs beside the test, which plays the failing cluster (Ray's node tools need the main thread)
+            try:
+                outcome.append(run(config))
+            except Exception as error:
+                errors.append(error)
+
+        driver = threading.Thread(target=drive, daemon=True)
+        driver.start()
+        deadline = time.monotonic() + 120
+        # On a cluster, results reach the sweep folder when the trial ends; checkpoints at once.
+        while len(list(config.sweep_dir.glob("tune/*/checkpoint_*"))) < 2:
+            assert time.monotonic() < deadline and driver.is_alive(), errors
+            time.sleep(0.05)
+        cluster.add_node(num_cpus=1)  # somewhere to go
+        cluster.remove_node(first_worker, allow_graceful=False)
+        driver.join(timeout=300)
+        assert not errors and outcome, errors
+        (steps,) = trial_histories(config.sweep_dir).values()
+        assert steps == sorted(set(steps)) and steps[-1] == 1500  # went on from a checkpoint, never started over
+        (result_file,) = config.sweep_dir.glob("tune/*/result.json")
+        pids = [json.loads(line)["pid"] for line in result_file.read_text().splitlines() if line.strip()]
+        assert len(set(pids)) == 2  # one worker process on each node
+        assert outcome[0].records[0].status == "completed"
+    finally:
+        ray.shutdown()
+        cluster.shutdown()

@@ -63,19 +63,29 @@ def run(
     config: Path = typer.Argument(..., help="Sweep YAML file."),
     overrides: Optional[List[str]] = typer.Argument(None, help="key=value overrides, e.g. search.num_trials=4"),
     overwrite: bool = typer.Option(False, "--overwrite", help="Replace an existing sweep folder of the same name."),
+    resume: bool = typer.Option(False, "--resume", help="Continue the sweep folder of the same name if it exists."),
 ) -> None:
     """Run a sweep, then promote, evaluate and export the best checkpoint.
 
     Example: sweep run examples/demo.yaml search.num_trials=4 training.max_steps=100
     """
-    _run_config(config, overrides or [], overwrite)
+    if overwrite and resume:
+        _fail("error: --overwrite and --resume exclude each other", 2)
+    _run_config(config, overrides or [], overwrite, resume)
 
 
-def _run_config(config_path: Path, overrides: list[str], overwrite: bool) -> None:
+def _run_config(config_path: Path, overrides: list[str], overwrite: bool, resume: bool = False) -> None:
+    from sweep.pipeline import resume as resume_sweep
     from sweep.pipeline import run as run_sweep
 
     def start():
-        return run_sweep(load_config(config_path, overrides), overwrite=overwrite)
+        config = load_config(config_path, overrides)
+        try:
+            if resume and config.sweep_dir.exists():
+                return resume_sweep(config.sweep_dir)
+            return run_sweep(config, overwrite=overwrite)
+        except ConfigError as error:
+            raise error.in_config_file(config_path) from None
 
     _run_and_report(start)
 
@@ -87,9 +97,16 @@ def resume(sweep_dir: Path = typer.Argument(..., help="The folder of a stopped o
 
     Example: sweep resume results/demo
     """
+    from sweep.pipeline import CONFIG_FILE
     from sweep.pipeline import resume as resume_sweep
 
-    _run_and_report(lambda: resume_sweep(sweep_dir))
+    def start():
+        try:
+            return resume_sweep(sweep_dir)
+        except ConfigError as error:
+            raise error.in_config_file(Path(sweep_dir) / CONFIG_FILE) from None
+
+    _run_and_report(start)
 
 
 @app.command()

@@ -28,6 +28,16 @@ class ConfigError(ValueError):
         # One line per problem, each naming where it is: greppable, and readable one at a time.
         super().__init__("\n".join(f"{source}: {problem}" for problem in problems))
 
+    def in_config_file(self, path: str | Path) -> "ConfigError":
+        """Name the config file in problems found by a later check (model, data, resources, ...) of its fields."""
+        if self.source in CHECK_LAYERS or self.source.startswith("search space"):
+            return ConfigError(self.problems, f"{path} ({self.source})")
+        return self
+
+
+# Sources of problems that are about fields of the config file rather than another file.
+CHECK_LAYERS = ("config", "model", "data", "resources", "output")
+
 
 class _Strict(BaseModel):
     model_config = ConfigDict(extra="forbid", validate_assignment=True)

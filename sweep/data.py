@@ -39,9 +39,9 @@ def read_table(path: str | Path, required: tuple[str, ...] = ()) -> pd.DataFrame
     path = Path(path)
     kind = _READERS.get(path.suffix.lower())
     if kind is None:
-        raise ConfigError([f"`data.files`: {path.name} must end in .jsonl, .csv or .parquet"], str(path))
+        raise ConfigError([f"`data.files`: {path.name} must end in .jsonl, .csv or .parquet"], "data")
     if not path.is_file():
-        raise ConfigError([f"`data.files`: file not found: {path}"], str(path))
+        raise ConfigError([f"`data.files`: file not found: {path}"], "data")
     if kind == "csv":
         return pd.read_csv(path, dtype=str, keep_default_na=False)
     if kind == "parquet":

@@ -51,6 +51,8 @@ class SweepOutcome:
 
 def check_model(config: SweepConfig, space: dict[str, od.BaseDistribution]) -> None:
     """The model exists, is a causal LM, and every target-module setting the sweep can pick matches it."""
+    if config.model.path.startswith((".", "/", "~")) and not Path(config.model.path).expanduser().is_dir():
+        raise ConfigError([f"`model.path`: folder not found: {config.model.path}"], "model")
     try:
         model_config = AutoConfig.from_pretrained(config.model.path, trust_remote_code=config.model.trust_remote_code)
     except (OSError, ValueError) as error:
@@ -121,8 +123,8 @@ def prepare_sweep_dir(config: SweepConfig, overwrite: bool) -> Path:
     if sweep_dir.exists() and any(sweep_dir.iterdir()):
         if not overwrite:
             raise ConfigError(
-                [f"`name`: the sweep folder {sweep_dir} already exists; use `sweep resume {sweep_dir}` to continue it, "
-                 "--overwrite to replace it, or another name"],
+                [f"`name`: the sweep folder {sweep_dir} already exists; continue it with `sweep resume {sweep_dir}` "
+                 "(or --resume), replace it with --overwrite, or pick another name"],
                 "output",
             )
         shutil.rmtree(sweep_dir)

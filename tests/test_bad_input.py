@@ -43,7 +43,8 @@ CASES = {
     "every row too long": (lambda raw, tmp: raw["data"].update(max_length=10), "`data.max_length`: every one of the"),
     "fractions not summing to 1": (lambda raw, tmp: raw["data"].update(split={"train": 0.5, "val": 0.1, "test": 0.1}), "train + val + test must sum to 1, but got 0.7"),
     "an empty split": (lambda raw, tmp: raw["data"].update(split={"train": 0.9, "val": 0.1, "test": 0.0}), "`test` must be > 0 so that split is not empty, but got 0.0"),
-    "missing model path": (lambda raw, tmp: raw["model"].update(path=str(tmp / "no-model")), "`model.path`: cannot load a model config from"),
+    "missing model path": (lambda raw, tmp: raw["model"].update(path=str(tmp / "no-model")), "`model.path`: folder not found"),
+    "a folder that is not a model": (lambda raw, tmp: (tmp.joinpath("empty").mkdir(), raw["model"].update(path=str(tmp / "empty"))), "`model.path`: cannot load a model config from"),
     "not a causal LM": (lambda raw, tmp: raw["model"].update(path=_not_a_causal_lm(tmp)), "is not a causal LM"),
     "target modules not found": (lambda raw, tmp: raw.update(lora={"target_modules": ["c_attn"]}), "['c_attn'] not found in the model; its linear modules are ['down_proj', 'gate_proj', 'k_proj', 'o_proj', 'q_proj', 'up_proj', 'v_proj']"),
     "resources beyond the cluster": (lambda raw, tmp: raw.update(resources={"cpu": 8, "gpu": 0}), "`resources.cpu`: a trial asks for 8.0 CPUs but this machine's Ray has 2"),
@@ -64,6 +65,7 @@ def test_bad_input_exits_2_with_one_line_naming_it_and_writes_nothing(case, raw_
     lines = result.output.strip().splitlines()
     assert len(lines) == 1, lines
     assert lines[0].startswith("error: ") and expected in lines[0], lines[0]
+    assert str(config_path) in lines[0] or "bad.jsonl" in lines[0] or "rows.jsonl" in lines[0], lines[0]  # names its file
     assert sorted(p.name for p in tmp_path.iterdir()) == before  # nothing written
     assert not (tmp_path / "results").exists()
 

@@ -84,6 +84,13 @@ def test_two_trial_sweep_end_to_end(raw_config, write_config, ray_session, monke
     assert result.exit_code == 0, result.output
     assert (export / "merged" / "model.safetensors").is_file()
 
+    # --resume on a finished sweep runs no trial again and re-does promotion and export.
+    histories_before = sorted(p.read_text() for p in sweep_dir.glob("tune/*/result.json"))
+    result = CliRunner().invoke(app, ["run", str(write_config(raw_config)), "--resume"])
+    assert result.exit_code == 0, result.output
+    assert sorted(p.read_text() for p in sweep_dir.glob("tune/*/result.json")) == histories_before
+    assert json.loads((sweep_dir / "best.json").read_text())["trial_id"] == best["trial_id"]
+
     # A failed verification fails loudly and leaves the earlier, verified export in place.
     card_before = (export / "README.md").read_text()
     monkeypatch.setattr("sweep.export.max_logit_difference", lambda *args: 1.0)

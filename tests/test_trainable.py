@@ -1,5 +1,7 @@
 import math
 
+import torch
+
 import pytest
 
 from sweep.config import load_config
@@ -64,3 +66,18 @@ def test_a_restarted_trial_resumes_from_its_checkpoint_and_matches_an_uninterrup
     assert [r["step"] for r in resumed.reports] == [6]  # steps 1-3 are not trained again
     assert outcome.steps == 6
     assert resumed.reports[0]["eval_loss"] == pytest.approx(whole.reports[-1]["eval_loss"], rel=1e-5)
+
+
+def test_the_base_model_is_reused_between_trials_and_comes_back_untouched(prepared):
+    from trainables import lora_causal_lm as trainable
+
+    config, data_path = prepared
+    trainable._BASE_MODELS.clear()
+    run_trial({"training.learning_rate": 1e-2, "lora.target_modules": "all-linear"}, config.model_dump(), str(data_path), ListReporter())
+    (kept,) = trainable._BASE_MODELS.values()
+    fresh = trainable.load_base_model(config)
+    assert not any("lora" in name for name, _ in kept.named_modules())
+    kept_weights, fresh_weights = kept.state_dict(), fresh.state_dict()
+    assert kept_weights.keys() == fresh_weights.keys()
+    assert all(torch.equal(kept_weights[k], fresh_weights[k]) for k in kept_weights)
+    assert trainable.take_base_model(config) is kept  # the next trial gets the same object, no reload

@@ -219,6 +219,31 @@ def load_base_model(config: SweepConfig) -> Any:
     )
 
 
+# Base models kept by this worker process between trials (Ray Tune reuses the process).
+_BASE_MODELS: dict[tuple[str, str, bool], Any] = {}
+
+
+def _model_key(config: SweepConfig) -> tuple[str, str, bool]:
+    return (config.model.path, config.model.dtype, config.model.trust_remote_code)
+
+
+def take_base_model(config: SweepConfig) -> Any:
+    """The base model: the one this worker kept from its last trial, or loaded now.
+
+    Loading dominates a short trial's start-up, so a worker loads it once. LoRA
+    only adds modules beside the frozen base weights; `give_back_base_model`
+    takes them out again, so every trial starts from the untouched base.
+    """
+    return _BASE_MODELS.pop(_model_key(config), None) or load_base_model(config)
+
+
+def give_back_base_model(config: SweepConfig, base: Any) -> None:
+    # Gradient checkpointing leaves hooks that LoRA's unload does not remove: such a base is not reused.
+    if not config.training.gradient_checkpointing:
+        _BASE_MODELS.clear()  # one model per worker: memory is the scarce resource
+        _BASE_MODELS[_model_key(config)] = base
+
+
 def load_tokenizer(config: SweepConfig) -> Any:
     tokenizer = AutoTokenizer.from_pretrained(config.model.path, trust_remote_code=config.model.trust_remote_code)
     if tokenizer.pad_token_id is None:
@@ -269,14 +294,23 @@ def run_trial(params: dict[str, Any], base_config: dict[str, Any], data_path: st
     if config.resources.gpu == 0:
         torch.set_num_threads(max(1, int(config.resources.cpu)))
     tokenizer = load_tokenizer(config)
-    base = load_base_model(config)
-    model = peft.get_peft_model(base, lora_settings(config.lora, base))
-    if config.training.gradient_checkpointing:
-        model.enable_input_require_grads()
     data = load_prepared(data_path)
     train_set = data["train"].select_columns(MODEL_COLUMNS)
     val_set = data["val"].select_columns(MODEL_COLUMNS)
     collator = DataCollatorForSeq2Seq(tokenizer, padding=True, label_pad_token_id=IGNORE_INDEX)
+    base = take_base_model(config)
+    model = peft.get_peft_model(base, lora_settings(config.lora, base))
+    if config.training.gradient_checkpointing:
+        model.enable_input_require_grads()
+    try:
+        return _train(config, params, model, train_set, val_set, collator, reporter)
+    finally:
+        # Also when ASHA ends the trial inside a report (SystemExit). If unload fails, nothing is kept.
+        give_back_base_model(config, model.unload())
+
+
+def _train(config: SweepConfig, params: dict[str, Any], model: Any, train_set: Any, val_set: Any, collator: Any,
+           reporter: Reporter) -> TrialOutcome:
     with tempfile.TemporaryDirectory(prefix="lora-sweep-trial-") as scratch:
         callback = _EvaluationReporter(reporter, config.search.metric, config.search.mode)
         trainer = Trainer(

@@ -230,7 +230,7 @@ def format_errors(error: ValidationError) -> list[str]:
             problems.append(f"`{location}`: required field is missing")
             continue
         shown = f" (got {item['input']!r})" if "input" in item and not isinstance(item["input"], dict) else ""
-        problems.append(f"`{location or '<top>'}`: {message}{shown}")
+        problems.append(f"`{location}`: {message}{shown}" if location else f"{message}{shown}")
     return problems
 
 

@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import os
 from pathlib import Path
-from typing import Any
+from typing import Any, Callable
 
 import optuna
 import ray
@@ -126,12 +126,17 @@ def check_cluster_resources(config: SweepConfig) -> None:
         )
 
 
-def run_sweep(config: SweepConfig, space: dict[str, Any], data_path: Path, sweep_dir: Path, resume: bool = False) -> Any:
-    """Run every trial (or continue a stopped sweep); returns Ray Tune's ResultGrid."""
+def run_sweep(config: SweepConfig, space: dict[str, Any], data_path: Path, sweep_dir: Path, resume: bool = False,
+              trial_function: Callable[..., None] = tune_trainable) -> Any:
+    """Run every trial (or continue a stopped sweep); returns Ray Tune's ResultGrid.
+
+    `trial_function` is the trainable's entry point; benchmarks pass one that trains nothing
+    to measure the driver alone.
+    """
     start_ray(config)
     check_cluster_resources(config)
     trainable = tune.with_resources(
-        tune.with_parameters(tune_trainable, base_config=config.model_dump(mode="json"), data_path=str(data_path)),
+        tune.with_parameters(trial_function, base_config=config.model_dump(mode="json"), data_path=str(data_path)),
         {"cpu": config.resources.cpu, "gpu": config.resources.gpu},
     )
     tune_dir = sweep_dir.resolve() / TUNE_DIR_NAME

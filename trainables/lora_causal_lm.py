@@ -115,8 +115,10 @@ class _EvaluationReporter(TrainerCallback):
     evaluation's metrics with that checkpoint, so a restarted trial resumes exactly.
     """
 
-    def __init__(self, reporter: Reporter, metric: str, mode: str):
+    def __init__(self, reporter: Reporter, metric: str, mode: str, trial_started: float):
         self.reporter = reporter
+        self.trial_started = trial_started
+        self.startup_seconds: Optional[float] = None
         self.metric = metric
         self.worst = math.inf if mode == "min" else -math.inf
         self.better = min if mode == "min" else max
@@ -135,6 +137,8 @@ class _EvaluationReporter(TrainerCallback):
 
     def on_step_begin(self, args, state, control, **kwargs):
         self._step_started = time.perf_counter()
+        if self.startup_seconds is None:
+            self.startup_seconds = self._step_started - self.trial_started
 
     def on_step_end(self, args, state, control, **kwargs):
         self.train_seconds += time.perf_counter() - self._step_started
@@ -166,6 +170,8 @@ class _EvaluationReporter(TrainerCallback):
             "learning_rate": self.last_learning_rate if self.last_learning_rate is not None else 0.0,
             "tokens_per_second": (tokens - self.tokens_at_last_report) / seconds if seconds > 0 else 0.0,
             "tokens_seen": tokens,
+            "train_seconds": self.train_seconds,  # optimizer steps only: no start-up, evaluation or checkpoints
+            "startup_seconds": self.startup_seconds if self.startup_seconds is not None else 0.0,
             "diverged": self.diverged_reason is not None,
         }
         self.tokens_at_last_report, self.seconds_at_last_report = tokens, self.train_seconds
@@ -289,6 +295,7 @@ def training_arguments(config: SweepConfig, output_dir: str) -> TrainingArgument
 
 def run_trial(params: dict[str, Any], base_config: dict[str, Any], data_path: str, reporter: Reporter) -> TrialOutcome:
     """Train one LoRA adapter with the trial's params, reporting every evaluation."""
+    started = time.perf_counter()
     config = apply_params(SweepConfig.model_validate(base_config), params)
     set_seed(config.seed)
     if config.resources.gpu == 0:
@@ -303,16 +310,16 @@ def run_trial(params: dict[str, Any], base_config: dict[str, Any], data_path: st
     if config.training.gradient_checkpointing:
         model.enable_input_require_grads()
     try:
-        return _train(config, params, model, train_set, val_set, collator, reporter)
+        return _train(config, params, model, train_set, val_set, collator, reporter, started)
     finally:
         # Also when ASHA ends the trial inside a report (SystemExit). If unload fails, nothing is kept.
         give_back_base_model(config, model.unload())
 
 
 def _train(config: SweepConfig, params: dict[str, Any], model: Any, train_set: Any, val_set: Any, collator: Any,
-           reporter: Reporter) -> TrialOutcome:
+           reporter: Reporter, started: float) -> TrialOutcome:
     with tempfile.TemporaryDirectory(prefix="lora-sweep-trial-") as scratch:
-        callback = _EvaluationReporter(reporter, config.search.metric, config.search.mode)
+        callback = _EvaluationReporter(reporter, config.search.metric, config.search.mode, started)
         trainer = Trainer(
             model=model,
             args=training_arguments(config, os.path.join(scratch, "trainer")),

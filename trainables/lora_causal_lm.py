@@ -2,8 +2,9 @@
 
 A thin shell around the Hugging Face Trainer: setup (base model + LoRA from the
 trial's params) -> train (evaluate every `eval_steps`, report each evaluation
-with an adapter-only checkpoint) -> cleanup. Reporting sits behind `Reporter`,
-so the same code runs under Ray Tune and in a plain unit test.
+with a checkpoint: adapter weights and optimizer state, never the base model)
+-> cleanup. Reporting sits behind `Reporter`, so the same code runs under Ray
+Tune and in a plain unit test.
 """
 
 from __future__ import annotations
@@ -50,7 +51,7 @@ class Reporter(Protocol):
 
 
 class TuneReporter:
-    """Reports to Ray Tune; the adapter folder becomes the checkpoint (Tune copies it to storage)."""
+    """Reports to Ray Tune; the checkpoint folder is copied to the sweep's storage by Tune."""
 
     def report(self, metrics: dict[str, Any], checkpoint_dir: Optional[Path]) -> None:
         from ray import tune

@@ -1,6 +1,6 @@
 """lora-sweep benchmarks: one command, a table of ratios (median of repeats, each ratio measured in one run).
 
-    python benchmarks/run.py [--repeats 3] [--only throughput,startup,efficiency,driver,disk] [--quick]
+    python benchmarks/run.py [--repeats 3] [--only throughput,startup,efficiency,search,driver,disk] [--quick]
 
 Sections (see BENCHMARKS.md for what each figure means and its target):
   throughput  tokens/s inside a trial vs a bare PEFT + torch loop on the same model and batches
@@ -8,6 +8,7 @@ Sections (see BENCHMARKS.md for what each figure means and its target):
               loading the base model per trial (before) vs once per worker (after)
   efficiency  `sweep`'s tuning phase vs the ideal (training time / slots) and vs a hand-written
               Ray Tune + Trainer sweep, for ~30 s and ~5 s trials
+  search      training steps to reach a target validation loss: TPE + ASHA vs random search without early stopping
   driver      1,000 trials of a trainable that trains nothing: driver overhead per trial, peak memory
   disk        bytes written per trial against the adapter's own size
 
@@ -202,6 +203,65 @@ def bench_efficiency(repeats: int, quick: bool) -> list[tuple[str, str, str]]:
     return rows
 
 
+# --- search efficiency ------------------------------------------------------------------------
+
+SEARCH = r'''
+import json, sys
+from pathlib import Path
+from sweep.config import load_config
+from sweep.pipeline import preflight, prepare_sweep_dir, _write_data_and_provenance
+from sweep.driver import run_sweep, start_ray
+config = load_config(sys.argv[1], sys.argv[3:] + [f"output_dir={sys.argv[2]}"])
+space, _, tokenized = preflight(config)
+sweep_dir = prepare_sweep_dir(config, overwrite=True)
+record = _write_data_and_provenance(config, tokenized, sweep_dir)
+start_ray(config)
+grid = run_sweep(config, space, Path(record["data_path"]), sweep_dir)
+reports = []
+for trial, result in enumerate(grid):
+    frame = result.metrics_dataframe
+    for row in frame[["timestamp", "time_total_s", "step", "eval_loss"]].itertuples(index=False):
+        reports.append([trial, float(row.timestamp), float(row.time_total_s), int(row.step), float(row.eval_loss)])
+print(json.dumps({"reports": reports}))
+'''
+
+
+def steps_to_target(reports: list[list[float]], target: float) -> float:
+    """Training steps spent by all trials together when any evaluation first reaches `target`.
+
+    Reports are replayed in the order they happened; each trial has spent the steps of its latest report.
+    """
+    spent: dict[int, int] = {}
+    for trial, _, _, step, loss in sorted(reports, key=lambda r: (r[1], r[2])):
+        spent[int(trial)] = int(step)
+        if loss <= target:
+            return float(sum(spent.values()))
+    return float("inf")
+
+
+def bench_search(repeats: int, quick: bool) -> list[tuple[str, str, str]]:
+    common = ["training.max_steps=240", "training.eval_steps=30", "ray.num_cpus=2", "search.max_concurrent_trials=2"]
+    trials = 6 if quick else 12
+    with tempfile.TemporaryDirectory() as out:
+        reference = python(SEARCH, str(DEMO), out, *common, f"search.num_trials={trials * 2}", "search.sampler=random",
+                           "scheduler.type=none", "seed=100", "name=reference")["reports"]
+        runs = {"tpe+asha": [], "random": []}
+        for seed in range(repeats):
+            runs["tpe+asha"].append(python(SEARCH, str(DEMO), out, *common, f"search.num_trials={trials}", f"seed={seed}",
+                                           "scheduler.type=asha", "scheduler.grace_period=60", "name=tpe")["reports"])
+            runs["random"].append(python(SEARCH, str(DEMO), out, *common, f"search.num_trials={trials}", f"seed={seed}",
+                                         "search.sampler=random", "scheduler.type=none", "name=random")["reports"])
+    best = min(r[4] for r in reference + [r for rs in runs.values() for reports in rs for r in reports])
+    target = best * 1.02
+    steps = {name: [steps_to_target(reports, target) for reports in rs] for name, rs in runs.items()}
+    # A seed where neither search reached the target says nothing about the ratio and is left out.
+    ratios = [r / t for r, t in zip(steps["random"], steps["tpe+asha"]) if r != float("inf") or t != float("inf")]
+    value = f"{median(ratios):.2f}" if ratios else "n/a"
+    return [("search efficiency: random (no early stop) steps / TPE+ASHA steps", value,
+             f"steps to val loss <= {target:.3f} (best seen {best:.3f} + 2%): TPE+ASHA {steps['tpe+asha']}, "
+             f"random {steps['random']}; {trials} trials of <= 240 steps per run, seeds 0-{repeats - 1}; target >= 3")]
+
+
 # --- driver scale -----------------------------------------------------------------------------
 
 DRIVER = r'''
@@ -260,7 +320,7 @@ def bench_disk(repeats: int, quick: bool) -> list[tuple[str, str, str]]:
 
 
 SECTIONS = {"throughput": bench_throughput, "startup": bench_startup, "efficiency": bench_efficiency,
-            "driver": bench_driver, "disk": bench_disk}
+            "search": bench_search, "driver": bench_driver, "disk": bench_disk}
 
 
 def main() -> None:
@@ -278,7 +338,7 @@ def main() -> None:
         for row in found:
             print(f"{row[0]:<58} {row[1]:>9}  {row[2]}", flush=True)
         print(f"  ({name}: {time.perf_counter() - section_started:.0f} s)", flush=True)
-    print(f"\n| figure | value | detail |\n|---|---|---|")
+    print("\n| figure | value | detail |\n|---|---|---|")
     for row in rows:
         print(f"| {row[0]} | {row[1]} | {row[2]} |")
     print(f"\ntotal {time.perf_counter() - started:.0f} s, {args.repeats} repeats")

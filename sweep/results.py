@@ -39,7 +39,8 @@ class TrialRecord:
     disk_bytes: int = 0
 
 
-def _first_line(error: BaseException) -> str:
+def _error_summary(error: BaseException) -> str:
+    """The last line of a trial's error: in Ray's traceback text, that is the exception and its message."""
     text = str(error).strip().splitlines()
     return text[-1][:300] if text else type(error).__name__
 
@@ -61,7 +62,7 @@ def trial_record(result: Any, config: SweepConfig) -> TrialRecord:
         best_step=None, steps_run=steps_run, wall_seconds=round(wall, 2),
     )
     if result.error is not None:
-        record.status, record.error = "errored", _first_line(result.error)
+        record.status, record.error = "errored", _error_summary(result.error)
     elif "diverged_reason" in history and history["diverged_reason"].notna().any():
         record.status = "errored"
         record.error = str(history["diverged_reason"].dropna().iloc[-1])

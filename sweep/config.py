@@ -130,14 +130,9 @@ class SearchConfig(_Strict):
     metric: str = "eval_loss"
     mode: Literal["min", "max"] = "min"
     sampler: Literal["tpe", "random"] = "tpe"
-    startup_trials: Optional[int] = Field(
-        None, ge=1, description="Random trials before TPE models the results; None: num_trials // 4, 2 to 10."
+    startup_trials: int = Field(
+        10, ge=1, description="Random trials before TPE models the results (Optuna's default, kept: see BENCHMARKS.md)."
     )
-
-    @property
-    def tpe_startup_trials(self) -> int:
-        # Optuna's own default (10) leaves TPE almost nothing to do in a sweep of a dozen trials.
-        return self.startup_trials or min(10, max(2, self.num_trials // 4))
 
     @field_validator("metric")
     @classmethod

@@ -75,7 +75,7 @@ def make_search(config: SweepConfig, space: dict[str, Any], sweep_dir: Path) -> 
     if not space:
         return None  # nothing to sample: every trial runs the fixed config
     sampler = (
-        optuna.samplers.TPESampler(seed=config.seed, n_startup_trials=config.search.tpe_startup_trials)
+        optuna.samplers.TPESampler(seed=config.seed, n_startup_trials=config.search.startup_trials)
         if config.search.sampler == "tpe"
         else optuna.samplers.RandomSampler(seed=config.seed)
     )

@@ -21,6 +21,7 @@ import pytest
 
 pytestmark = pytest.mark.integration
 NUM_TRIALS = 3
+EVAL_STEPS = 10
 
 
 def start_sweep(config_path: Path, tmp_path: Path, stall_at: str | None = None) -> subprocess.Popen:
@@ -64,6 +65,15 @@ def trial_histories(sweep_dir: Path) -> dict[str, list[int]]:
     return histories
 
 
+def assert_never_started_over(steps: list[int], eval_steps: int) -> None:
+    """A resumed trial continues from its last checkpoint, so its reported steps never go back by more than
+    one evaluation interval. One interval can repeat: a kill can land after Tune logged a result but before
+    it registered that result's checkpoint, and the trial then redoes the steps since the one before."""
+    assert steps[-1] == max(steps)
+    for earlier, later in zip(steps, steps[1:]):
+        assert later > earlier - eval_steps, steps
+
+
 def study_states(sweep_dir: Path) -> list[str]:
     study = optuna.load_study(study_name="tiny", storage=f"sqlite:///{sweep_dir / 'optuna_study.db'}")
     return [trial.state.name for trial in study.trials]
@@ -80,14 +90,14 @@ def check_finished(sweep_dir: Path, before: dict[str, list[int]], result: subpro
     for trial_id, steps in before.items():
         assert after[trial_id][: len(steps)] == steps  # what was done before the kill is kept as it was
     for steps in after.values():
-        assert steps == sorted(set(steps))  # no trial ever started over
+        assert_never_started_over(steps, EVAL_STEPS)
     assert (sweep_dir / "export" / "merged" / "model.safetensors").is_file()
     assert json.loads((sweep_dir / "final_metrics.json").read_text())["test"]["tuned"]["examples"] > 0
 
 
 @pytest.fixture
 def crash_config(raw_config, write_config):
-    raw_config["training"].update({"max_steps": 120, "eval_steps": 10})
+    raw_config["training"].update({"max_steps": 120, "eval_steps": EVAL_STEPS})
     raw_config["scheduler"] = {"type": "none"}  # every trial runs to the end: the resumed one too
     raw_config["search"].update({"num_trials": NUM_TRIALS, "max_concurrent_trials": 1})
     return write_config(raw_config)

@@ -10,7 +10,7 @@ from ray.cluster_utils import Cluster
 
 from sweep.config import load_config
 from sweep.pipeline import run
-from test_crash_resume import trial_histories
+from test_crash_resume import assert_never_started_over, trial_histories
 
 pytestmark = pytest.mark.integration
 
@@ -45,7 +45,8 @@ def test_a_trial_on_a_lost_node_resumes_on_another_node(raw_config, write_config
         driver.join(timeout=300)
         assert not errors and outcome, errors
         (steps,) = trial_histories(config.sweep_dir).values()
-        assert steps == sorted(set(steps)) and steps[-1] == 1500  # went on from a checkpoint, never started over
+        assert steps[-1] == 1500
+        assert_never_started_over(steps, 50)  # went on from a checkpoint
         (result_file,) = config.sweep_dir.glob("tune/*/result.json")
         pids = [json.loads(line)["pid"] for line in result_file.read_text().splitlines() if line.strip()]
         assert len(set(pids)) == 2  # one worker process on each node

@@ -152,7 +152,8 @@ def bench_startup(repeats: int, quick: bool) -> list[tuple[str, str, str]]:
 
 # --- engine efficiency ------------------------------------------------------------------------
 
-ENGINE = r'''
+# A sweep through the engine's own steps up to the tuning phase: config, checks, data, Ray.
+SWEEP_SETUP = r'''
 import json, sys, time
 from pathlib import Path
 from sweep.config import load_config
@@ -163,6 +164,9 @@ space, _, tokenized = preflight(config)
 sweep_dir = prepare_sweep_dir(config, overwrite=True)
 record = _write_data_and_provenance(config, tokenized, sweep_dir)
 start_ray(config)
+'''
+
+ENGINE = SWEEP_SETUP + r'''
 started = time.perf_counter()
 grid = run_sweep(config, space, Path(record["data_path"]), sweep_dir)
 wall = time.perf_counter() - started
@@ -205,17 +209,7 @@ def bench_efficiency(repeats: int, quick: bool) -> list[tuple[str, str, str]]:
 
 # --- search efficiency ------------------------------------------------------------------------
 
-SEARCH = r'''
-import json, sys
-from pathlib import Path
-from sweep.config import load_config
-from sweep.pipeline import preflight, prepare_sweep_dir, _write_data_and_provenance
-from sweep.driver import run_sweep, start_ray
-config = load_config(sys.argv[1], sys.argv[3:] + [f"output_dir={sys.argv[2]}"])
-space, _, tokenized = preflight(config)
-sweep_dir = prepare_sweep_dir(config, overwrite=True)
-record = _write_data_and_provenance(config, tokenized, sweep_dir)
-start_ray(config)
+SEARCH = SWEEP_SETUP + r'''
 grid = run_sweep(config, space, Path(record["data_path"]), sweep_dir)
 reports = []
 for trial, result in enumerate(grid):

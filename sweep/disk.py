@@ -1,7 +1,8 @@
 """Bounded disk: when a sweep ends, only the promoted checkpoint and the k best of the sweep stay.
 
-While it runs, Ray Tune keeps at most `checkpoints.keep` checkpoints per trial
-(best by the sweep metric); this removes the rest once the sweep is decided.
+While it runs, Ray Tune keeps each trial's `checkpoints.keep` best checkpoints
+(by the sweep metric) plus its latest, the resume point; this removes the rest
+once the sweep is decided.
 """
 
 from __future__ import annotations
@@ -11,6 +12,7 @@ from dataclasses import replace
 from pathlib import Path
 
 from sweep.config import SweepConfig
+from sweep.driver import TUNE_DIR_NAME
 from sweep.results import TrialRecord, folder_bytes
 
 
@@ -20,7 +22,7 @@ def prune_checkpoints(records: list[TrialRecord], best: TrialRecord, config: Swe
     everything = [(c["metric"], c["path"]) for r in records for c in r.checkpoints]
     everything.sort(key=lambda item: item[0], reverse=config.search.mode == "max")
     keep = {path for _, path in everything[: config.checkpoints.keep]} | {best.best_checkpoint}
-    tune_dir = (sweep_dir / "tune").resolve()
+    tune_dir = (sweep_dir / TUNE_DIR_NAME).resolve()
     pruned = []
     for record in records:
         kept = []

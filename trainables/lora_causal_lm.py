@@ -237,9 +237,11 @@ def _model_key(config: SweepConfig) -> tuple[str, str, bool]:
 def take_base_model(config: SweepConfig) -> Any:
     """The base model: the one this worker kept from its last trial, or loaded now.
 
-    Loading dominates a short trial's start-up, so a worker loads it once. LoRA
-    only adds modules beside the frozen base weights; `give_back_base_model`
-    takes them out again, so every trial starts from the untouched base.
+    A worker loads it once, which saves the load wherever it is slow (large models,
+    cold or network disks; BENCHMARKS.md has the figure on this machine, where it
+    is small). LoRA only adds modules beside the frozen base weights;
+    `give_back_base_model` takes them out again, so every trial starts from the
+    untouched base.
     """
     return _BASE_MODELS.pop(_model_key(config), None) or load_base_model(config)
 

@@ -55,9 +55,9 @@ from pathlib import Path
 from torch.utils.data import DataLoader
 from transformers import DataCollatorForSeq2Seq
 from sweep.config import load_config
-from sweep.data import prepare_data, load_prepared, IGNORE_INDEX
+from sweep.data import prepare_data, load_prepared, IGNORE_INDEX, MODEL_COLUMNS
 from sweep.lora import lora_settings
-from trainables.lora_causal_lm import ListReporter, load_tokenizer, load_base_model, run_trial, MODEL_COLUMNS
+from trainables.lora_causal_lm import ListReporter, load_tokenizer, load_base_model, run_trial
 steps = int(sys.argv[1])
 config = load_config(sys.argv[2], [f"training.max_steps={steps}", f"training.eval_steps={steps}", "training.batch_size=16", "scheduler.type=none",
                                    "lora.target_modules=all-linear", "training.learning_rate=1e-3"])

@@ -12,9 +12,8 @@ from typing import Any, Optional
 
 import torch
 from datasets import Dataset
-from transformers import DataCollatorForSeq2Seq
 
-from sweep.data import IGNORE_INDEX, prompt_token_ids
+from sweep.data import IGNORE_INDEX, MODEL_COLUMNS, PaddingCollator, prompt_token_ids
 
 
 @dataclass
@@ -33,8 +32,8 @@ def model_device(model: torch.nn.Module) -> torch.device:
 
 @torch.no_grad()
 def response_loss(model: Any, tokenizer: Any, dataset: Dataset, batch_size: int) -> tuple[float, int]:
-    collator = DataCollatorForSeq2Seq(tokenizer, padding=True, label_pad_token_id=IGNORE_INDEX)
-    rows = dataset.select_columns(["input_ids", "attention_mask", "labels"])
+    collator = PaddingCollator.for_tokenizer(tokenizer)
+    rows = dataset.select_columns(MODEL_COLUMNS)
     total, tokens = 0.0, 0
     device = model_device(model)
     for start in range(0, len(rows), batch_size):

@@ -2,10 +2,14 @@ import json
 
 import pandas as pd
 import pytest
+import torch
+from transformers import DataCollatorForSeq2Seq
 
 from sweep.config import ConfigError, DataConfig
 from sweep.data import (
     IGNORE_INDEX,
+    MODEL_COLUMNS,
+    PaddingCollator,
     load_examples,
     load_prepared,
     normalize_text,
@@ -138,3 +142,24 @@ def test_every_row_too_long_is_an_error(tokenizer, tmp_path):
     data = DataConfig(files=[str(ASSETS / "instructions.jsonl")], max_length=8)
     with pytest.raises(ConfigError, match="longer than 8 tokens"):
         prepare_data(data, tokenizer, seed=0, out_dir=tmp_path)
+
+
+@pytest.mark.parametrize("side", ["right", "left"])
+def test_padding_collator_gives_the_same_batches_as_transformers(tokenizer, tmp_path, side):
+    data = DataConfig(files=[str(ASSETS / "instructions.jsonl")], max_length=160)
+    rows = load_prepared(prepare_data(data, tokenizer, seed=0, out_dir=tmp_path).path)["train"].select_columns(MODEL_COLUMNS)
+    tokenizer.padding_side = side
+    try:
+        reference = DataCollatorForSeq2Seq(tokenizer, padding=True, label_pad_token_id=IGNORE_INDEX)
+        ours = PaddingCollator.for_tokenizer(tokenizer)
+        lengths = set()
+        for start in range(0, len(rows), 7):
+            features = [rows[i] for i in range(start, min(start + 7, len(rows)))]
+            expected, got = reference(features), ours(features)
+            assert set(got) == set(expected)
+            for name in expected:
+                assert got[name].dtype == expected[name].dtype and torch.equal(got[name], expected[name]), name
+            lengths.update(len(f["input_ids"]) for f in features)
+        assert len(lengths) > 1  # the batches really needed padding
+    finally:
+        tokenizer.padding_side = "right"

@@ -10,6 +10,7 @@ Tune and in a plain unit test.
 from __future__ import annotations
 
 import contextlib
+import gc
 import json
 import math
 import os
@@ -25,7 +26,6 @@ import torch
 from transformers import (
     AutoModelForCausalLM,
     AutoTokenizer,
-    DataCollatorForSeq2Seq,
     PrinterCallback,
     Trainer,
     TrainerCallback,
@@ -35,12 +35,9 @@ from transformers import (
 
 from sweep import faults
 from sweep.config import SweepConfig
-from sweep.data import IGNORE_INDEX, load_prepared
+from sweep.data import MODEL_COLUMNS, PaddingCollator, load_prepared
 from sweep.lora import lora_settings, torch_dtype
 from sweep.search_space import apply_params
-
-MODEL_COLUMNS = ["input_ids", "attention_mask", "labels"]
-
 
 class Reporter(Protocol):
     def report(self, metrics: dict[str, Any], checkpoint_dir: Optional[Path]) -> None: ...
@@ -253,6 +250,26 @@ def give_back_base_model(config: SweepConfig, base: Any) -> None:
         _BASE_MODELS[_model_key(config)] = base
 
 
+_long_lived_objects_frozen = False
+
+
+def freeze_long_lived_objects() -> None:
+    """Once per worker process: take what is alive now (imported modules, Ray) out of the cyclic GC's scans.
+
+    The Trainer starts every `train()` with a full `gc.collect()` (accelerate's `free_memory`).
+    With torch, transformers and peft imported that walks about 430,000 objects: 0.23 s of a
+    0.30 s trial start-up, paid by every trial. Frozen objects are still freed by reference
+    counting; only reference cycles among them are never collected, and they are imports that
+    live as long as the process. Objects made later (each trial's Trainer, LoRA layers, the
+    kept base model) are scanned and collected as before.
+    """
+    global _long_lived_objects_frozen
+    if not _long_lived_objects_frozen:
+        gc.collect()  # garbage made so far goes now, not into the frozen generation
+        gc.freeze()
+        _long_lived_objects_frozen = True
+
+
 def load_tokenizer(config: SweepConfig) -> Any:
     tokenizer = AutoTokenizer.from_pretrained(config.model.path, trust_remote_code=config.model.trust_remote_code)
     if tokenizer.pad_token_id is None:
@@ -299,6 +316,7 @@ def training_arguments(config: SweepConfig, output_dir: str) -> TrainingArgument
 def run_trial(params: dict[str, Any], base_config: dict[str, Any], data_path: str, reporter: Reporter) -> TrialOutcome:
     """Train one LoRA adapter with the trial's params, reporting every evaluation."""
     started = time.perf_counter()
+    freeze_long_lived_objects()
     config = apply_params(SweepConfig.model_validate(base_config), params)
     set_seed(config.seed)
     if config.resources.gpu == 0:
@@ -307,7 +325,7 @@ def run_trial(params: dict[str, Any], base_config: dict[str, Any], data_path: st
     data = load_prepared(data_path)
     train_set = data["train"].select_columns(MODEL_COLUMNS)
     val_set = data["val"].select_columns(MODEL_COLUMNS)
-    collator = DataCollatorForSeq2Seq(tokenizer, padding=True, label_pad_token_id=IGNORE_INDEX)
+    collator = PaddingCollator.for_tokenizer(tokenizer)
     base = take_base_model(config)
     model = peft.get_peft_model(base, lora_settings(config.lora, base))
     if config.training.gradient_checkpointing:

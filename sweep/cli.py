@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import json
 import sys
+import time
 from dataclasses import asdict
 from pathlib import Path
 from typing import TYPE_CHECKING, Callable, List, Optional
@@ -82,8 +83,8 @@ def _run_config(config_path: Path, overrides: list[str], overwrite: bool, resume
         config = load_config(config_path, overrides)
         try:
             if resume and config.sweep_dir.exists():
-                return resume_sweep(config.sweep_dir)
-            return run_sweep(config, overwrite=overwrite)
+                return resume_sweep(config.sweep_dir, live=True)
+            return run_sweep(config, overwrite=overwrite, live=True)
         except ConfigError as error:
             raise error.in_config_file(config_path) from None
 
@@ -102,7 +103,7 @@ def resume(sweep_dir: Path = typer.Argument(..., help="The folder of a stopped o
 
     def start():
         try:
-            return resume_sweep(sweep_dir)
+            return resume_sweep(sweep_dir, live=True)
         except ConfigError as error:
             raise error.in_config_file(Path(sweep_dir) / CONFIG_FILE) from None
 
@@ -144,6 +145,67 @@ def best(
     for key, value in sorted(record.params.items()):
         typer.echo(f"  {key} = {value}")
     typer.echo(f"checkpoint: {record.best_checkpoint}")
+
+
+@app.command()
+def plan(
+    config: Path = typer.Argument(..., help="Sweep YAML file."),
+    overrides: Optional[List[str]] = typer.Argument(None, help="key=value overrides, e.g. search.num_trials=4"),
+    as_json: bool = typer.Option(False, "--json", help="Print JSON for scripts."),
+) -> None:
+    """Check a sweep and show what it would do, without running it: the resolved search space, the number of
+    trials, the most training steps ASHA could spend, the disk it will use and what each trial asks for.
+
+    Runs every check `sweep run` runs; starts no Ray and writes nothing.
+
+    Example: sweep plan examples/demo.yaml search.num_trials=24
+    """
+    from sweep.plan import make_plan, plan_json, plan_lines
+
+    try:
+        the_plan = make_plan(load_config(config, overrides or []))
+    except ConfigError as error:
+        _fail(_error_lines(error.in_config_file(config)), 2)
+    if as_json:
+        typer.echo(json.dumps(plan_json(the_plan), indent=2))
+        return
+    typer.echo("\n".join(plan_lines(the_plan)))
+
+
+@app.command()
+def status(
+    sweep_dir: Path = typer.Argument(..., help="A sweep folder, e.g. results/demo"),
+    as_json: bool = typer.Option(False, "--json", help="Print JSON for scripts."),
+    watch: bool = typer.Option(False, "--watch", help="Redraw every second until the sweep ends (Ctrl-C to leave)."),
+) -> None:
+    """Show where a sweep stands: trials running, done, stopped early and errored, the best so far, elapsed and ETA.
+
+    Works while the sweep runs (from another terminal) and after it ends. A sweep whose
+    driver was killed shows as stopped: continue it with `sweep resume`.
+
+    Example: sweep status results/demo --watch
+    """
+    from rich.console import Console
+    from rich.live import Live
+
+    from sweep.progress import read_status, render
+
+    try:
+        current = read_status(sweep_dir)
+    except FileNotFoundError as error:
+        _fail(f"error: {error}", 2)
+    if as_json:
+        typer.echo(json.dumps(current.to_json(), indent=2, default=str))
+        return
+    console = Console()
+    if not watch:
+        console.print(render(current, max_rows=50))
+        return
+    with Live(render(current, max_rows=50), console=console, auto_refresh=False) as live:
+        while current.state == "running":
+            time.sleep(1.0)
+            current = read_status(sweep_dir)
+            live.update(render(current, max_rows=50), refresh=True)
 
 
 @app.command()

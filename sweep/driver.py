@@ -19,6 +19,7 @@ from ray.tune.search.optuna import OptunaSearch
 
 from sweep import faults
 from sweep.config import ConfigError, SweepConfig
+from sweep.progress import ProgressCallback
 from sweep.tensorboard_logs import TensorBoardCallback
 from trainables.lora_causal_lm import tune_trainable
 
@@ -145,7 +146,11 @@ def run_sweep(config: SweepConfig, space: dict[str, Any], data_path: Path, sweep
         # searcher (and through it the Optuna study) continues from its saved state.
         tuner = tune.Tuner.restore(str(tune_dir), trainable, resume_unfinished=True, resume_errored=False)
         return tuner.fit()
-    callbacks: list[Callback] = [TensorBoardCallback(sweep_dir / "tensorboard", config.search.metric, config.search.mode)]
+    callbacks: list[Callback] = [
+        TensorBoardCallback(sweep_dir / "tensorboard", config.search.metric, config.search.mode),
+        ProgressCallback(sweep_dir, config.name, config.search.metric, config.search.mode, config.search.num_trials,
+                         config.search.max_concurrent_trials, config.training.max_steps),
+    ]
     if os.environ.get("LORA_SWEEP_STALL_AT") == "between_trials":
         callbacks.append(_StallBetweenTrials(sweep_dir))
     tuner = tune.Tuner(

@@ -8,6 +8,7 @@ Ray Tune's own experiment state; promotion and export are re-done on resume.
 
 from __future__ import annotations
 
+import contextlib
 import json
 import logging
 import os
@@ -28,6 +29,7 @@ from sweep.disk import prune_checkpoints
 from sweep.driver import run_sweep
 from sweep.export import FinalReport, finalize
 from sweep.lora import resolve_target_modules
+from sweep.progress import SweepState, live_progress, mark_state
 from sweep.provenance import provenance
 from sweep.results import TrialRecord, promote, read_best, trial_record, write_atomically, write_best, write_leaderboard
 from sweep.search_space import build_search_space
@@ -49,8 +51,11 @@ class SweepOutcome:
     final: FinalReport
 
 
-def check_model(config: SweepConfig, space: dict[str, od.BaseDistribution]) -> None:
-    """The model exists, is a causal LM, and every target-module setting the sweep can pick matches it."""
+def check_model(config: SweepConfig, space: dict[str, od.BaseDistribution]) -> torch.nn.Module:
+    """The model exists, is a causal LM, and every target-module setting the sweep can pick matches it.
+
+    Returns the model's skeleton: its modules on the meta device, with no weights.
+    """
     if config.model.path.startswith((".", "/", "~")) and not Path(config.model.path).expanduser().is_dir():
         raise ConfigError([f"`model.path`: folder not found: {config.model.path}"], "model")
     try:
@@ -76,6 +81,7 @@ def check_model(config: SweepConfig, space: dict[str, od.BaseDistribution]) -> N
             problems.extend(error.problems)
     if problems:
         raise ConfigError(sorted(set(problems)), "model")
+    return skeleton
 
 
 def check_resources(config: SweepConfig) -> None:
@@ -143,15 +149,16 @@ def _write_data_and_provenance(config: SweepConfig, tokenized: TokenizedData, sw
     return record
 
 
-def run(config: SweepConfig, overwrite: bool = False) -> SweepOutcome:
+def run(config: SweepConfig, overwrite: bool = False, live: bool = False) -> SweepOutcome:
+    """Start a sweep. `live`: draw the progress table in the terminal and send Ray's output to logs/ray.log."""
     space, _, tokenized = preflight(config)
     sweep_dir = prepare_sweep_dir(config, overwrite)
     write_atomically(sweep_dir / CONFIG_FILE, config_to_yaml(config))
     record = _write_data_and_provenance(config, tokenized, sweep_dir)
-    return _tune_and_finish(config, space, sweep_dir, record, resume=False)
+    return _tune_and_finish(config, space, sweep_dir, record, resume=False, live=live)
 
 
-def resume(sweep_dir: Path) -> SweepOutcome:
+def resume(sweep_dir: Path, live: bool = False) -> SweepOutcome:
     """Continue a sweep from wherever it stopped: data, trials, promotion or export."""
     sweep_dir = Path(sweep_dir).resolve()
     if not (sweep_dir / CONFIG_FILE).is_file():
@@ -169,10 +176,25 @@ def resume(sweep_dir: Path) -> SweepOutcome:
             )
     else:
         record = _write_data_and_provenance(config, tokenized, sweep_dir)
-    return _tune_and_finish(config, space, sweep_dir, record, resume=True)
+    return _tune_and_finish(config, space, sweep_dir, record, resume=True, live=live)
 
 
 def _tune_and_finish(config: SweepConfig, space: dict[str, od.BaseDistribution], sweep_dir: Path,
+                     record: dict[str, Any], resume: bool, live: bool) -> SweepOutcome:
+    state: SweepState = "failed"
+    with live_progress(sweep_dir) if live else contextlib.nullcontext():
+        try:
+            outcome = _tune_and_export(config, space, sweep_dir, record, resume)
+            state = "finished"
+        except SweepInterrupted:
+            state = "stopped"
+            raise
+        finally:
+            mark_state(sweep_dir, state)  # inside the live view, so that its last table says how the sweep ended
+    return outcome
+
+
+def _tune_and_export(config: SweepConfig, space: dict[str, od.BaseDistribution], sweep_dir: Path,
                      record: dict[str, Any], resume: bool) -> SweepOutcome:
     data_path = Path(record["data_path"])
     result_grid = run_sweep(config, space, data_path, sweep_dir, resume=resume)

@@ -1,0 +1,353 @@
+"""Where a sweep stands: trials running / done / stopped early / errored, the best so far, elapsed and ETA.
+
+The driver's `ProgressCallback` (a Ray Tune Callback) keeps `status.json` in the
+sweep folder up to date, so `sweep status` in another terminal reads the same
+numbers that `sweep run` draws live. One table renderer serves both.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import math
+import os
+import sys
+import threading
+import time
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any, Iterator, Literal, Optional
+
+from ray.tune import Callback
+from rich.console import Console, Group
+from rich.live import Live
+from rich.table import Table
+from rich.text import Text
+
+from sweep.results import write_atomically
+
+STATUS_FILE = "status.json"
+SweepState = Literal["running", "finished", "stopped", "failed"]
+
+
+@dataclass
+class TrialProgress:
+    trial_id: str
+    status: Literal["pending", "running", "completed", "stopped early", "errored"]
+    params: dict[str, Any]
+    step: int = 0
+    last_metric: Optional[float] = None
+    best_metric: Optional[float] = None
+    best_step: Optional[int] = None
+    started_at: Optional[float] = None
+    ended_at: Optional[float] = None
+
+
+@dataclass
+class SweepStatus:
+    name: str
+    state: SweepState
+    metric: str
+    mode: str
+    num_trials: int
+    max_concurrent: int
+    max_steps: int
+    started_at: float
+    updated_at: float
+    driver_pid: int
+    trials: list[TrialProgress] = field(default_factory=list)
+
+    def count(self, status: str) -> int:
+        return sum(t.status == status for t in self.trials)
+
+    @property
+    def ended(self) -> int:
+        return sum(t.status in ("completed", "stopped early", "errored") for t in self.trials)
+
+    @property
+    def best(self) -> Optional[TrialProgress]:
+        scored = [t for t in self.trials if t.best_metric is not None]
+        if not scored:
+            return None
+        pick = min if self.mode == "min" else max
+        return pick(scored, key=lambda t: t.best_metric)
+
+    @property
+    def elapsed_seconds(self) -> float:
+        return self.updated_at - self.started_at
+
+    def eta_seconds(self) -> Optional[float]:
+        """Time left if every trial still to come took as long as the ended ones did on average.
+
+        ASHA can only make it shorter: trials it stops end early. None until a trial has ended.
+        """
+        if self.state != "running":
+            return 0.0
+        durations = [t.ended_at - t.started_at for t in self.trials if t.ended_at and t.started_at]
+        if not durations:
+            return None
+        mean = sum(durations) / len(durations)
+        running_left = sum(
+            mean * (1 - min(t.step / max(self.max_steps, 1), 1.0)) for t in self.trials if t.status == "running"
+        )
+        not_started = self.num_trials - self.ended - self.count("running")
+        slots = max(1, self.max_concurrent)
+        return (running_left + max(not_started, 0) * mean) / slots
+
+    def driver_alive(self) -> bool:
+        try:
+            os.kill(self.driver_pid, 0)
+        except ProcessLookupError:
+            return False
+        except PermissionError:  # alive, owned by another user
+            return True
+        return True
+
+    def to_json(self) -> dict[str, Any]:
+        data = asdict(self)
+        best = self.best
+        data.update({
+            "counts": {s: self.count(s) for s in ("running", "completed", "stopped early", "errored")},
+            "ended": self.ended,
+            "best": asdict(best) if best else None,
+            "elapsed_seconds": round(self.elapsed_seconds, 1),
+            "eta_seconds": None if self.eta_seconds() is None else round(self.eta_seconds(), 1),
+        })
+        return data
+
+    @classmethod
+    def from_json(cls, data: dict[str, Any]) -> "SweepStatus":
+        fields = {k: v for k, v in data.items() if k in cls.__dataclass_fields__}
+        fields["trials"] = [TrialProgress(**t) for t in data.get("trials", [])]
+        return cls(**fields)
+
+
+def read_status(sweep_dir: Path) -> SweepStatus:
+    path = Path(sweep_dir) / STATUS_FILE
+    if not path.is_file():
+        raise FileNotFoundError(f"{path} not found: no sweep has started in {sweep_dir} (start one with `sweep run`)")
+    status = SweepStatus.from_json(json.loads(path.read_text(encoding="utf-8")))
+    if status.state == "running" and not status.driver_alive():
+        status.state = "stopped"  # killed without a chance to say so; `sweep resume` continues it
+    return status
+
+
+def _duration(seconds: Optional[float]) -> str:
+    if seconds is None or not math.isfinite(seconds):
+        return "unknown"
+    seconds = int(round(seconds))
+    hours, rest = divmod(seconds, 3600)
+    return f"{hours}h{rest // 60:02d}m{rest % 60:02d}s" if hours else f"{rest // 60}m{rest % 60:02d}s"
+
+
+def _number(value: Optional[float]) -> str:
+    return "-" if value is None else f"{value:.4g}"
+
+
+def summary_line(status: SweepStatus) -> str:
+    """One line: state, counts, best so far, elapsed and ETA (what a log or a narrow terminal shows)."""
+    best = status.best
+    eta = status.eta_seconds()
+    return (
+        f"sweep {status.name}: {status.state} | {status.count('running')} running, {status.count('completed')} done, "
+        f"{status.count('stopped early')} stopped early, {status.count('errored')} errored of {status.num_trials} | "
+        f"best {status.metric} {_number(best.best_metric) if best else '-'}"
+        f"{f' ({best.trial_id})' if best else ''} | elapsed {_duration(status.elapsed_seconds)}"
+        + (f", ETA {'~' + _duration(eta) if eta is not None else 'after the first trial'}" if status.state == "running" else "")
+    )
+
+
+def render(status: SweepStatus, max_rows: int = 12) -> Group:
+    """The summary line, then a table of the running trials and the best ended ones."""
+    table = Table(expand=False)
+    for column in ("trial", "status", "step", f"last {status.metric}", f"best {status.metric}", "params"):
+        table.add_column(column, no_wrap=column != "params")
+    reverse = status.mode == "max"
+    ended = sorted((t for t in status.trials if t.status != "running" and t.best_metric is not None),
+                   key=lambda t: t.best_metric, reverse=reverse)
+    shown = [t for t in status.trials if t.status == "running"] + ended
+    shown += [t for t in status.trials if t not in shown]
+    for trial in shown[:max_rows]:
+        params = ", ".join(f"{k.split('.')[-1]}={_number(v) if isinstance(v, float) else v}" for k, v in trial.params.items())
+        table.add_row(trial.trial_id, trial.status, f"{trial.step}/{status.max_steps}", _number(trial.last_metric),
+                      _number(trial.best_metric), params)
+    if len(shown) > max_rows:
+        table.caption = f"... and {len(shown) - max_rows} more trials (leaderboard.csv has all of them when the sweep ends)"
+    return Group(Text(summary_line(status)), table)
+
+
+def mark_state(sweep_dir: Path, state: SweepState) -> None:
+    """Record how the sweep ended (the driver calls this; a killed driver shows as stopped in `read_status`)."""
+    path = Path(sweep_dir) / STATUS_FILE
+    if path.is_file():
+        status = SweepStatus.from_json(json.loads(path.read_text(encoding="utf-8")))
+        status.state, status.updated_at = state, time.time()
+        write_atomically(path, json.dumps(status.to_json(), indent=1, default=str))
+
+
+class ProgressCallback(Callback):
+    """Keeps `status.json` current from Tune's events (the live view and `sweep status` read it).
+
+    Writes are atomic and at most every `min_interval` seconds, plus at every trial start and end.
+    Tune pickles its callbacks with the experiment, so this holds only plain settings; the status
+    itself is loaded in `setup`, which also runs when a stopped sweep is resumed.
+    """
+
+    def __init__(self, sweep_dir: Path, name: str, metric: str, mode: str, num_trials: int, max_concurrent: int,
+                 max_steps: int, min_interval: float = 1.0):
+        self.sweep_dir = Path(sweep_dir)
+        self.settings = dict(name=name, metric=metric, mode=mode, num_trials=num_trials,
+                             max_concurrent=max_concurrent, max_steps=max_steps)
+        self.min_interval = min_interval
+        self.status: Optional[SweepStatus] = None
+        self._written = 0.0
+        self._dirty = True
+        self._diverged: set[str] = set()
+
+    def setup(self, **info: Any) -> None:
+        now = time.time()
+        path = self.sweep_dir / STATUS_FILE
+        if path.is_file():  # a resumed sweep: ended trials keep their rows, elapsed time counts on
+            self.status = SweepStatus.from_json(json.loads(path.read_text(encoding="utf-8")))
+            for trial in self.status.trials:
+                if trial.status == "running":
+                    trial.status = "pending"  # until Tune restarts it
+        else:
+            self.status = SweepStatus(state="running", started_at=now, updated_at=now, driver_pid=os.getpid(),
+                                      **self.settings)
+        self.status.state, self.status.driver_pid = "running", os.getpid()
+        self.publish(force=True)
+
+    def _trial(self, trial: Any) -> TrialProgress:
+        assert self.status is not None, "Tune calls setup() first"
+        for progress in self.status.trials:
+            if progress.trial_id == trial.trial_id:
+                return progress
+        progress = TrialProgress(trial_id=trial.trial_id, status="pending", params=dict(trial.config))
+        self.status.trials.append(progress)
+        return progress
+
+    def publish(self, force: bool = False) -> None:
+        now = time.time()
+        if self.status is None or (not force and (not self._dirty or now - self._written < self.min_interval)):
+            return
+        self.status.updated_at = now
+        write_atomically(self.sweep_dir / STATUS_FILE, json.dumps(self.status.to_json(), indent=1, default=str))
+        self._written, self._dirty = now, False
+
+    def on_trial_start(self, iteration: int, trials: list, trial: Any, **info: Any) -> None:
+        progress = self._trial(trial)
+        progress.status = "running"
+        progress.started_at = progress.started_at or time.time()
+        progress.ended_at = None
+        self.publish(force=True)
+
+    def on_trial_result(self, iteration: int, trials: list, trial: Any, result: dict, **info: Any) -> None:
+        progress = self._trial(trial)
+        progress.step = int(result.get("step", progress.step))
+        if result.get("diverged"):
+            self._diverged.add(trial.trial_id)
+        value = result.get(self.settings["metric"])
+        if isinstance(value, (int, float)) and math.isfinite(value) and not result.get("diverged"):
+            progress.last_metric = float(value)
+            better = progress.best_metric is None or (
+                value < progress.best_metric if self.settings["mode"] == "min" else value > progress.best_metric
+            )
+            if better:
+                progress.best_metric, progress.best_step = float(value), progress.step
+        self._dirty = True
+
+    def _ended(self, trial: Any, status: str) -> None:
+        progress = self._trial(trial)
+        progress.status = status  # type: ignore[assignment]
+        progress.ended_at = time.time()
+        self._dirty = True
+        self.publish(force=True)
+
+    def on_trial_complete(self, iteration: int, trials: list, trial: Any, **info: Any) -> None:
+        # As in the leaderboard: a diverged trial is errored; one ASHA stopped did not reach max_steps.
+        if trial.trial_id in self._diverged:
+            self._ended(trial, "errored")
+        else:
+            done = self._trial(trial).step >= self.settings["max_steps"]
+            self._ended(trial, "completed" if done else "stopped early")
+
+    def on_trial_error(self, iteration: int, trials: list, trial: Any, **info: Any) -> None:
+        self._ended(trial, "errored")
+
+    def on_step_end(self, iteration: int, trials: list, **info: Any) -> None:
+        self.publish()
+
+    def on_experiment_end(self, trials: list, **info: Any) -> None:
+        self.publish(force=True)
+
+
+LOG_FILE = Path("logs") / "ray.log"
+
+
+@contextlib.contextmanager
+def live_progress(sweep_dir: Path, refresh_seconds: float = 1.0) -> Iterator[None]:
+    """While the block runs, the terminal shows the progress table and everything else goes to logs/ray.log.
+
+    The redirect is at the file-descriptor level, so it also takes Ray's worker output (which its
+    driver prints), Tune's reporter and C++ core logs. On a terminal the table is redrawn in place;
+    elsewhere (CI, a pipe) a summary line is printed when the counts change, at most every 10 s.
+    """
+    sweep_dir = Path(sweep_dir)
+    (sweep_dir / LOG_FILE).parent.mkdir(parents=True, exist_ok=True)
+    sys.stdout.flush()
+    sys.stderr.flush()
+    terminal = os.fdopen(os.dup(sys.__stdout__.fileno()), "w", buffering=1)
+    saved = {fd: os.dup(fd) for fd in (1, 2)}
+    with open(sweep_dir / LOG_FILE, "ab", buffering=0) as log:
+        for fd in saved:
+            os.dup2(log.fileno(), fd)
+        console = Console(file=terminal)
+        console.print(f"sweep progress: {sweep_dir / STATUS_FILE}; Ray and Tune output: {sweep_dir / LOG_FILE}")
+        stop = threading.Event()
+        watcher = threading.Thread(target=_watch, args=(sweep_dir, console, stop, refresh_seconds), daemon=True)
+        watcher.start()
+        try:
+            yield
+        finally:
+            stop.set()
+            watcher.join(timeout=10)
+            sys.stdout.flush()
+            sys.stderr.flush()
+            for fd, copy in saved.items():
+                os.dup2(copy, fd)
+                os.close(copy)
+            terminal.close()
+
+
+def _watch(sweep_dir: Path, console: Console, stop: threading.Event, refresh_seconds: float) -> None:
+    def current() -> Optional[SweepStatus]:
+        try:
+            return read_status(sweep_dir)
+        except (FileNotFoundError, ValueError, KeyError):  # not started yet, or a write in progress elsewhere
+            return None
+
+    if console.is_terminal:
+        with Live(console=console, auto_refresh=False, transient=False) as live:
+            while True:
+                status = current()
+                if status is not None:
+                    live.update(render(status), refresh=True)
+                if stop.wait(refresh_seconds):
+                    break
+            status = current()
+            if status is not None:
+                live.update(render(status), refresh=True)
+        return
+    last_key, last_time = None, 0.0
+    while True:
+        stopping = stop.wait(refresh_seconds)
+        status = current()
+        if status is not None:
+            line = summary_line(status)
+            key = line.split("|")[:2]  # state and counts: a new line only when these change
+            if key != last_key and (stopping or time.time() - last_time >= 10):
+                console.print(line, soft_wrap=True)
+                last_key, last_time = key, time.time()
+        if stopping:
+            return

@@ -1,0 +1,67 @@
+"""`sweep plan`: every check, then counts; it starts no Ray and writes nothing."""
+
+import json
+
+import peft
+import pytest
+import ray
+from ray.tune.schedulers import ASHAScheduler
+from transformers import AutoModelForCausalLM
+from typer.testing import CliRunner
+
+from sweep.cli import app
+from sweep.config import LoraConfig, load_config
+from sweep.lora import lora_settings
+from sweep.plan import asha_rungs, expected_steps
+
+
+def peft_trainable_parameters(model_path: str, rank: int) -> int:
+    """What peft itself makes trainable for the config's LoRA settings at this rank."""
+    base = AutoModelForCausalLM.from_pretrained(model_path)
+    model = peft.get_peft_model(base, lora_settings(LoraConfig(rank=rank), base))
+    return sum(p.numel() for p in model.parameters() if p.requires_grad)
+
+
+def test_plan_prints_space_trials_steps_disk_and_resources(raw_config, write_config, tmp_path):
+    raw_config["search"]["parameters"] = {"lora.rank": {"type": "choice", "values": [2, 4]}}
+    raw_config["training"].update(max_steps=90, eval_steps=10)
+    raw_config["scheduler"] = {"type": "asha", "grace_period": 10, "reduction_factor": 3}
+    result = CliRunner().invoke(app, ["plan", str(write_config(raw_config)), "--json"])
+    assert result.exit_code == 0, result.output
+    plan = json.loads(result.output)
+    assert plan["search_space"]["lora.rank"] == "choice of [2, 4]"
+    assert plan["search_space"]["training.learning_rate"].startswith("log-uniform in [")
+    assert plan["num_trials"] == 2 and plan["most_training_steps"] == 180
+    assert plan["asha_rungs"] == [10, 30, 90]
+    # 10 each, then a third of the trials go on to 30 and a ninth to 90.
+    assert plan["expected_training_steps"] == round(2 * (10 + 20 / 3 + 60 / 9))
+    assert plan["examples"]["train"] > 0 and plan["resources_per_trial"] == {"cpu": 1.0, "gpu": 0.0}
+    assert plan["largest_adapter_parameters"] == peft_trainable_parameters(raw_config["model"]["path"], rank=4)
+    assert plan["disk_bytes"]["checkpoint"] > plan["largest_adapter_parameters"] * 4
+    assert not ray.is_initialized()
+    assert not (tmp_path / "results").exists()
+
+    text = CliRunner().invoke(app, ["plan", str(write_config(raw_config))]).output
+    for expected in ("lora.rank: choice of [2, 4]", "trials: 2, 2 at a time", "at most 180", "1 CPU and 0 GPU", "disk:"):
+        assert expected in text
+
+
+@pytest.mark.parametrize("max_steps,grace,factor", [(480, 80, 2), (240, 40, 3), (100, 1, 4), (90, 10, 3), (50, 50, 3)])
+def test_rungs_are_the_ones_ray_uses(raw_config, write_config, max_steps, grace, factor):
+    raw_config["training"].update(max_steps=max_steps, eval_steps=min(10, max_steps))
+    raw_config["scheduler"] = {"type": "asha", "grace_period": grace, "reduction_factor": factor}
+    config = load_config(write_config(raw_config))
+    ray_asha = ASHAScheduler(time_attr="step", max_t=max_steps, grace_period=grace, reduction_factor=factor)
+    assert asha_rungs(config) == sorted(int(milestone) for milestone, _ in ray_asha._brackets[0]._rungs)
+
+
+def test_without_asha_every_trial_runs_to_the_end(raw_config, write_config):
+    raw_config["scheduler"] = {"type": "none"}
+    config = load_config(write_config(raw_config))
+    assert asha_rungs(config) == [] and expected_steps(config, []) == 2 * 6
+
+
+def test_plan_refuses_bad_input_like_run(raw_config, write_config):
+    raw_config["model"]["path"] = "/nowhere/model"
+    result = CliRunner().invoke(app, ["plan", str(write_config(raw_config))])
+    assert result.exit_code == 2 and "`model.path`: folder not found: /nowhere/model" in result.output

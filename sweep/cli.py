@@ -209,6 +209,25 @@ def status(
 
 
 @app.command()
+def report(sweep_dir: Path = typer.Argument(..., help="A sweep folder, e.g. results/demo")) -> None:
+    """Write SWEEP_DIR/report/index.html with figures: optimisation history, hyperparameter importances,
+    parallel coordinates, learning curves of all trials (early-stopped ones marked) and best vs base on
+    the test split. Open it in any browser; it needs no server.
+
+    Example: sweep report results/demo && xdg-open results/demo/report/index.html
+    """
+    from sweep.report import write_report
+
+    try:
+        result = write_report(sweep_dir)
+    except (FileNotFoundError, ConfigError) as error:
+        _fail(_error_lines(error), 2)
+    typer.echo(f"report: {result.index} ({len(result.figures)} figures)")
+    for title, why in result.skipped.items():
+        typer.echo(f"  not drawn: {title} ({why})")
+
+
+@app.command()
 def export(sweep_dir: Path = typer.Argument(..., help="A finished sweep folder, e.g. results/demo")) -> None:
     """Evaluate the promoted checkpoint on the test split and (re-)export it to SWEEP_DIR/export/.
 

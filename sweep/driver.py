@@ -64,8 +64,13 @@ class ResumableOptunaSearch(OptunaSearch):
         return False
 
     def on_trial_result(self, trial_id: str, result: dict) -> None:
-        if not self._closed_in_study(trial_id):
-            super().on_trial_result(trial_id, result)
+        if self._closed_in_study(trial_id):
+            return
+        if "step" in result and self.metric in result:
+            # Intermediate values by training step (what optuna-dashboard plots), not by Tune's report count.
+            self._ot_trials[trial_id].report(result[self.metric], int(result["step"]))
+            return
+        super().on_trial_result(trial_id, result)
 
     def on_trial_complete(self, trial_id: str, result: dict | None = None, error: bool = False) -> None:
         if not self._closed_in_study(trial_id):

@@ -8,6 +8,7 @@ numbers that `sweep run` draws live. One table renderer serves both.
 from __future__ import annotations
 
 import contextlib
+import io
 import json
 import math
 import os
@@ -16,7 +17,7 @@ import threading
 import time
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
-from typing import Any, Iterator, Literal, Optional
+from typing import Any, Iterator, Literal, Optional, TextIO
 
 from ray.tune import Callback
 from rich.console import Console, Group
@@ -297,7 +298,11 @@ def live_progress(sweep_dir: Path, refresh_seconds: float = 1.0) -> Iterator[Non
     (sweep_dir / LOG_FILE).parent.mkdir(parents=True, exist_ok=True)
     sys.stdout.flush()
     sys.stderr.flush()
-    terminal = os.fdopen(os.dup(sys.__stdout__.fileno()), "w", buffering=1)
+    try:  # the terminal as it is now, before fd 1 goes to the log
+        terminal: TextIO = os.fdopen(os.dup(sys.stdout.fileno()), "w", buffering=1)
+        owned = True
+    except (AttributeError, OSError, io.UnsupportedOperation):  # stdout is not a file (a test runner's buffer)
+        terminal, owned = sys.stdout, False
     saved = {fd: os.dup(fd) for fd in (1, 2)}
     with open(sweep_dir / LOG_FILE, "ab", buffering=0) as log:
         for fd in saved:
@@ -317,7 +322,8 @@ def live_progress(sweep_dir: Path, refresh_seconds: float = 1.0) -> Iterator[Non
             for fd, copy in saved.items():
                 os.dup2(copy, fd)
                 os.close(copy)
-            terminal.close()
+            if owned:
+                terminal.close()
 
 
 def _watch(sweep_dir: Path, console: Console, stop: threading.Event, refresh_seconds: float) -> None:

@@ -3,6 +3,7 @@
 import json
 import math
 
+import optuna
 import pandas as pd
 import pytest
 import ray
@@ -66,15 +67,38 @@ def test_two_trial_sweep_end_to_end(raw_config, write_config, ray_session, monke
     provenance = json.loads((sweep_dir / "provenance.json").read_text())
     assert provenance["seed"] == 0 and provenance["data_hash"] and provenance["packages"]["ray"]
 
-    runs = sorted(p for p in (sweep_dir / "tensorboard").iterdir())
+    # TensorBoard, read back with its own reader: one run per trial, named by trial id and key params,
+    # with its scalars and an HParams session holding its params, status and best metric.
+    runs = {p.name: p for p in (sweep_dir / "tensorboard").iterdir()}
     assert len(runs) == 2
-    for run_dir in runs:
-        events = EventAccumulator(str(run_dir)).Reload()
-        assert {"eval_loss", "train_loss", "hparam/best_eval_loss"} <= set(events.Tags()["scalars"])
+    for _, row in board.iterrows():
+        name = next(n for n in runs if n.startswith(row["trial_id"]))
+        assert f"lr={row['param:training.learning_rate']:.2g}" in name
+        events = EventAccumulator(str(runs[name])).Reload()
+        assert {"eval_loss", "train_loss", "learning_rate", "hparam/best_eval_loss"} <= set(events.Tags()["scalars"])
+        assert [e.step for e in events.Scalars("eval_loss")] == list(range(3, int(row["steps_run"]) + 1, 3))
+        assert events.Scalars("hparam/best_eval_loss")[-1].value == pytest.approx(row["best_eval_loss"], rel=1e-6)
         content = events.PluginTagToContent("hparams")
         start = plugin_data_pb2.HParamsPluginData.FromString(content["_hparams_/session_start_info"])
-        assert "training.learning_rate" in start.session_start_info.hparams
-        assert "_hparams_/experiment" in content
+        assert start.session_start_info.hparams["training.learning_rate"].number_value == pytest.approx(
+            row["param:training.learning_rate"])
+        assert start.session_start_info.hparams["status"].string_value == "finished"
+        experiment = plugin_data_pb2.HParamsPluginData.FromString(content["_hparams_/experiment"]).experiment
+        assert {m.name.tag for m in experiment.metric_infos} >= {"hparam/best_eval_loss", "hparam/steps_run"}
+        assert "_hparams_/session_end_info" in content
+
+    # The Optuna study that optuna-dashboard opens: every trial with its params, value and intermediate
+    # values by training step.
+    study = optuna.load_study(study_name=config.name, storage=f"sqlite:///{sweep_dir / 'optuna_study.db'}")
+    assert len(study.trials) == 2
+    for trial in study.trials:
+        assert trial.state == optuna.trial.TrialState.COMPLETE and math.isfinite(trial.value)
+        assert set(trial.params) == {"training.learning_rate"}
+        assert sorted(trial.intermediate_values)[0] == 3 and all(s % 3 == 0 for s in trial.intermediate_values)
+        assert trial.value == trial.intermediate_values[max(trial.intermediate_values)]
+
+    status = json.loads((sweep_dir / "status.json").read_text())
+    assert status["state"] == "finished" and status["ended"] == 2 and status["best"]["trial_id"] == best["trial_id"]
 
     result = CliRunner().invoke(app, ["best", str(sweep_dir), "--json"])
     assert result.exit_code == 0, result.output
@@ -90,6 +114,8 @@ def test_two_trial_sweep_end_to_end(raw_config, write_config, ray_session, monke
     assert result.exit_code == 0, result.output
     assert sorted(p.read_text() for p in sweep_dir.glob("tune/*/result.json")) == histories_before
     assert json.loads((sweep_dir / "best.json").read_text())["trial_id"] == best["trial_id"]
+    assert "sweep tiny: finished | 0 running, " in result.output  # the live view's last line (not a terminal here)
+    assert (sweep_dir / "logs" / "ray.log").is_file()  # Ray's and Tune's output went here
 
     # A failed verification fails loudly and leaves the earlier, verified export in place.
     card_before = (export / "README.md").read_text()

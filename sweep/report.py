@@ -1,0 +1,195 @@
+"""`sweep report`: a static HTML page with the sweep's figures, for people who would rather look than read logs.
+
+Figures come from Optuna's own matplotlib plots (optimisation history, parameter
+importances, parallel coordinates) and matplotlib (learning curves of every trial,
+best vs base on the test split). Everything is read from the sweep folder: the
+Optuna study, Tune's per-trial results, the leaderboard and final_metrics.json.
+"""
+
+from __future__ import annotations
+
+import html
+import json
+import logging
+import math
+import warnings
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Callable
+
+import matplotlib
+
+matplotlib.use("Agg")  # files only: no display needed
+
+import matplotlib.pyplot as plt  # noqa: E402
+import optuna  # noqa: E402
+import pandas as pd  # noqa: E402
+
+from sweep.driver import STUDY_FILE, TUNE_DIR_NAME, study_storage  # noqa: E402
+from sweep.pipeline import load_sweep  # noqa: E402
+from sweep.results import LEADERBOARD_FILE, write_atomically  # noqa: E402
+
+REPORT_DIR = "report"
+log = logging.getLogger(__name__)
+
+
+@dataclass
+class Figure:
+    file: str
+    title: str
+    caption: str
+
+
+@dataclass
+class ReportResult:
+    index: Path
+    figures: list[Figure] = field(default_factory=list)
+    skipped: dict[str, str] = field(default_factory=dict)  # figure title -> why it could not be drawn
+
+
+def trial_histories(sweep_dir: Path) -> dict[str, pd.DataFrame]:
+    """Every report of every trial, by trial id, from Tune's result.json files (one JSON object per line)."""
+    histories = {}
+    for path in sorted((sweep_dir / TUNE_DIR_NAME).glob("*/result.json")):
+        rows = [json.loads(line) for line in path.read_text(encoding="utf-8").splitlines() if line.strip()]
+        if rows:
+            histories[str(rows[0]["trial_id"])] = pd.DataFrame(rows)
+    return histories
+
+
+def _save(figure: Any, path: Path, width: float = 9) -> None:
+    figure.set_size_inches(width, 5.5)
+    figure.tight_layout()
+    figure.savefig(path, dpi=100)
+    plt.close(figure)
+
+
+def _optuna_figure(plot: Callable[..., Any], study: optuna.Study, **kwargs: Any) -> Any:
+    axes = plot(study, **kwargs)
+    axes = axes.flatten()[0] if hasattr(axes, "flatten") else axes
+    return axes.get_figure()
+
+
+def learning_curves(histories: dict[str, pd.DataFrame], board: pd.DataFrame, metric: str) -> Any:
+    status = dict(zip(board["trial_id"].astype(str), board["status"])) if len(board) else {}
+    figure, axes = plt.subplots()
+    colours = {"completed": "tab:blue", "stopped early": "tab:gray", "errored": "tab:red"}
+    for trial_id, history in histories.items():
+        usable = history[history[metric].map(lambda v: isinstance(v, (int, float)) and math.isfinite(v))]
+        if usable.empty:
+            continue
+        state = status.get(trial_id, "completed")
+        axes.plot(usable["step"], usable[metric], color=colours.get(state, "tab:blue"),
+                  alpha=0.9 if state == "completed" else 0.6, linewidth=1.2)
+        if state != "completed":  # where ASHA stopped it, or where it failed
+            axes.plot(usable["step"].iloc[-1], usable[metric].iloc[-1], marker="x", color=colours[state], markersize=8)
+    for state, colour in colours.items():
+        axes.plot([], [], color=colour, marker="x" if state != "completed" else None, label=state)
+    axes.set_xlabel("training step")
+    axes.set_ylabel(f"validation {metric}")
+    axes.set_title(f"Learning curves of all {len(histories)} trials (x: stopped early or errored)")
+    axes.legend()
+    axes.grid(alpha=0.3)
+    return figure
+
+
+def best_vs_base(final: dict[str, Any]) -> Any:
+    test = final["test"]
+    figure, (loss_axes, match_axes) = plt.subplots(1, 2)
+    names = ["base", "tuned"]
+    loss_axes.bar(names, [test[n]["loss"] for n in names], color=["tab:gray", "tab:green"])
+    loss_axes.set_title(f"test loss ({test['tuned']['examples']} examples, lower is better)")
+    match_axes.bar(names, [test[n]["exact_match"] for n in names], color=["tab:gray", "tab:green"])
+    match_axes.set_title("test exact match (higher is better)")
+    match_axes.set_ylim(0, max(0.05, max(test[n]["exact_match"] for n in names) * 1.2))
+    for axes, key in ((loss_axes, "loss"), (match_axes, "exact_match")):
+        for x, name in enumerate(names):
+            axes.annotate(f"{test[name][key]:.3f}", (x, test[name][key]), ha="center", va="bottom")
+    figure.suptitle("Best trial vs the untuned base model on the held-out test split")
+    return figure
+
+
+def write_report(sweep_dir: Path) -> ReportResult:
+    """Draw every figure the sweep has data for into SWEEP_DIR/report/ and write index.html next to them."""
+    sweep_dir = Path(sweep_dir)
+    config, _ = load_sweep(sweep_dir)
+    metric = config.search.metric
+    out = sweep_dir / REPORT_DIR
+    out.mkdir(parents=True, exist_ok=True)
+    result = ReportResult(index=out / "index.html")
+    board = pd.read_csv(sweep_dir / LEADERBOARD_FILE) if (sweep_dir / LEADERBOARD_FILE).is_file() else pd.DataFrame()
+    histories = trial_histories(sweep_dir)
+    study = None
+    if (sweep_dir / STUDY_FILE).is_file():
+        optuna.logging.set_verbosity(optuna.logging.ERROR)
+        study = optuna.load_study(study_name=config.name, storage=study_storage(sweep_dir))
+    final_path = sweep_dir / "final_metrics.json"
+    final = json.loads(final_path.read_text(encoding="utf-8")) if final_path.is_file() else None
+    completed = [t for t in study.trials if t.state == optuna.trial.TrialState.COMPLETE] if study else []
+
+    warnings.filterwarnings("ignore", category=optuna.exceptions.ExperimentalWarning)  # the plots are "experimental"
+    plots: list[tuple[str, str, str, Callable[[], Any], str]] = [
+        ("optimization_history.png", "Optimisation history",
+         f"{metric} of every trial in the order the sampler proposed them, with the best so far.",
+         lambda: _optuna_figure(optuna.visualization.matplotlib.plot_optimization_history, study),
+         "" if completed else "no trial has finished"),
+        ("param_importances.png", "Hyperparameter importances",
+         f"How much of the variation in {metric} each hyperparameter explains (Optuna's fANOVA).",
+         lambda: _optuna_figure(optuna.visualization.matplotlib.plot_param_importances, study),
+         "" if len(completed) >= 2 and len({k for t in completed for k in t.params}) >= 1
+         else "needs at least 2 finished trials with searched parameters"),
+        ("parallel_coordinates.png", "Parallel coordinates",
+         f"Each line is a trial: its hyperparameters and its {metric} (darker is better).",
+         lambda: _optuna_figure(optuna.visualization.matplotlib.plot_parallel_coordinate, study),
+         "" if completed and any(t.params for t in completed) else "no finished trial with searched parameters"),
+        ("learning_curves.png", "Learning curves",
+         f"Validation {metric} by training step for every trial; an x marks a trial ASHA stopped early "
+         "(grey) or one that failed (red).",
+         lambda: learning_curves(histories, board, metric), "" if histories else "no trial has reported yet"),
+        ("best_vs_base.png", "Best vs base on the test split",
+         "The promoted checkpoint against the untuned base model on the held-out test split.",
+         lambda: best_vs_base(final), "" if final else "the sweep has not finished its final evaluation"),
+    ]
+    for file, title, caption, draw, missing in plots:
+        if missing:
+            result.skipped[title] = missing
+            continue
+        try:
+            _save(draw(), out / file, width=14 if file.startswith("parallel") else 9)
+        except (ValueError, RuntimeError) as error:  # e.g. importances when every trial scored the same
+            result.skipped[title] = f"could not be drawn: {error}"
+            log.warning("report: %s could not be drawn: %s", title, error)
+            continue
+        result.figures.append(Figure(file, title, caption))
+    write_atomically(result.index, _page(config.name, result, board, final, metric))
+    return result
+
+
+def _page(name: str, result: ReportResult, board: pd.DataFrame, final: dict[str, Any] | None, metric: str) -> str:
+    e = html.escape
+    parts = [
+        "<!doctype html>", "<html lang='en'><head><meta charset='utf-8'>",
+        f"<title>Sweep report: {e(name)}</title>",
+        "<style>body{font-family:sans-serif;max-width:1000px;margin:2em auto;padding:0 1em;color:#222}"
+        "figure{margin:2em 0}img{max-width:100%;border:1px solid #ddd}figcaption{color:#555}"
+        "table{border-collapse:collapse;font-size:0.85em}td,th{border:1px solid #ccc;padding:3px 6px}</style>",
+        "</head><body>", f"<h1>Sweep report: {e(name)}</h1>",
+    ]
+    if final:
+        best, test = final.get("params", {}), final["test"]
+        parts.append(
+            f"<p>Best trial <b>{e(str(final.get('trial_id')))}</b> at step {final.get('step')}: test loss "
+            f"{test['base']['loss']:.4f} &rarr; <b>{test['tuned']['loss']:.4f}</b>, exact match "
+            f"{test['base']['exact_match']:.3f} &rarr; <b>{test['tuned']['exact_match']:.3f}</b>.</p>"
+        )
+        parts.append("<p>" + ", ".join(f"<code>{e(k)}={e(f'{v:.4g}' if isinstance(v, float) else str(v))}</code>"
+                                       for k, v in best.items()) + "</p>")
+    for figure in result.figures:
+        parts.append(f"<figure><h2>{e(figure.title)}</h2><img src='{e(figure.file)}' alt='{e(figure.title)}'>"
+                     f"<figcaption>{e(figure.caption)}</figcaption></figure>")
+    for title, why in result.skipped.items():
+        parts.append(f"<p><i>{e(title)}: not drawn ({e(why)}).</i></p>")
+    if len(board):
+        parts.append(f"<h2>Leaderboard</h2>{board.to_html(index=False, na_rep='', float_format=lambda v: f'{v:.4g}')}")
+    parts.append("</body></html>")
+    return "\n".join(parts)

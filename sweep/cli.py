@@ -10,7 +10,7 @@ from __future__ import annotations
 import json
 import sys
 import time
-from dataclasses import asdict
+from dataclasses import asdict, replace
 from pathlib import Path
 from typing import TYPE_CHECKING, Callable, List, Optional
 
@@ -225,6 +225,49 @@ def report(sweep_dir: Path = typer.Argument(..., help="A sweep folder, e.g. resu
     typer.echo(f"report: {result.index} ({len(result.figures)} figures)")
     for title, why in result.skipped.items():
         typer.echo(f"  not drawn: {title} ({why})")
+
+
+@app.command()
+def generate(
+    sweep_dir: Path = typer.Argument(..., help="A finished sweep folder, e.g. results/demo"),
+    question: Optional[str] = typer.Argument(None, help="The instruction to answer (or use --file)."),
+    file: Optional[Path] = typer.Option(None, "--file", help="JSONL/CSV/Parquet of prompts, in the sweep's column names."),
+    input_text: str = typer.Option("", "--input", help="Input text that goes with the instruction, as in the data."),
+    system: Optional[str] = typer.Option(None, "--system", help="System text; default: the sweep's data.default_system."),
+    max_new_tokens: int = typer.Option(128, "--max-new-tokens", min=1, help="Most tokens to generate per answer."),
+    temperature: float = typer.Option(0.0, "--temperature", min=0.0, help="0 decodes greedily; above 0 samples."),
+    as_json: bool = typer.Option(False, "--json", help="One JSON line per prompt (instruction, input, answer)."),
+) -> None:
+    """Answer with the exported model (SWEEP_DIR/export/merged), prompted with the sweep's own template, and
+    stream the answer as it is generated.
+
+    Examples: sweep generate results/demo "Repeat the word." --input hello
+              sweep generate results/demo --file prompts.jsonl --json
+    """
+    from sweep.generate import ExportedModel, example_for, examples_from_file
+    from sweep.pipeline import load_sweep
+
+    if (question is None) == (file is None):
+        _fail("error: give either a QUESTION or --file PROMPTS (exactly one of them)", 2)
+    try:
+        config, _ = load_sweep(sweep_dir)
+        examples = examples_from_file(file, config) if file else [example_for(question, config, system, input_text)]
+        if file and system is not None:
+            examples = [replace(e, system=system) for e in examples]
+        model = ExportedModel(sweep_dir)
+    except (FileNotFoundError, ConfigError) as error:
+        _fail(_error_lines(error), 2)
+    for example in examples:
+        if as_json:
+            answer = model.answer(example, max_new_tokens, temperature)
+            typer.echo(json.dumps({"instruction": example.instruction, "input": example.input, "answer": answer}))
+            continue
+        if file:
+            typer.echo(f"### {example.instruction}" + (f" | {example.input}" if example.input else ""))
+        for piece in model.stream(example, max_new_tokens, temperature):
+            sys.stdout.write(piece)
+            sys.stdout.flush()
+        typer.echo("")
 
 
 @app.command()

@@ -1,0 +1,95 @@
+"""`sweep generate`: ask the exported model, with the prompt template the sweep trained it on.
+
+The prompt is rendered and tokenized exactly as in training (`tokenize_example`):
+same template, same default system text, special tokens added the same way.
+Decoding is greedy unless a temperature is given, and stops at EOS.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any, Iterator, Optional
+
+import pandas as pd
+import torch
+from transformers import AutoModelForCausalLM, AutoTokenizer, TextIteratorStreamer
+from transformers.utils import logging as transformers_logging
+
+from sweep.config import ConfigError, SweepConfig
+from sweep.data import normalize_text, read_table
+from sweep.pipeline import load_sweep
+from sweep.templates import Example, prompt_renderer
+
+EXPORT_MODEL = Path("export") / "merged"
+
+
+def load_exported(sweep_dir: Path) -> tuple[SweepConfig, Any, Any]:
+    config, _ = load_sweep(sweep_dir)
+    model_dir = Path(sweep_dir) / EXPORT_MODEL
+    if not (model_dir / "config.json").is_file():
+        raise FileNotFoundError(f"{model_dir} not found: the sweep has no export yet (`sweep export {sweep_dir}` makes it)")
+    transformers_logging.disable_progress_bar()  # the answer is the output; no loading bars around it
+    tokenizer = AutoTokenizer.from_pretrained(model_dir)
+    if tokenizer.pad_token_id is None:
+        tokenizer.pad_token = tokenizer.eos_token
+    device = "cuda" if torch.cuda.is_available() else "cpu"
+    model = AutoModelForCausalLM.from_pretrained(model_dir).to(device).eval()
+    return config, tokenizer, model
+
+
+def examples_from_file(path: Path, config: SweepConfig) -> list[Example]:
+    """Prompts from a JSONL/CSV/Parquet file with the sweep's own column names (a response column is not needed)."""
+    columns = config.data.columns
+    frame: pd.DataFrame = read_table(path, required=(columns.instruction,))
+    examples = []
+    for row in frame.to_dict("records"):
+        system = normalize_text(row.get(columns.system)) if columns.system else ""
+        examples.append(Example(
+            instruction=normalize_text(row.get(columns.instruction)), response="",
+            system=system or config.data.default_system,
+            input=normalize_text(row.get(columns.input)) if columns.input else "",
+        ))
+    empty = [i + 1 for i, e in enumerate(examples) if not e.instruction]
+    if empty:
+        raise ConfigError([f"`{columns.instruction}`: empty in row(s) {empty[:10]}; every prompt needs an instruction"],
+                          str(path))
+    return examples
+
+
+def stream_answer(model: Any, tokenizer: Any, prompt: str, max_new_tokens: int,
+                  temperature: float = 0.0) -> Iterator[str]:
+    """Yield the answer's text piece by piece as it is generated."""
+    from threading import Thread
+
+    input_ids = torch.tensor([tokenizer(prompt, add_special_tokens=True)["input_ids"]], device=model.device)
+    streamer = TextIteratorStreamer(tokenizer, skip_prompt=True, skip_special_tokens=True)
+    settings: dict[str, Any] = dict(
+        input_ids=input_ids, attention_mask=torch.ones_like(input_ids), max_new_tokens=max_new_tokens,
+        pad_token_id=tokenizer.pad_token_id, eos_token_id=tokenizer.eos_token_id, streamer=streamer,
+        do_sample=temperature > 0,
+    )
+    if temperature > 0:
+        settings["temperature"] = temperature
+    worker = Thread(target=model.generate, kwargs=settings, daemon=True)
+    worker.start()
+    yield from streamer
+    worker.join()
+
+
+class ExportedModel:
+    """The sweep's exported model, loaded once, with the sweep's prompt template."""
+
+    def __init__(self, sweep_dir: Path):
+        self.config, self.tokenizer, self.model = load_exported(sweep_dir)
+        self.render = prompt_renderer(self.config.data.template, self.tokenizer)
+
+    def stream(self, example: Example, max_new_tokens: int, temperature: float = 0.0) -> Iterator[str]:
+        return stream_answer(self.model, self.tokenizer, self.render(example), max_new_tokens, temperature)
+
+    def answer(self, example: Example, max_new_tokens: int, temperature: float = 0.0) -> str:
+        return "".join(self.stream(example, max_new_tokens, temperature)).strip()
+
+
+def example_for(question: str, config: SweepConfig, system: Optional[str] = None, input_text: str = "") -> Example:
+    return Example(instruction=question, response="", system=config.data.default_system if system is None else system,
+                   input=input_text)

@@ -1,0 +1,74 @@
+"""`sweep generate`: the exported model answers with the sweep's template, streamed, as the final evaluation decodes."""
+
+import json
+import shutil
+
+import pytest
+from transformers import AutoModelForCausalLM, AutoTokenizer
+from typer.testing import CliRunner
+
+from sweep.cli import app
+from sweep.config import config_to_yaml, load_config
+from sweep.data import tokenize_example
+from sweep.evaluate import greedy_completions
+from sweep.generate import ExportedModel
+from sweep.templates import Example, render_default
+
+
+@pytest.fixture
+def exported_sweep(raw_config, write_config, tiny_model_dir):
+    raw_config["data"]["default_system"] = "Answer with the word only."
+    config = load_config(write_config(raw_config))
+    sweep_dir = config.sweep_dir
+    sweep_dir.mkdir(parents=True)
+    (sweep_dir / "config.yaml").write_text(config_to_yaml(config))
+    (sweep_dir / "provenance.json").write_text(json.dumps({"data_path": "unused"}))
+    shutil.copytree(tiny_model_dir, sweep_dir / "export" / "merged")
+    return sweep_dir
+
+
+def test_answer_is_streamed_and_matches_the_final_evaluations_greedy_decoding(exported_sweep, tiny_model_dir):
+    model = ExportedModel(exported_sweep)
+    example = Example(instruction="Repeat the word.", input="hello", response="", system="Answer with the word only.")
+    pieces = list(model.stream(example, max_new_tokens=8))
+    assert len(pieces) > 1  # streamed piece by piece, not in one go
+
+    tokenizer = AutoTokenizer.from_pretrained(tiny_model_dir)
+    reference = AutoModelForCausalLM.from_pretrained(tiny_model_dir).eval()
+    # The prompt as training and the final evaluation tokenize it (the response is not part of it).
+    prompt = tokenize_example(Example(**{**example.__dict__, "response": "x"}), render_default, tokenizer, 512)
+    prompt_ids = prompt["input_ids"][: prompt["prompt_length"]]
+    expected = greedy_completions(reference, tokenizer, [prompt_ids], max_new_tokens=8, batch_size=1)[0]
+    assert "".join(pieces).strip() == expected
+
+
+def test_cli_question_uses_the_sweeps_default_system(exported_sweep, monkeypatch):
+    seen = []
+    monkeypatch.setattr(ExportedModel, "stream", lambda self, example, *a: (seen.append(example), iter(["ok"]))[1])
+    result = CliRunner().invoke(app, ["generate", str(exported_sweep), "Repeat the word.", "--input", "abc"])
+    assert result.exit_code == 0, result.output
+    assert result.output == "ok\n"
+    assert seen == [Example(instruction="Repeat the word.", input="abc", response="", system="Answer with the word only.")]
+
+
+def test_cli_file_of_prompts_gives_one_json_line_each(exported_sweep, tmp_path):
+    prompts = tmp_path / "prompts.jsonl"
+    prompts.write_text('{"instruction": "Repeat the word.", "input": "abc"}\n{"instruction": "Spell it backwards.", "input": "xyz"}\n')
+    result = CliRunner().invoke(app, ["generate", str(exported_sweep), "--file", str(prompts), "--json",
+                                      "--max-new-tokens", "4"])
+    assert result.exit_code == 0, result.output
+    lines = [json.loads(line) for line in result.output.splitlines()]
+    assert [(line["instruction"], line["input"]) for line in lines] == [("Repeat the word.", "abc"), ("Spell it backwards.", "xyz")]
+    assert all(isinstance(line["answer"], str) for line in lines)
+
+
+def test_cli_refuses_missing_input_and_missing_export(exported_sweep, tmp_path):
+    result = CliRunner().invoke(app, ["generate", str(exported_sweep)])
+    assert result.exit_code == 2 and "either a QUESTION or --file" in result.output
+    shutil.rmtree(exported_sweep / "export")
+    result = CliRunner().invoke(app, ["generate", str(exported_sweep), "Hi"])
+    assert result.exit_code == 2 and "the sweep has no export yet" in result.output
+    prompts = tmp_path / "bad.jsonl"
+    prompts.write_text('{"question": "Hi"}\n')
+    result = CliRunner().invoke(app, ["generate", str(exported_sweep), "--file", str(prompts)])
+    assert result.exit_code == 2 and "instruction" in result.output

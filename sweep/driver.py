@@ -152,7 +152,8 @@ def run_sweep(config: SweepConfig, space: dict[str, Any], data_path: Path, sweep
         tuner = tune.Tuner.restore(str(tune_dir), trainable, resume_unfinished=True, resume_errored=False)
         return tuner.fit()
     callbacks: list[Callback] = [
-        TensorBoardCallback(sweep_dir / "tensorboard", config.search.metric, config.search.mode),
+        TensorBoardCallback(sweep_dir / "tensorboard", config.search.metric, config.search.mode,
+                            config.training.max_steps),
         ProgressCallback(sweep_dir, config.name, config.search.metric, config.search.mode, config.search.num_trials,
                          config.search.max_concurrent_trials, config.training.max_steps),
     ]

@@ -25,7 +25,7 @@ from rich.live import Live
 from rich.table import Table
 from rich.text import Text
 
-from sweep.results import write_atomically
+from sweep.results import ended_status, write_atomically
 
 STATUS_FILE = "status.json"
 SweepState = Literal["running", "finished", "stopped", "failed"]
@@ -266,12 +266,8 @@ class ProgressCallback(Callback):
         self.publish(force=True)
 
     def on_trial_complete(self, iteration: int, trials: list, trial: Any, **info: Any) -> None:
-        # As in the leaderboard: a diverged trial is errored; one ASHA stopped did not reach max_steps.
-        if trial.trial_id in self._diverged:
-            self._ended(trial, "errored")
-        else:
-            done = self._trial(trial).step >= self.settings["max_steps"]
-            self._ended(trial, "completed" if done else "stopped early")
+        steps = self._trial(trial).step
+        self._ended(trial, ended_status(trial.trial_id in self._diverged, steps, self.settings["max_steps"]))
 
     def on_trial_error(self, iteration: int, trials: list, trial: Any, **info: Any) -> None:
         self._ended(trial, "errored")

@@ -39,6 +39,13 @@ class TrialRecord:
     disk_bytes: int = 0
 
 
+def ended_status(errored: bool, steps_run: int, max_steps: int) -> TrialStatus:
+    """How a trial ended: errored (an exception or a diverged loss), completed (ran max_steps) or stopped early (ASHA)."""
+    if errored:
+        return "errored"
+    return "completed" if steps_run >= max_steps else "stopped early"
+
+
 def _error_summary(error: BaseException) -> str:
     """The last line of a trial's error: in Ray's traceback text, that is the exception and its message."""
     text = str(error).strip().splitlines()
@@ -62,12 +69,10 @@ def trial_record(result: Any, config: SweepConfig) -> TrialRecord:
         best_step=None, steps_run=steps_run, wall_seconds=round(wall, 2),
     )
     if result.error is not None:
-        record.status, record.error = "errored", _error_summary(result.error)
+        record.error = _error_summary(result.error)
     elif "diverged_reason" in history and history["diverged_reason"].notna().any():
-        record.status = "errored"
         record.error = str(history["diverged_reason"].dropna().iloc[-1])
-    elif steps_run < config.training.max_steps:
-        record.status = "stopped early"
+    record.status = ended_status(bool(record.error), steps_run, config.training.max_steps)
     usable = history[history[metric].map(_usable)] if metric in history else history.iloc[0:0]
     if "diverged" in usable:
         usable = usable[~usable["diverged"].astype(bool)]

@@ -14,6 +14,8 @@ from ray.tune import Callback
 from torch.utils.tensorboard import SummaryWriter
 from torch.utils.tensorboard.summary import hparams
 
+from sweep.results import ended_status
+
 SCALARS = ("eval_loss", "eval_perplexity", "train_loss", "learning_rate", "tokens_per_second")
 
 
@@ -23,10 +25,12 @@ def hparam_value(value: Any) -> Any:
 
 
 class TensorBoardCallback(Callback):
-    def __init__(self, log_dir: Path, metric: str, mode: str):
+    def __init__(self, log_dir: Path, metric: str, mode: str, max_steps: int):
         self.log_dir = Path(log_dir)
         self.metric = metric
         self.mode = mode
+        self.max_steps = max_steps
+        self._diverged: set[str] = set()
         self._writers: dict[str, SummaryWriter] = {}
         self._best: dict[str, float] = {}
         self._steps: dict[str, int] = {}
@@ -50,6 +54,8 @@ class TensorBoardCallback(Callback):
             if better:
                 self._best[trial.trial_id] = float(value)
         self._steps[trial.trial_id] = step
+        if result.get("diverged"):
+            self._diverged.add(trial.trial_id)
         writer.flush()
 
     def _close(self, trial: Any, status: str) -> None:
@@ -68,7 +74,8 @@ class TensorBoardCallback(Callback):
         self._writers.pop(trial.trial_id, None)
 
     def on_trial_complete(self, iteration: int, trials: list, trial: Any, **info: Any) -> None:
-        self._close(trial, "finished")
+        steps = self._steps.get(trial.trial_id, 0)
+        self._close(trial, ended_status(trial.trial_id in self._diverged, steps, self.max_steps))
 
     def on_trial_error(self, iteration: int, trials: list, trial: Any, **info: Any) -> None:
         self._close(trial, "errored")

@@ -82,7 +82,7 @@ def test_two_trial_sweep_end_to_end(raw_config, write_config, ray_session, monke
         start = plugin_data_pb2.HParamsPluginData.FromString(content["_hparams_/session_start_info"])
         assert start.session_start_info.hparams["training.learning_rate"].number_value == pytest.approx(
             row["param:training.learning_rate"])
-        assert start.session_start_info.hparams["status"].string_value == "finished"
+        assert start.session_start_info.hparams["status"].string_value == row["status"]
         experiment = plugin_data_pb2.HParamsPluginData.FromString(content["_hparams_/experiment"]).experiment
         assert {m.name.tag for m in experiment.metric_infos} >= {"hparam/best_eval_loss", "hparam/steps_run"}
         assert "_hparams_/session_end_info" in content

@@ -63,18 +63,26 @@ class ResumableOptunaSearch(OptunaSearch):
             return True
         return False
 
+    def _report_step(self, trial_id: str, result: dict) -> None:
+        # Intermediate values by training step (what optuna-dashboard plots), not by Tune's report count.
+        self._ot_trials[trial_id].report(result[self.metric], int(result["step"]))
+
     def on_trial_result(self, trial_id: str, result: dict) -> None:
         if self._closed_in_study(trial_id):
             return
         if "step" in result and self.metric in result:
-            # Intermediate values by training step (what optuna-dashboard plots), not by Tune's report count.
-            self._ot_trials[trial_id].report(result[self.metric], int(result["step"]))
+            self._report_step(trial_id, result)
             return
         super().on_trial_result(trial_id, result)
 
     def on_trial_complete(self, trial_id: str, result: dict | None = None, error: bool = False) -> None:
-        if not self._closed_in_study(trial_id):
-            super().on_trial_complete(trial_id, result, error)
+        if self._closed_in_study(trial_id):
+            return
+        # Tune hands the result that ended a trial (ASHA's stop, max_steps) only to this method: record
+        # it as an intermediate value too, so the trial's curve in the study reaches its last step.
+        if result and "step" in result and self.metric in result:
+            self._report_step(trial_id, result)
+        super().on_trial_complete(trial_id, result, error)
 
 
 def make_search(config: SweepConfig, space: dict[str, Any], sweep_dir: Path) -> ResumableOptunaSearch | None:

@@ -199,13 +199,13 @@ def status(
         return
     console = Console()
     if not watch:
-        console.print(render(current, max_rows=50))
+        console.print(render(current, max_rows=1000, width=console.width))
         return
-    with Live(render(current, max_rows=50), console=console, auto_refresh=False) as live:
+    with Live(render(current, max_rows=1000, width=console.width), console=console, auto_refresh=False, vertical_overflow="visible") as live:
         while current.state == "running":
             time.sleep(1.0)
             current = read_status(sweep_dir)
-            live.update(render(current, max_rows=50), refresh=True)
+            live.update(render(current, max_rows=1000, width=console.width), refresh=True)
 
 
 @app.command()

@@ -18,6 +18,7 @@ from pathlib import Path
 from typing import Any
 
 import optuna.distributions as od
+import ray
 import torch
 from accelerate import init_empty_weights
 from transformers import AutoConfig, AutoModelForCausalLM
@@ -199,6 +200,9 @@ def _tune_and_export(config: SweepConfig, space: dict[str, od.BaseDistribution],
     data_path = Path(record["data_path"])
     result_grid = run_sweep(config, space, data_path, sweep_dir, resume=resume)
     records = [trial_record(result, config) for result in result_grid]
+    # Ray's part is done: its workers (and the base models they keep) free their memory before the
+    # final evaluation loads models here, and no late worker log reaches the terminal after the live view.
+    ray.shutdown()
     write_leaderboard(records, sweep_dir, config)
     ended = result_grid.num_terminated + result_grid.num_errors
     if ended < config.search.num_trials:

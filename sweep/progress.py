@@ -20,9 +20,8 @@ from pathlib import Path
 from typing import Any, Iterator, Literal, Optional, TextIO
 
 from ray.tune import Callback
-from rich.console import Console, Group
+from rich.console import Console
 from rich.live import Live
-from rich.table import Table
 from rich.text import Text
 
 from sweep.results import ended_status, write_atomically
@@ -158,23 +157,40 @@ def summary_line(status: SweepStatus) -> str:
     )
 
 
-def render(status: SweepStatus, max_rows: int = 12) -> Group:
-    """The summary line, then a table of the running trials and the best ended ones."""
-    table = Table(expand=False)
-    for column in ("trial", "status", "step", f"last {status.metric}", f"best {status.metric}", "params"):
-        table.add_column(column, no_wrap=column != "params")
+SHORT_NAMES = {"learning_rate": "lr", "rank": "r", "alpha_multiple": "alpha_x", "dropout": "drop",
+               "target_modules": "targets", "warmup_ratio": "warmup", "weight_decay": "wd", "batch_size": "bs",
+               "gradient_accumulation_steps": "accum", "lr_scheduler": "sched", "max_grad_norm": "clip"}
+
+
+def short_params(params: dict[str, Any]) -> str:
+    """`lr=0.0027 r=64 bs=16`: one line per trial even with many parameters."""
+    parts = []
+    for key, value in params.items():
+        name = key.split(".")[-1]
+        parts.append(f"{SHORT_NAMES.get(name, name)}={f'{value:.2g}' if isinstance(value, float) else value}")
+    return " ".join(parts)
+
+
+def render(status: SweepStatus, max_rows: int = 12, width: int = 120) -> Text:
+    """The summary line, then the running trials and the best ended ones, one line each, cut to `width`.
+
+    Plain fixed-width text rather than a table widget: a table squeezes or drops columns on a
+    narrow terminal, and here only the params may give way.
+    """
     reverse = status.mode == "max"
     ended = sorted((t for t in status.trials if t.status != "running" and t.best_metric is not None),
                    key=lambda t: t.best_metric, reverse=reverse)
     shown = [t for t in status.trials if t.status == "running"] + ended
     shown += [t for t in status.trials if t not in shown]
+    lines = [summary_line(status), "",
+             f"{'trial':<10}{'status':<15}{'step':>11}{'last':>10}{'best':>10}  params"]
     for trial in shown[:max_rows]:
-        params = ", ".join(f"{k.split('.')[-1]}={_number(v) if isinstance(v, float) else v}" for k, v in trial.params.items())
-        table.add_row(trial.trial_id, trial.status, f"{trial.step}/{status.max_steps}", _number(trial.last_metric),
-                      _number(trial.best_metric), params)
+        line = (f"{trial.trial_id:<10}{trial.status:<15}{f'{trial.step}/{status.max_steps}':>11}"
+                f"{_number(trial.last_metric):>10}{_number(trial.best_metric):>10}  {short_params(trial.params)}")
+        lines.append(line if len(line) <= width else line[: width - 1] + "…")
     if len(shown) > max_rows:
-        table.caption = f"... and {len(shown) - max_rows} more trials (leaderboard.csv has all of them when the sweep ends)"
-    return Group(Text(summary_line(status)), table)
+        lines.append(f"... and {len(shown) - max_rows} more trials (all of them: sweep status, leaderboard.csv)")
+    return Text("\n".join(lines))
 
 
 def mark_state(sweep_dir: Path, state: SweepState) -> None:
@@ -330,16 +346,19 @@ def _watch(sweep_dir: Path, console: Console, stop: threading.Event, refresh_sec
             return None
 
     if console.is_terminal:
-        with Live(console=console, auto_refresh=False, transient=False) as live:
+        # Rows that fit the terminal (a taller table would be cut); other output is already in the log,
+        # so Live must not redirect sys.stdout/sys.stderr to the terminal itself.
+        rows = max(3, min(12, console.height - 8))
+        with Live(console=console, auto_refresh=False, redirect_stdout=False, redirect_stderr=False) as live:
             while True:
                 status = current()
                 if status is not None:
-                    live.update(render(status), refresh=True)
+                    live.update(render(status, rows, console.width), refresh=True)
                 if stop.wait(refresh_seconds):
                     break
             status = current()
             if status is not None:
-                live.update(render(status), refresh=True)
+                live.update(render(status, rows, console.width), refresh=True)
         return
     last_key, last_time = None, 0.0
     while True:

@@ -95,7 +95,7 @@ def test_table_lists_running_trials_first_then_best(callback, tmp_path):
     console.print(render(read_status(tmp_path)))
     text = console.export_text()
     assert "2 done, 0 stopped early, 0 errored of 4" in text and "best eval_loss 1.5 (b)" in text
-    assert text.index(" c ") < text.index(" b ") < text.index(" a ")
+    assert text.index("\nc ") < text.index("\nb ") < text.index("\na ")
 
 
 def test_status_command_prints_table_and_json(callback, tmp_path):

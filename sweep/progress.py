@@ -249,7 +249,8 @@ class ProgressCallback(Callback):
         if self.status is None or (not force and (not self._dirty or now - self._written < self.min_interval)):
             return
         self.status.updated_at = now
-        write_atomically(self.sweep_dir / STATUS_FILE, json.dumps(self.status.to_json(), indent=1, default=str))
+        # Compact: with 1,000 trials the file is rewritten 1,000+ times (BENCHMARKS.md, driver scale).
+        write_atomically(self.sweep_dir / STATUS_FILE, json.dumps(self.status.to_json(), default=str))
         self._written, self._dirty = now, False
 
     def on_trial_start(self, iteration: int, trials: list, trial: Any, **info: Any) -> None:
@@ -257,7 +258,8 @@ class ProgressCallback(Callback):
         progress.status = "running"
         progress.started_at = progress.started_at or time.time()
         progress.ended_at = None
-        self.publish(force=True)
+        self._dirty = True  # written within min_interval; an end is written at once, so none is lost to a kill
+        self.publish()
 
     def on_trial_result(self, iteration: int, trials: list, trial: Any, result: dict, **info: Any) -> None:
         progress = self._trial(trial)

@@ -19,6 +19,8 @@ import optuna
 import pandas as pd
 import pytest
 
+from sweep.progress import read_status
+
 pytestmark = pytest.mark.integration
 NUM_TRIALS = 3
 EVAL_STEPS = 10
@@ -136,10 +138,19 @@ def test_kill_between_trials(crash_config, tmp_path):
     sweep_dir = sweep_dir_of(tmp_path)
     process = start_sweep(crash_config, tmp_path, stall_at="between_trials")
     wait_for(lambda: (sweep_dir / ".stalled-at-between_trials").exists(), process)
+    # `sweep status` from another process sees the running sweep ...
+    seen = subprocess.run([sys.executable, "-m", "sweep.cli", "status", str(sweep_dir), "--json"], cwd=tmp_path,
+                          capture_output=True, text=True, timeout=60)
+    assert seen.returncode == 0, seen.stderr
+    status = json.loads(seen.stdout)
+    assert status["state"] == "running" and status["counts"]["completed"] == 1 and status["num_trials"] == NUM_TRIALS
     kill(process)
+    assert read_status(sweep_dir).state == "stopped"  # ... and a killed one as stopped
     before = trial_histories(sweep_dir)
     assert [steps[-1] for steps in before.values()] == [120]  # one trial done, none started after it
     check_finished(sweep_dir, before, resume(sweep_dir, tmp_path))
+    after = read_status(sweep_dir)
+    assert after.state == "finished" and after.ended == NUM_TRIALS and after.count("completed") == NUM_TRIALS
 
 
 def test_kill_during_export_leaves_no_export_that_looks_complete(crash_config, tmp_path):
@@ -161,4 +172,5 @@ def test_ctrl_c_stops_with_state_saved_and_resume_finishes(crash_config, tmp_pat
     output = (tmp_path / "run.log").read_text()
     assert code == 130, output[-2000:]
     assert f"sweep resume {sweep_dir}" in output
+    assert read_status(sweep_dir).state == "stopped"
     check_finished(sweep_dir, trial_histories(sweep_dir), resume(sweep_dir, tmp_path))

@@ -137,3 +137,11 @@ def test_live_progress_sends_other_output_to_the_log(tmp_path):
     log = (tmp_path / "logs" / "ray.log").read_text()
     for noise in ("noise from python", "noise from a C library", "noise from a child process"):
         assert noise in log
+
+
+def test_every_command_has_help_with_an_example():
+    commands = [c.name or c.callback.__name__ for c in app.registered_commands]
+    assert {"run", "resume", "demo", "plan", "status", "best", "report", "generate", "export"} <= set(commands)
+    for command in commands:
+        result = CliRunner().invoke(app, [command, "--help"])
+        assert result.exit_code == 0 and "Example" in result.output, command

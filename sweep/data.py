@@ -18,6 +18,7 @@ from typing import Any
 import numpy as np
 import pandas as pd
 import torch
+import datasets
 from datasets import Dataset, DatasetDict, load_from_disk
 
 from sweep.config import ConfigError, DataConfig
@@ -234,7 +235,13 @@ def save_prepared(tokenized: TokenizedData, out_dir: Path) -> PreparedData:
     if not (path / "dataset_dict.json").exists():
         tmp = out_dir / f".{tokenized.data_hash}.tmp"
         shutil.rmtree(tmp, ignore_errors=True)
-        DatasetDict({split: Dataset.from_list(tokenized.records[split]) for split in SPLITS}).save_to_disk(str(tmp))
+        bars_were_off = datasets.are_progress_bars_disabled()
+        datasets.disable_progress_bars()  # three "Saving the dataset" bars per sweep are noise, not progress
+        try:
+            DatasetDict({split: Dataset.from_list(tokenized.records[split]) for split in SPLITS}).save_to_disk(str(tmp))
+        finally:
+            if not bars_were_off:
+                datasets.enable_progress_bars()
         summary = {"hash": tokenized.data_hash, "counts": tokenized.counts, "dropped": tokenized.dropped}
         (tmp / "prepared.json").write_text(json.dumps(summary, indent=2))
         tmp.rename(path)

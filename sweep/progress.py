@@ -77,22 +77,26 @@ class SweepStatus:
         return self.updated_at - self.started_at
 
     def eta_seconds(self) -> Optional[float]:
-        """Time left if every trial still to come took as long as the ended ones did on average.
+        """A rough estimate of the time left, from the trials that ended so far (None until one has).
 
-        ASHA can only make it shorter: trials it stops end early. None until a trial has ended.
+        Trials not started yet are taken to last as long as the ended ones did on average; a running
+        trial, for the rest of its steps, as long as the trials that ran to max_steps (ASHA lets a trial
+        run on only when it is among the best, so running trials tend to be the long ones). ASHA's
+        future stops cannot be known, so early in a sweep the estimate is often low.
         """
         if self.state != "running":
             return 0.0
-        durations = [t.ended_at - t.started_at for t in self.trials if t.ended_at and t.started_at]
-        if not durations:
+        ended = [t for t in self.trials if t.ended_at and t.started_at]
+        if not ended:
             return None
-        mean = sum(durations) / len(durations)
+        mean = sum(t.ended_at - t.started_at for t in ended) / len(ended)
+        full = [t.ended_at - t.started_at for t in ended if t.status == "completed"]
+        full_length = sum(full) / len(full) if full else mean
         running_left = sum(
-            mean * (1 - min(t.step / max(self.max_steps, 1), 1.0)) for t in self.trials if t.status == "running"
+            full_length * (1 - min(t.step / max(self.max_steps, 1), 1.0)) for t in self.trials if t.status == "running"
         )
         not_started = self.num_trials - self.ended - self.count("running")
-        slots = max(1, self.max_concurrent)
-        return (running_left + max(not_started, 0) * mean) / slots
+        return (running_left + max(not_started, 0) * mean) / max(1, self.max_concurrent)
 
     def driver_alive(self) -> bool:
         try:
@@ -322,7 +326,8 @@ def live_progress(sweep_dir: Path, refresh_seconds: float = 1.0) -> Iterator[Non
         for fd in saved:
             os.dup2(log.fileno(), fd)
         console = Console(file=terminal)
-        console.print(f"sweep progress: {sweep_dir / STATUS_FILE}; Ray and Tune output: {sweep_dir / LOG_FILE}")
+        console.print(f"sweep progress: {sweep_dir / STATUS_FILE}; Ray and Tune output: {sweep_dir / LOG_FILE}",
+                      soft_wrap=True)
         stop = threading.Event()
         watcher = threading.Thread(target=_watch, args=(sweep_dir, console, stop, refresh_seconds), daemon=True)
         watcher.start()

@@ -55,13 +55,20 @@ def test_eta_counts_running_and_unstarted_trials(callback, tmp_path):
     callback.on_trial_start(0, [], a)
     assert read_status(tmp_path).eta_seconds() is None  # nothing has ended yet: no estimate
     callback.status.trials[0].started_at -= 40.0  # it took 40 s
+    callback.on_trial_result(0, [], a, {"step": 100, "eval_loss": 2.0})
     callback.on_trial_complete(0, [], a)
     b = trial("b", 1e-2)
     callback.on_trial_start(0, [], b)
     callback.on_trial_result(0, [], b, {"step": 50, "eval_loss": 3.0})
     callback.publish(force=True)
-    # b has half its 40 s left; 2 trials not started take 40 s each; 2 slots: (20 + 80) / 2
-    assert read_status(tmp_path).eta_seconds() == pytest.approx(50.0, abs=0.5)
+    # b has half its steps left, at the 40 s of a full trial; 2 trials not started take 40 s each; 2 slots.
+    assert read_status(tmp_path).eta_seconds() == pytest.approx((20 + 80) / 2, abs=0.5)
+    callback.on_trial_complete(0, [], b)  # b: stopped early after ~0 s
+    c = trial("c", 1e-4)
+    callback.on_trial_start(0, [], c)
+    callback.publish(force=True)
+    # c just started: a full trial (a's 40 s); the 1 not started takes the mean of a and b (about 20 s).
+    assert read_status(tmp_path).eta_seconds() == pytest.approx((40 + 20) / 2, abs=0.5)
 
 
 def test_a_killed_driver_shows_as_stopped_and_a_resumed_sweep_keeps_its_trials(callback, tmp_path):

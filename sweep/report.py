@@ -190,6 +190,7 @@ def _page(name: str, result: ReportResult, board: pd.DataFrame, final: dict[str,
     for title, why in result.skipped.items():
         parts.append(f"<p><i>{e(title)}: not drawn ({e(why)}).</i></p>")
     if len(board):
-        parts.append(f"<h2>Leaderboard</h2>{board.to_html(index=False, na_rep='', float_format=lambda v: f'{v:.4g}')}")
+        table = board.to_html(index=False, na_rep="", float_format=lambda v: f"{v:.4g}")
+        parts.append(f"<h2>Leaderboard</h2><div style='overflow-x:auto'>{table}</div>")  # wide: scroll, not stretch
     parts.append("</body></html>")
     return "\n".join(parts)

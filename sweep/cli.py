@@ -188,7 +188,7 @@ def status(
     from rich.console import Console
     from rich.live import Live
 
-    from sweep.progress import read_status, render
+    from sweep.progress import ACTIVE_STATES, read_status, render
 
     try:
         current = read_status(sweep_dir)
@@ -202,7 +202,7 @@ def status(
         console.print(render(current, max_rows=1000, width=console.width))
         return
     with Live(render(current, max_rows=1000, width=console.width), console=console, auto_refresh=False, vertical_overflow="visible") as live:
-        while current.state == "running":
+        while current.state in ACTIVE_STATES:
             time.sleep(1.0)
             current = read_status(sweep_dir)
             live.update(render(current, max_rows=1000, width=console.width), refresh=True)

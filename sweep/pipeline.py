@@ -212,6 +212,7 @@ def _tune_and_export(config: SweepConfig, space: dict[str, od.BaseDistribution],
         )
     best = promote(records, config)
     write_best(best, sweep_dir)
+    mark_state(sweep_dir, "exporting")
     faults.stall_if_asked("export", sweep_dir)
     final = finalize(sweep_dir, config, best, data_path, record)
     records = prune_checkpoints(records, best, config, sweep_dir)

@@ -27,7 +27,9 @@ from rich.text import Text
 from sweep.results import ended_status, write_atomically
 
 STATUS_FILE = "status.json"
-SweepState = Literal["running", "finished", "stopped", "failed"]
+# "exporting": every trial has ended; the best checkpoint is being evaluated on the test split and exported.
+SweepState = Literal["running", "exporting", "finished", "stopped", "failed"]
+ACTIVE_STATES = ("running", "exporting")
 
 
 @dataclass
@@ -74,7 +76,8 @@ class SweepStatus:
 
     @property
     def elapsed_seconds(self) -> float:
-        return self.updated_at - self.started_at
+        end = time.time() if self.state in ACTIVE_STATES else self.updated_at  # the file is rewritten only on events
+        return max(0.0, end - self.started_at)
 
     def eta_seconds(self) -> Optional[float]:
         """A rough estimate of the time left, from the trials that ended so far (None until one has).
@@ -131,7 +134,7 @@ def read_status(sweep_dir: Path) -> SweepStatus:
     if not path.is_file():
         raise FileNotFoundError(f"{path} not found: no sweep has started in {sweep_dir} (start one with `sweep run`)")
     status = SweepStatus.from_json(json.loads(path.read_text(encoding="utf-8")))
-    if status.state == "running" and not status.driver_alive():
+    if status.state in ACTIVE_STATES and not status.driver_alive():
         status.state = "stopped"  # killed without a chance to say so; `sweep resume` continues it
     return status
 

@@ -199,13 +199,14 @@ def status(
         return
     console = Console()
     if not watch:
-        console.print(render(current, max_rows=1000, width=console.width))
+        console.print(render(current, max_rows=len(current.trials), width=console.width))
         return
-    with Live(render(current, max_rows=1000, width=console.width), console=console, auto_refresh=False, vertical_overflow="visible") as live:
+    rows = max(3, console.height - 6)  # a live view taller than the terminal cannot be redrawn in place
+    with Live(render(current, rows, console.width), console=console, auto_refresh=False) as live:
         while current.state in ACTIVE_STATES:
             time.sleep(1.0)
             current = read_status(sweep_dir)
-            live.update(render(current, max_rows=1000, width=console.width), refresh=True)
+            live.update(render(current, rows, console.width), refresh=True)
 
 
 @app.command()

@@ -65,7 +65,13 @@ class ResumableOptunaSearch(OptunaSearch):
 
     def _report_step(self, trial_id: str, result: dict) -> None:
         # Intermediate values by training step (what optuna-dashboard plots), not by Tune's report count.
-        self._ot_trials[trial_id].report(result[self.metric], int(result["step"]))
+        step = int(result["step"])
+        if not hasattr(self, "_reported_steps"):  # set lazily: a searcher restored from an older pickle lacks it
+            self._reported_steps: dict[str, set[int]] = {}
+        reported = self._reported_steps.setdefault(trial_id, set())
+        if step not in reported:  # Optuna warns on a step reported twice (a trial's last result comes twice)
+            self._ot_trials[trial_id].report(result[self.metric], step)
+            reported.add(step)
 
     def on_trial_result(self, trial_id: str, result: dict) -> None:
         if self._closed_in_study(trial_id):

@@ -40,7 +40,12 @@ def load_exported(sweep_dir: Path) -> tuple[SweepConfig, Any, Any]:
 def examples_from_file(path: Path, config: SweepConfig) -> list[Example]:
     """Prompts from a JSONL/CSV/Parquet file with the sweep's own column names (a response column is not needed)."""
     columns = config.data.columns
+    if not Path(path).is_file():
+        raise ConfigError([f"`--file`: prompts file not found: {path}"], str(path))
     frame: pd.DataFrame = read_table(path, required=(columns.instruction,))
+    if columns.instruction not in frame.columns:
+        raise ConfigError([f"`--file`: no `{columns.instruction}` column (the sweep's data.columns.instruction); "
+                           f"the file has {list(frame.columns)}"], str(path))
     examples = []
     for row in frame.to_dict("records"):
         system = normalize_text(row.get(columns.system)) if columns.system else ""
@@ -70,10 +75,21 @@ def stream_answer(model: Any, tokenizer: Any, prompt: str, max_new_tokens: int,
     )
     if temperature > 0:
         settings["temperature"] = temperature
-    worker = Thread(target=model.generate, kwargs=settings, daemon=True)
+    failure: list[BaseException] = []
+
+    def run() -> None:
+        try:
+            model.generate(**settings)
+        except BaseException as error:  # e.g. out of memory: end the stream so the reader does not wait forever
+            failure.append(error)
+            streamer.end()
+
+    worker = Thread(target=run, daemon=True)
     worker.start()
     yield from streamer
     worker.join()
+    if failure:
+        raise failure[0]
 
 
 class ExportedModel:

@@ -187,22 +187,29 @@ def _tune_and_finish(config: SweepConfig, space: dict[str, od.BaseDistribution],
         try:
             outcome = _tune_and_export(config, space, sweep_dir, record, resume)
             state = "finished"
-        except SweepInterrupted:
+        except (SweepInterrupted, KeyboardInterrupt):  # a second Ctrl-C, or one during export: still resumable
             state = "stopped"
             raise
         finally:
-            mark_state(sweep_dir, state)  # inside the live view, so that its last table says how the sweep ended
+            try:  # inside the live view, so that its last table says how the sweep ended
+                mark_state(sweep_dir, state)
+            except OSError as error:  # never hide the sweep's own error behind this one
+                log.warning("could not record the sweep's state in status.json: %s", error)
     return outcome
 
 
 def _tune_and_export(config: SweepConfig, space: dict[str, od.BaseDistribution], sweep_dir: Path,
                      record: dict[str, Any], resume: bool) -> SweepOutcome:
     data_path = Path(record["data_path"])
-    result_grid = run_sweep(config, space, data_path, sweep_dir, resume=resume)
-    records = [trial_record(result, config) for result in result_grid]
-    # Ray's part is done: its workers (and the base models they keep) free their memory before the
-    # final evaluation loads models here, and no late worker log reaches the terminal after the live view.
-    ray.shutdown()
+    ours = not ray.is_initialized()  # a Ray the caller started is the caller's to stop
+    try:
+        result_grid = run_sweep(config, space, data_path, sweep_dir, resume=resume)
+        records = [trial_record(result, config) for result in result_grid]
+    finally:
+        # Ray's part is done: its workers (and the base models they keep) free their memory before the
+        # final evaluation loads models here, and no late worker log reaches the terminal after the live view.
+        if ours:
+            ray.shutdown()
     write_leaderboard(records, sweep_dir, config)
     ended = result_grid.num_terminated + result_grid.num_errors
     if ended < config.search.num_trials:

@@ -1,7 +1,7 @@
 """`sweep plan`: what a sweep would do and cost, worked out from its config alone.
 
-It runs every check `sweep run` runs (config, search space, model, resources, data),
-then counts: trials, the training steps ASHA could spend, LoRA parameters and the
+It runs every check `sweep run` runs before it writes anything (config, search space,
+model, resources, data; a cluster's size is only known once `sweep run` connects), then counts: trials, the training steps ASHA could spend, LoRA parameters and the
 disk the sweep will use. It starts no Ray and writes nothing.
 """
 
@@ -48,6 +48,7 @@ class SweepPlan:
     largest_adapter_parameters: int
     resources_per_trial: dict[str, float]
     disk_bytes: dict[str, int]
+    sweep_dir_exists: bool  # `sweep run` would then need --overwrite or --resume
 
 
 def describe(distribution: od.BaseDistribution) -> str:
@@ -153,6 +154,7 @@ def make_plan(config: SweepConfig) -> SweepPlan:
             "after_sweep": (keep + 1) * checkpoint,
             "export": adapter * ADAPTER_BYTES_PER_PARAMETER + base_parameters * dtype_bytes,
         },
+        sweep_dir_exists=config.sweep_dir.exists() and any(config.sweep_dir.iterdir()),
     )
 
 
@@ -183,6 +185,8 @@ def plan_lines(plan: SweepPlan) -> list[str]:
         f"{_bytes(plan.disk_bytes['during_sweep_at_most'])} of checkpoints while it runs, "
         f"{_bytes(plan.disk_bytes['after_sweep'])} after; export {_bytes(plan.disk_bytes['export'])}",
     ]
+    if plan.sweep_dir_exists:
+        lines.append(f"note: {plan.sweep_dir} exists: `sweep run` needs --resume (continue it) or --overwrite")
     return lines
 
 

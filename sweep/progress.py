@@ -188,7 +188,8 @@ def render(status: SweepStatus, max_rows: int = 12, width: int = 120) -> Text:
     ended = sorted((t for t in status.trials if t.status != "running" and t.best_metric is not None),
                    key=lambda t: t.best_metric, reverse=reverse)
     shown = [t for t in status.trials if t.status == "running"] + ended
-    shown += [t for t in status.trials if t not in shown]
+    listed = {t.trial_id for t in shown}
+    shown += [t for t in status.trials if t.trial_id not in listed]
     lines = [summary_line(status), "",
              f"{'trial':<10}{'status':<15}{'step':>11}{'last':>10}{'best':>10}  params"]
     for trial in shown[:max_rows]:
@@ -212,7 +213,7 @@ def mark_state(sweep_dir: Path, state: SweepState) -> None:
 class ProgressCallback(Callback):
     """Keeps `status.json` current from Tune's events (the live view and `sweep status` read it).
 
-    Writes are atomic and at most every `min_interval` seconds, plus at every trial start and end.
+    Writes are atomic: at every trial end, and otherwise at most every `min_interval` seconds.
     Tune pickles its callbacks with the experiment, so this holds only plain settings; the status
     itself is loaded in `setup`, which also runs when a stopped sweep is resumed.
     """
@@ -235,7 +236,9 @@ class ProgressCallback(Callback):
             self.status = SweepStatus.from_json(json.loads(path.read_text(encoding="utf-8")))
             for trial in self.status.trials:
                 if trial.status == "running":
-                    trial.status = "pending"  # until Tune restarts it
+                    # Until Tune restarts it; its clock restarts too, so the time the driver was
+                    # down does not count in its duration (the ETA's averages).
+                    trial.status, trial.started_at = "pending", None
         else:
             self.status = SweepStatus(state="running", started_at=now, updated_at=now, driver_pid=os.getpid(),
                                       **self.settings)
@@ -325,26 +328,32 @@ def live_progress(sweep_dir: Path, refresh_seconds: float = 1.0) -> Iterator[Non
     except (AttributeError, OSError, io.UnsupportedOperation):  # stdout is not a file (a test runner's buffer)
         terminal, owned = sys.stdout, False
     saved = {fd: os.dup(fd) for fd in (1, 2)}
-    with open(sweep_dir / LOG_FILE, "ab", buffering=0) as log:
+    log = open(sweep_dir / LOG_FILE, "ab", buffering=0)
+    stop = threading.Event()
+    watcher: Optional[threading.Thread] = None
+    try:
         for fd in saved:
             os.dup2(log.fileno(), fd)
         console = Console(file=terminal)
         console.print(f"sweep progress: {sweep_dir / STATUS_FILE}; Ray and Tune output: {sweep_dir / LOG_FILE}",
                       soft_wrap=True)
-        stop = threading.Event()
         watcher = threading.Thread(target=_watch, args=(sweep_dir, console, stop, refresh_seconds), daemon=True)
         watcher.start()
+        yield
+    finally:
+        stop.set()
         try:
-            yield
-        finally:
-            stop.set()
-            watcher.join(timeout=10)
-            sys.stdout.flush()
-            sys.stderr.flush()
+            if watcher is not None:
+                watcher.join(timeout=10)  # its last frame shows how the sweep ended
+        finally:  # runs even if a second Ctrl-C lands in the join: the terminal always gets its fds back
+            for stream in (sys.stdout, sys.stderr):
+                with contextlib.suppress(OSError, ValueError):
+                    stream.flush()
             for fd, copy in saved.items():
                 os.dup2(copy, fd)
                 os.close(copy)
-            if owned:
+            log.close()
+            if owned and (watcher is None or not watcher.is_alive()):
                 terminal.close()
 
 
@@ -352,7 +361,7 @@ def _watch(sweep_dir: Path, console: Console, stop: threading.Event, refresh_sec
     def current() -> Optional[SweepStatus]:
         try:
             return read_status(sweep_dir)
-        except (FileNotFoundError, ValueError, KeyError):  # not started yet, or a write in progress elsewhere
+        except Exception:  # not started yet, or unreadable: the view waits; it must never die mid-sweep
             return None
 
     if console.is_terminal:

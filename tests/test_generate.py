@@ -71,4 +71,21 @@ def test_cli_refuses_missing_input_and_missing_export(exported_sweep, tmp_path):
     prompts = tmp_path / "bad.jsonl"
     prompts.write_text('{"question": "Hi"}\n')
     result = CliRunner().invoke(app, ["generate", str(exported_sweep), "--file", str(prompts)])
-    assert result.exit_code == 2 and "instruction" in result.output
+    assert result.exit_code == 2
+    assert "`--file`: no `instruction` column (the sweep's data.columns.instruction); the file has ['question']" in result.output
+    prompts.write_text('{"instruction": "Hi"}\n{"instruction": ""}\n')
+    result = CliRunner().invoke(app, ["generate", str(exported_sweep), "--file", str(prompts)])
+    assert result.exit_code == 2 and "`instruction`: empty in row(s) [2]" in result.output
+    result = CliRunner().invoke(app, ["generate", str(exported_sweep), "--file", str(tmp_path / "none.jsonl")])
+    assert result.exit_code == 2 and "`--file`: prompts file not found" in result.output
+
+
+def test_a_failure_inside_generation_is_raised_not_waited_on(exported_sweep, monkeypatch):
+    model = ExportedModel(exported_sweep)
+
+    def out_of_memory(**kwargs):
+        raise RuntimeError("out of memory while generating")
+
+    monkeypatch.setattr(model.model, "generate", out_of_memory)
+    with pytest.raises(RuntimeError, match="out of memory while generating"):
+        list(model.stream(Example(instruction="Hi", response=""), max_new_tokens=4))

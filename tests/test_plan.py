@@ -39,11 +39,15 @@ def test_plan_prints_space_trials_steps_disk_and_resources(raw_config, write_con
     assert plan["largest_adapter_parameters"] == peft_trainable_parameters(raw_config["model"]["path"], rank=4)
     assert plan["disk_bytes"]["checkpoint"] > plan["largest_adapter_parameters"] * 4
     assert not ray.is_initialized()
-    assert not (tmp_path / "results").exists()
+    assert not (tmp_path / "results").exists() and plan["sweep_dir_exists"] is False
 
     text = CliRunner().invoke(app, ["plan", str(write_config(raw_config))]).output
     for expected in ("lora.rank: choice of [2, 4]", "trials: 2, 2 at a time", "at most 180", "1 CPU and 0 GPU", "disk:"):
         assert expected in text
+    (tmp_path / "results" / "tiny").mkdir(parents=True)
+    (tmp_path / "results" / "tiny" / "leaderboard.csv").write_text("finished work")
+    text = CliRunner().invoke(app, ["plan", str(write_config(raw_config))]).output
+    assert "exists: `sweep run` needs --resume (continue it) or --overwrite" in text
 
 
 @pytest.mark.parametrize("max_steps,grace,factor", [(480, 80, 2), (240, 40, 3), (100, 1, 4), (90, 10, 3), (50, 50, 3)])

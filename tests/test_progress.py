@@ -5,6 +5,7 @@ import os
 import subprocess
 import sys
 import textwrap
+from pathlib import Path
 from types import SimpleNamespace
 
 import pytest
@@ -13,6 +14,8 @@ from typer.testing import CliRunner
 
 from sweep.cli import app
 from sweep.progress import STATUS_FILE, ProgressCallback, mark_state, read_status, render
+
+REPO = Path(__file__).resolve().parent.parent
 
 
 def trial(trial_id: str, lr: float) -> SimpleNamespace:
@@ -137,7 +140,7 @@ def test_live_progress_sends_other_output_to_the_log(tmp_path):
         print("after the sweep")
     """)
     out = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, timeout=60,
-                         env={**os.environ, "PYTHONPATH": os.getcwd()})
+                         env={**os.environ, "PYTHONPATH": str(REPO)})
     assert out.returncode == 0, out.stderr
     assert "noise" not in out.stdout + out.stderr
     assert "1 done" in out.stdout and out.stdout.rstrip().endswith("after the sweep")
@@ -152,3 +155,52 @@ def test_every_command_has_help_with_an_example():
     for command in commands:
         result = CliRunner().invoke(app, [command, "--help"])
         assert result.exit_code == 0 and "Example" in result.output, command
+
+
+def test_max_mode_ranks_the_highest_first(tmp_path):
+    callback = ProgressCallback(tmp_path, "demo", "accuracy", "max", 3, 1, 10, min_interval=0.0)
+    callback.setup()
+    for name, value in (("a", 0.5), ("b", 0.9), ("c", 0.7)):
+        callback.on_trial_start(0, [], trial(name, 1e-3))
+        callback.on_trial_result(0, [], trial(name, 1e-3), {"step": 10, "accuracy": value})
+        callback.on_trial_result(0, [], trial(name, 1e-3), {"step": 10, "accuracy": value - 0.1})
+        callback.on_trial_complete(0, [], trial(name, 1e-3))
+    status = read_status(tmp_path)
+    assert status.best.trial_id == "b" and status.best.best_metric == 0.9
+    text = render(status).plain
+    assert text.index("\nb ") < text.index("\nc ") < text.index("\na ")
+
+
+def test_live_progress_gives_the_terminal_back_after_an_error(tmp_path):
+    script = textwrap.dedent(f"""
+        import os, sys
+        from pathlib import Path
+        from sweep.progress import live_progress
+        try:
+            with live_progress(Path({str(tmp_path)!r}), refresh_seconds=0.05):
+                raise KeyboardInterrupt
+        except KeyboardInterrupt:
+            pass
+        print("stdout is back")
+        os.write(2, b"stderr is back\\n")
+    """)
+    out = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, timeout=60,
+                         env={**os.environ, "PYTHONPATH": str(REPO)})
+    assert out.returncode == 0, out.stderr
+    assert "stdout is back" in out.stdout and "stderr is back" in out.stderr
+    assert "is back" not in (tmp_path / "logs" / "ray.log").read_text()
+
+
+def test_ctrl_c_during_a_sweep_is_recorded_as_stopped(tmp_path, monkeypatch):
+    from sweep import pipeline
+
+    callback = ProgressCallback(tmp_path, "demo", "eval_loss", "min", 2, 1, 10)
+    callback.setup()
+
+    def interrupted(*args, **kwargs):
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(pipeline, "_tune_and_export", interrupted)
+    with pytest.raises(KeyboardInterrupt):
+        pipeline._tune_and_finish(None, {}, tmp_path, {}, resume=False, live=False)
+    assert read_status(tmp_path).state == "stopped"

@@ -12,6 +12,7 @@ import io
 import json
 import math
 import os
+import socket
 import sys
 import threading
 import time
@@ -58,6 +59,7 @@ class SweepStatus:
     updated_at: float
     driver_pid: int
     trials: list[TrialProgress] = field(default_factory=list)
+    driver_host: str = ""  # a driver on another host (a shared results folder) cannot be checked from here
 
     def count(self, status: str) -> int:
         return sum(t.status == status for t in self.trials)
@@ -134,7 +136,8 @@ def read_status(sweep_dir: Path) -> SweepStatus:
     if not path.is_file():
         raise FileNotFoundError(f"{path} not found: no sweep has started in {sweep_dir} (start one with `sweep run`)")
     status = SweepStatus.from_json(json.loads(path.read_text(encoding="utf-8")))
-    if status.state in ACTIVE_STATES and not status.driver_alive():
+    same_host = status.driver_host in ("", socket.gethostname())
+    if status.state in ACTIVE_STATES and same_host and not status.driver_alive():
         status.state = "stopped"  # killed without a chance to say so; `sweep resume` continues it
     return status
 
@@ -242,7 +245,7 @@ class ProgressCallback(Callback):
         else:
             self.status = SweepStatus(state="running", started_at=now, updated_at=now, driver_pid=os.getpid(),
                                       **self.settings)
-        self.status.state, self.status.driver_pid = "running", os.getpid()
+        self.status.state, self.status.driver_pid, self.status.driver_host = "running", os.getpid(), socket.gethostname()
         self.publish(force=True)
 
     def _trial(self, trial: Any) -> TrialProgress:

@@ -65,14 +65,17 @@ def run(
     overrides: Optional[List[str]] = typer.Argument(None, help="key=value overrides, e.g. search.num_trials=4"),
     overwrite: bool = typer.Option(False, "--overwrite", help="Replace an existing sweep folder of the same name."),
     resume: bool = typer.Option(False, "--resume", help="Continue the sweep folder of the same name if it exists."),
+    address: Optional[str] = typer.Option(
+        None, "--address", help="Run on an existing Ray cluster: auto, or HOST:PORT of its head (sets ray.address)."),
 ) -> None:
     """Run a sweep, then promote, evaluate and export the best checkpoint.
 
-    Example: sweep run examples/demo.yaml search.num_trials=4 training.max_steps=100
+    Examples: sweep run examples/demo.yaml search.num_trials=4 training.max_steps=100
+              sweep run my_sweep.yaml --address auto     (on a node of a running Ray cluster)
     """
     if overwrite and resume:
         _fail("error: --overwrite and --resume exclude each other", 2)
-    _run_config(config, overrides or [], overwrite, resume)
+    _run_config(config, (overrides or []) + ([f"ray.address={address}"] if address else []), overwrite, resume)
 
 
 def _run_config(config_path: Path, overrides: list[str], overwrite: bool, resume: bool = False) -> None:

@@ -178,6 +178,15 @@ class RayConfig(_Strict):
     num_gpus: Optional[float] = Field(None, ge=0)
 
 
+class BudgetConfig(_Strict):
+    """Limits on the tuning phase; when one is spent, no trial starts, running ones stop, and the sweep
+    promotes and exports from what ran."""
+
+    wall_hours: Optional[float] = Field(None, gt=0.0, description="Hours of tuning, from the sweep's first start.")
+    device_hours: Optional[float] = Field(
+        None, gt=0.0, description="Trial hours times the devices each holds (its GPUs, or its CPUs when it has none).")
+
+
 class SweepConfig(_Strict):
     name: str = Field(pattern=r"^[A-Za-z0-9][A-Za-z0-9_.-]*$")
     output_dir: str = "results"
@@ -193,6 +202,12 @@ class SweepConfig(_Strict):
     failure_retries: int = Field(0, ge=0, description="Times a failed trial is retried from its last checkpoint.")
     evaluation: EvaluationConfig = Field(default_factory=EvaluationConfig)
     ray: RayConfig = Field(default_factory=RayConfig)
+    budget: BudgetConfig = Field(default_factory=BudgetConfig)
+
+    @property
+    def devices_per_trial(self) -> float:
+        """What a trial holds, for device-hours: its GPUs, or its CPUs when it asks for no GPU."""
+        return self.resources.gpu if self.resources.gpu > 0 else self.resources.cpu
 
     @model_validator(mode="after")
     def _steps_agree(self) -> "SweepConfig":

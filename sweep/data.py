@@ -22,7 +22,7 @@ import datasets
 from datasets import Dataset, DatasetDict, load_from_disk
 
 from sweep.config import ConfigError, DataConfig
-from sweep.templates import Example, prompt_renderer
+from sweep.templates import Example, prompt_renderer, tokenizer_adds_special_tokens
 
 SPLITS = ("train", "val", "test")
 IGNORE_INDEX = -100  # label value the loss ignores (PyTorch's CrossEntropyLoss default)
@@ -164,13 +164,14 @@ def load_examples(data: DataConfig, seed: int) -> tuple[dict[str, list[Example]]
     return splits, dropped
 
 
-def tokenize_example(example: Example, render, tokenizer, max_length: int) -> dict[str, list[int]] | None:
+def tokenize_example(example: Example, render, tokenizer, max_length: int,
+                     add_special_tokens: bool = True) -> dict[str, list[int]] | None:
     """input_ids = prompt + response + EOS; labels mask the prompt. None if it does not fit max_length.
 
     Prompt and response are tokenized separately so the label boundary is exact
     (tokenizing the joined text can merge tokens across it).
     """
-    prompt_ids = tokenizer(render(example), add_special_tokens=True)["input_ids"]
+    prompt_ids = tokenizer(render(example), add_special_tokens=add_special_tokens)["input_ids"]
     response_ids = tokenizer(example.response, add_special_tokens=False)["input_ids"] + [tokenizer.eos_token_id]
     input_ids = prompt_ids + response_ids
     if len(input_ids) > max_length:
@@ -208,10 +209,14 @@ class TokenizedData:
 def tokenize_splits(data: DataConfig, tokenizer, seed: int) -> TokenizedData:
     splits, empty_rows = load_examples(data, seed)
     data_hash = _hash_inputs(splits, data, tokenizer)
+    if data.template == "chat" and not getattr(tokenizer, "chat_template", None):
+        raise ConfigError(["`data.template`: 'chat' uses the tokenizer's own chat template, but this model's tokenizer "
+                           "has none; use `default` or `alpaca`"], "data")
     render = prompt_renderer(data.template, tokenizer)
+    special = tokenizer_adds_special_tokens(data.template)
     records, too_long = {}, {}
     for split in SPLITS:
-        rows = [tokenize_example(ex, render, tokenizer, data.max_length) for ex in splits[split]]
+        rows = [tokenize_example(ex, render, tokenizer, data.max_length, special) for ex in splits[split]]
         kept = [
             {**row, "prompt": render(ex), "response": ex.response}
             for row, ex in zip(rows, splits[split])

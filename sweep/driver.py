@@ -6,7 +6,9 @@ writes every checkpoint twice and fails to pickle a second Trainer).
 
 from __future__ import annotations
 
+import json
 import os
+import time
 from pathlib import Path
 from typing import Any, Callable
 
@@ -120,6 +122,51 @@ def make_scheduler(config: SweepConfig):
     )
 
 
+BUDGET_FILE = "budget_spent.json"
+
+
+class BudgetStopper(tune.Stopper):
+    """Ends the tuning once its wall-time or device-hour budget is spent, and records which one in the sweep folder.
+
+    Device-seconds are each trial's running time (Tune's `time_total_s`) times the devices it holds.
+    Tune pickles its stopper with the experiment, so a resumed sweep goes on counting from its first start.
+    """
+
+    def __init__(self, sweep_dir: Path, wall_hours: float | None, device_hours: float | None, devices_per_trial: float):
+        self.sweep_dir = Path(sweep_dir)
+        self.wall_seconds = wall_hours * 3600 if wall_hours else None
+        self.device_seconds = device_hours * 3600 if device_hours else None
+        self.devices_per_trial = devices_per_trial
+        self.started: float | None = None
+        self.used: dict[str, float] = {}
+
+    def __call__(self, trial_id: str, result: dict) -> bool:
+        self.used[trial_id] = float(result.get("time_total_s", 0.0)) * self.devices_per_trial
+        return False  # no single trial is stopped for the budget: stop_all ends them together
+
+    def spent(self) -> str | None:
+        now = time.time()
+        self.started = self.started or now
+        if self.wall_seconds is not None and now - self.started >= self.wall_seconds:
+            return f"wall-time budget of {self.wall_seconds / 3600:g} hours spent"
+        if self.device_seconds is not None and sum(self.used.values()) >= self.device_seconds:
+            return f"device budget of {self.device_seconds / 3600:g} device-hours spent"
+        return None
+
+    def stop_all(self) -> bool:
+        reason = self.spent()
+        if reason and not (self.sweep_dir / BUDGET_FILE).exists():
+            (self.sweep_dir / BUDGET_FILE).write_text(json.dumps(
+                {"reason": reason, "device_seconds": round(sum(self.used.values()), 1), "at": time.time()}))
+        return reason is not None
+
+
+def budget_spent(sweep_dir: Path) -> str | None:
+    """Why a budget ended the tuning, if one did."""
+    path = Path(sweep_dir) / BUDGET_FILE
+    return json.loads(path.read_text(encoding="utf-8"))["reason"] if path.is_file() else None
+
+
 class _StallBetweenTrials(Callback):
     """Test point: stop the driver right after a trial ends (see sweep.faults)."""
 
@@ -128,6 +175,16 @@ class _StallBetweenTrials(Callback):
 
     def on_trial_complete(self, iteration: int, trials: list, trial: Any, **info: Any) -> None:
         faults.stall_if_asked("between_trials", self.sweep_dir)
+
+
+def trials_that_fit(config: SweepConfig, cpus: float, gpus: float) -> int:
+    """Trials at once: the configured limit, else as many as `cpus` and `gpus` hold (at most all of them)."""
+    if config.search.max_concurrent_trials:
+        return min(config.search.max_concurrent_trials, config.search.num_trials)
+    fits = int(cpus // config.resources.cpu)
+    if config.resources.gpu > 0:
+        fits = min(fits, int(gpus // config.resources.gpu))
+    return max(1, min(fits, config.search.num_trials))
 
 
 def check_cluster_resources(config: SweepConfig) -> None:
@@ -182,12 +239,18 @@ def run_sweep(config: SweepConfig, space: dict[str, Any], data_path: Path, sweep
             search_alg=make_search(config, space, sweep_dir),
             scheduler=make_scheduler(config),
             num_samples=config.search.num_trials,
-            max_concurrent_trials=config.search.max_concurrent_trials,
+            # Always a number: with a searcher and no limit, Tune starts one trial at a time and waits
+            # for it to be running before the next (its pending-trials default), so trials that fit
+            # side by side would start one by one.
+            max_concurrent_trials=trials_that_fit(
+                config, ray.cluster_resources().get("CPU", 0.0), ray.cluster_resources().get("GPU", 0.0)),
             # Reusing a worker skips its start-up and imports for every trial after the first.
             reuse_actors=True,
         ),
         run_config=tune.RunConfig(
             name=TUNE_DIR_NAME,
+            stop=(BudgetStopper(sweep_dir, config.budget.wall_hours, config.budget.device_hours, config.devices_per_trial)
+                  if config.budget.wall_hours or config.budget.device_hours else None),
             storage_path=str(sweep_dir.resolve()),
             checkpoint_config=tune.CheckpointConfig(
                 num_to_keep=config.checkpoints.keep,

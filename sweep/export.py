@@ -19,7 +19,8 @@ from transformers import AutoModelForCausalLM
 from sweep.config import SweepConfig, config_to_yaml
 from sweep.data import load_prepared, prompt_token_ids
 from sweep.evaluate import EvalMetrics, evaluate_model
-from sweep.results import TrialRecord, write_atomically
+from sweep.driver import budget_spent
+from sweep.results import TrialRecord, sweep_totals, write_atomically
 from sweep.search_space import apply_params
 from trainables.lora_causal_lm import load_base_model, load_tokenizer
 
@@ -68,7 +69,7 @@ def max_logit_difference(a: Any, b: Any, prompts: list[list[int]]) -> float:
 
 
 def model_card(config: SweepConfig, best: TrialRecord, base: EvalMetrics, tuned: EvalMetrics,
-               provenance: dict[str, Any], difference: float, tolerance: float) -> str:
+               provenance: dict[str, Any], difference: float, tolerance: float, totals: dict[str, Any]) -> str:
     params = "\n".join(f"| `{k}` | {v} |" for k, v in sorted(best.params.items())) or "| (fixed config) | |"
     versions = ", ".join(f"{k} {v}" for k, v in provenance.get("packages", {}).items())
     return f"""# LoRA fine-tune of `{config.model.path}` (sweep `{config.name}`)
@@ -96,6 +97,11 @@ hyperparameter sweep ({config.search.num_trials} trials, {config.search.sampler}
 
 Test split: {tuned.examples} examples, {tuned.response_tokens} response tokens, never seen during the search.
 Prompt template: `{config.data.template}`.
+
+## Cost
+The sweep's {totals['trials']} trials used {totals['device_seconds']:,.1f} device-seconds ({"GPU" if config.resources.gpu > 0 else "CPU"}
+seconds times the devices each trial held) and processed {totals['tokens_seen']:,} training tokens; this trial
+{best.device_seconds:,.1f} device-seconds and {best.tokens_seen:,} tokens.{f" The sweep ended early: {totals['budget_spent']}." if totals.get('budget_spent') else ""}
 
 ## Provenance
 - base model: `{config.model.path}`
@@ -125,9 +131,11 @@ def finalize(sweep_dir: Path, config: SweepConfig, best: TrialRecord, data_path:
     base_metrics = evaluate_model(base_model, tokenizer, test_set, **settings)
     tuned_model = peft.PeftModel.from_pretrained(base_model, best.best_checkpoint)
     tuned_metrics = evaluate_model(tuned_model, tokenizer, test_set, **settings)
+    totals = {**sweep_totals(sweep_dir), "budget_spent": budget_spent(sweep_dir)}
     write_atomically(sweep_dir / FINAL_METRICS_FILE, json.dumps({
         "trial_id": best.trial_id, "step": best.best_step, "params": best.params,
         "validation": best.best_metrics, "test": {"base": asdict(base_metrics), "tuned": asdict(tuned_metrics)},
+        "sweep": totals,
     }, indent=2))
 
     staging = sweep_dir / f".{EXPORT_DIR}.tmp"
@@ -150,7 +158,8 @@ def finalize(sweep_dir: Path, config: SweepConfig, best: TrialRecord, data_path:
             f"{tolerance:g}; the export was left in {staging} for inspection"
         )
     (staging / "README.md").write_text(
-        model_card(config, best, base_metrics, tuned_metrics, provenance, difference, tolerance), encoding="utf-8"
+        model_card(config, best, base_metrics, tuned_metrics, provenance, difference, tolerance, totals),
+        encoding="utf-8"
     )
     (staging / "best_config.yaml").write_text(config_to_yaml(best_trial_config(config, best)), encoding="utf-8")
     final = sweep_dir / EXPORT_DIR

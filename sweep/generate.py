@@ -18,7 +18,7 @@ from transformers.utils import logging as transformers_logging
 from sweep.config import ConfigError, SweepConfig
 from sweep.data import normalize_text, read_table
 from sweep.pipeline import load_sweep
-from sweep.templates import Example, prompt_renderer
+from sweep.templates import Example, prompt_renderer, tokenizer_adds_special_tokens
 
 EXPORT_MODEL = Path("export") / "merged"
 
@@ -62,11 +62,11 @@ def examples_from_file(path: Path, config: SweepConfig) -> list[Example]:
 
 
 def stream_answer(model: Any, tokenizer: Any, prompt: str, max_new_tokens: int,
-                  temperature: float = 0.0) -> Iterator[str]:
+                  temperature: float = 0.0, add_special_tokens: bool = True) -> Iterator[str]:
     """Yield the answer's text piece by piece as it is generated."""
     from threading import Thread
 
-    input_ids = torch.tensor([tokenizer(prompt, add_special_tokens=True)["input_ids"]], device=model.device)
+    input_ids = torch.tensor([tokenizer(prompt, add_special_tokens=add_special_tokens)["input_ids"]], device=model.device)
     streamer = TextIteratorStreamer(tokenizer, skip_prompt=True, skip_special_tokens=True)
     settings: dict[str, Any] = dict(
         input_ids=input_ids, attention_mask=torch.ones_like(input_ids), max_new_tokens=max_new_tokens,
@@ -100,7 +100,8 @@ class ExportedModel:
         self.render = prompt_renderer(self.config.data.template, self.tokenizer)
 
     def stream(self, example: Example, max_new_tokens: int, temperature: float = 0.0) -> Iterator[str]:
-        return stream_answer(self.model, self.tokenizer, self.render(example), max_new_tokens, temperature)
+        return stream_answer(self.model, self.tokenizer, self.render(example), max_new_tokens, temperature,
+                             tokenizer_adds_special_tokens(self.config.data.template))
 
     def answer(self, example: Example, max_new_tokens: int, temperature: float = 0.0) -> str:
         return "".join(self.stream(example, max_new_tokens, temperature)).strip()

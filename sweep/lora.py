@@ -18,6 +18,7 @@ from sweep.config import ConfigError, LoraConfig
 
 _ATTENTION_MARKERS = ("attn", "attention")
 _NOT_TARGETS = ("lm_head", "embed_out", "output_layer", "score", "classifier")
+_IN_A_BLOCK = re.compile(r"\.\d+\.")
 
 
 def _is_linear(module: nn.Module) -> bool:
@@ -46,11 +47,14 @@ def resolve_target_modules(model: nn.Module, target: str | list[str]) -> str | l
                 "model",
             )
         return target
+    # Presets adapt the transformer blocks (numbered: `layers.3.`, `h.3.`): layers around them, such
+    # as OPT-350m's project_in/project_out, are neither attention nor MLP.
+    in_blocks = [n for n in names if _IN_A_BLOCK.search(n)] or names
     if target == "all-linear":
-        chosen = names
+        chosen = in_blocks
     else:
-        in_attention = [n for n in names if any(m in n.lower() for m in _ATTENTION_MARKERS)]
-        chosen = in_attention if target == "attention" else [n for n in names if n not in in_attention]
+        in_attention = [n for n in in_blocks if any(m in n.lower() for m in _ATTENTION_MARKERS)]
+        chosen = in_attention if target == "attention" else [n for n in in_blocks if n not in in_attention]
     if not chosen:
         raise ConfigError(
             [f"`lora.target_modules`: preset {target!r} matches no layer of this model; its linear modules are {short_names}"],

@@ -27,7 +27,7 @@ from sweep import faults
 from sweep.config import ConfigError, SweepConfig, config_to_yaml, load_config
 from sweep.data import TokenizedData, save_prepared, tokenize_splits
 from sweep.disk import prune_checkpoints
-from sweep.driver import run_sweep
+from sweep.driver import budget_spent, run_sweep
 from sweep.export import FinalReport, finalize
 from sweep.lora import resolve_target_modules
 from sweep.progress import SweepState, live_progress, mark_state
@@ -212,7 +212,10 @@ def _tune_and_export(config: SweepConfig, space: dict[str, od.BaseDistribution],
             ray.shutdown()
     write_leaderboard(records, sweep_dir, config)
     ended = result_grid.num_terminated + result_grid.num_errors
-    if ended < config.search.num_trials:
+    budget = budget_spent(sweep_dir)
+    if budget:
+        log.warning("%s after %d of %d trials: promoting from what ran", budget, ended, config.search.num_trials)
+    elif ended < config.search.num_trials:
         raise SweepInterrupted(
             f"the sweep stopped with {ended} of {config.search.num_trials} trials ended; "
             f"its state is saved: continue with `sweep resume {sweep_dir}`"

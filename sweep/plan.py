@@ -8,6 +8,7 @@ disk the sweep will use. It starts no Ray and writes nothing.
 from __future__ import annotations
 
 import math
+import os
 import re
 from dataclasses import asdict, dataclass
 from typing import Any, Optional
@@ -17,6 +18,7 @@ import torch
 
 from sweep.config import SweepConfig
 from sweep.data import tokenize_splits
+from sweep.driver import trials_that_fit
 from sweep.lora import linear_module_names, resolve_target_modules
 from sweep.pipeline import check_model, check_output_dir, check_resources
 from sweep.search_space import apply_params, build_search_space
@@ -113,6 +115,16 @@ def _matches(resolved: str | list[str], name: str) -> bool:
     return re.fullmatch(resolved, name) is not None
 
 
+def concurrent_trials(config: SweepConfig) -> int:
+    """Trials at once, as `sweep run` will count them on a local Ray (a cluster's size is unknown before
+    connecting: then at most all of them)."""
+    if config.ray.address and not config.search.max_concurrent_trials:
+        return config.search.num_trials
+    cpus = config.ray.num_cpus or os.cpu_count() or 1
+    gpus = config.ray.num_gpus if config.ray.num_gpus is not None else torch.cuda.device_count()
+    return trials_that_fit(config, cpus, gpus)
+
+
 def make_plan(config: SweepConfig) -> SweepPlan:
     space = build_search_space(config)
     check_resources(config)
@@ -135,7 +147,7 @@ def make_plan(config: SweepConfig) -> SweepPlan:
         search_space={name: describe(d) for name, d in space.items()},
         sampler=config.search.sampler,
         num_trials=config.search.num_trials,
-        max_concurrent_trials=config.search.max_concurrent_trials,
+        max_concurrent_trials=concurrent_trials(config),
         max_steps=config.training.max_steps,
         scheduler=scheduler,
         asha_rungs=rungs,
@@ -150,7 +162,7 @@ def make_plan(config: SweepConfig) -> SweepPlan:
             "checkpoint": checkpoint,
             # While it runs, each trial keeps its k best and its latest; a running one can hold one more.
             "during_sweep_at_most": config.search.num_trials * (keep + 1) * checkpoint
-            + config.search.max_concurrent_trials * checkpoint,
+            + concurrent_trials(config) * checkpoint,
             "after_sweep": (keep + 1) * checkpoint,
             "export": adapter * ADAPTER_BYTES_PER_PARAMETER + base_parameters * dtype_bytes,
         },

@@ -53,7 +53,7 @@ class SweepStatus:
     metric: str
     mode: str
     num_trials: int
-    max_concurrent: int
+    max_concurrent: Optional[int]  # None: as many as the resources fit
     max_steps: int
     started_at: float
     updated_at: float
@@ -101,7 +101,9 @@ class SweepStatus:
             full_length * (1 - min(t.step / max(self.max_steps, 1), 1.0)) for t in self.trials if t.status == "running"
         )
         not_started = self.num_trials - self.ended - self.count("running")
-        return (running_left + max(not_started, 0) * mean) / max(1, self.max_concurrent)
+        # No concurrency limit (None: all that fit): as many slots as trials are running now.
+        slots = self.max_concurrent or max(1, self.count("running"))
+        return (running_left + max(not_started, 0) * mean) / slots
 
     def driver_alive(self) -> bool:
         try:

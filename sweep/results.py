@@ -37,6 +37,8 @@ class TrialRecord:
     checkpoints: list[dict[str, Any]] = field(default_factory=list)  # every kept one: path, step, metric
     trial_dir: str = ""
     disk_bytes: int = 0
+    device_seconds: float = 0.0  # wall seconds times the devices the trial held (config.devices_per_trial)
+    tokens_seen: int = 0  # training tokens (not padding) the trial processed
 
 
 def ended_status(errored: bool, steps_run: int, max_steps: int) -> TrialStatus:
@@ -93,6 +95,8 @@ def trial_record(result: Any, config: SweepConfig) -> TrialRecord:
     record.best_checkpoint = next((c["path"] for c in record.checkpoints if c["step"] == record.best_step), None)
     record.trial_dir = str(result.path)
     record.disk_bytes = folder_bytes(Path(result.path))
+    record.device_seconds = round(wall * config.devices_per_trial, 2)
+    record.tokens_seen = int(history["tokens_seen"].max()) if "tokens_seen" in history and len(history) else 0
     return record
 
 
@@ -114,7 +118,8 @@ def write_leaderboard(records: list[TrialRecord], sweep_dir: Path, config: Sweep
         row.update({f"param:{k}": v for k, v in sorted(r.params.items())})
         row.update({
             f"best_{config.search.metric}": r.best_metric, "best_step": r.best_step, "steps_run": r.steps_run,
-            "wall_seconds": r.wall_seconds, "disk_bytes": r.disk_bytes, "error": r.error,
+            "wall_seconds": r.wall_seconds, "device_seconds": r.device_seconds, "tokens_seen": r.tokens_seen,
+            "disk_bytes": r.disk_bytes, "error": r.error,
         })
         rows.append(row)
     frame = pd.DataFrame(rows)
@@ -152,3 +157,12 @@ def read_best(sweep_dir: Path) -> TrialRecord:
     if not path.is_file():
         raise FileNotFoundError(f"{path} not found: the sweep has not finished promotion (run `sweep run` first)")
     return TrialRecord(**json.loads(path.read_text(encoding="utf-8")))
+
+
+def sweep_totals(sweep_dir: Path) -> dict[str, Any]:
+    """What the whole sweep spent, from its leaderboard: trials, device-seconds, training tokens."""
+    path = Path(sweep_dir) / LEADERBOARD_FILE
+    board = pd.read_csv(path) if path.is_file() else pd.DataFrame()
+    column = lambda name: float(board[name].fillna(0).sum()) if name in board else 0.0  # noqa: E731
+    return {"trials": int(len(board)), "device_seconds": round(column("device_seconds"), 1),
+            "tokens_seen": int(column("tokens_seen"))}

@@ -61,3 +61,12 @@ def prompt_renderer(name: str, tokenizer: Optional[Any] = None) -> Callable[[Exa
     if name == "chat":
         return lambda example: render_chat(example, tokenizer)
     raise ValueError(f"`data.template`: must be one of {', '.join(TEMPLATE_NAMES)}, but got {name!r}")
+
+
+def tokenizer_adds_special_tokens(name: str) -> bool:
+    """Whether to let the tokenizer add its special tokens (BOS) to a rendered prompt.
+
+    A chat template writes its own (a second BOS would change what the model sees); the
+    plain templates are text, and the tokenizer adds them as it would for any text.
+    """
+    return name != "chat"

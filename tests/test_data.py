@@ -17,6 +17,7 @@ from sweep.data import (
     read_table,
     split_examples,
     tokenize_example,
+    tokenize_splits,
 )
 from sweep.templates import Example, render_alpaca, render_default
 from sweep.tiny_model import build_byte_tokenizer
@@ -163,3 +164,27 @@ def test_padding_collator_gives_the_same_batches_as_transformers(tokenizer, tmp_
         assert len(lengths) > 1  # the batches really needed padding
     finally:
         tokenizer.padding_side = "right"
+
+
+CHAT_TEMPLATE = ("{{ bos_token }}{% for m in messages %}<{{ m['role'] }}>{{ m['content'] }}\n{% endfor %}"
+                 "{% if add_generation_prompt %}<assistant>{% endif %}")
+
+
+def test_chat_template_is_the_tokenizers_own_with_a_single_bos():
+    tokenizer = build_byte_tokenizer()
+    tokenizer.chat_template = CHAT_TEMPLATE
+    data = DataConfig(files=[str(ASSETS / "instructions.jsonl")], template="chat", default_system="Be brief.",
+                      max_length=400)
+    rows = tokenize_splits(data, tokenizer, seed=0).records["train"]
+    assert any(row["prompt"].startswith("<s><system>Be brief.\n<user>") for row in rows)  # rows with no system
+    for row in rows:
+        prompt_ids = row["input_ids"][: row["prompt_length"]]
+        assert row["prompt"].startswith("<s><system>") and row["prompt"].endswith("\n<assistant>")
+        assert prompt_ids == tokenizer(row["prompt"], add_special_tokens=False)["input_ids"]
+        assert prompt_ids.count(tokenizer.bos_token_id) == 1  # the template's BOS, and no second one from the tokenizer
+
+
+def test_chat_template_without_one_in_the_tokenizer_is_a_config_error():
+    data = DataConfig(files=[str(ASSETS / "instructions.jsonl")], template="chat")
+    with pytest.raises(ConfigError, match="'chat' uses the tokenizer's own chat template, but this model's tokenizer has none"):
+        tokenize_splits(data, build_byte_tokenizer(), seed=0)

@@ -69,3 +69,13 @@ def test_plan_refuses_bad_input_like_run(raw_config, write_config):
     raw_config["model"]["path"] = "/nowhere/model"
     result = CliRunner().invoke(app, ["plan", str(write_config(raw_config))])
     assert result.exit_code == 2 and "`model.path`: folder not found: /nowhere/model" in result.output
+
+
+def test_without_a_limit_plan_counts_the_trials_that_fit(raw_config, write_config):
+    raw_config["search"]["num_trials"] = 10
+    raw_config["search"].pop("max_concurrent_trials")
+    raw_config["resources"] = {"cpu": 0.25, "gpu": 0.5}
+    raw_config["ray"] = {"num_cpus": 2, "num_gpus": 3}
+    result = CliRunner().invoke(app, ["plan", str(write_config(raw_config)), "--json"])
+    assert result.exit_code == 0, result.output
+    assert json.loads(result.output)["max_concurrent_trials"] == 6  # 3 GPUs / 0.5 (CPUs would fit 8)

@@ -51,10 +51,12 @@ class TuneReporter:
     """Reports to Ray Tune; the checkpoint folder is copied to the sweep's storage by Tune."""
 
     def report(self, metrics: dict[str, Any], checkpoint_dir: Optional[Path]) -> None:
+        import ray
         from ray import tune
 
         checkpoint = tune.Checkpoint.from_directory(str(checkpoint_dir)) if checkpoint_dir else None
-        tune.report(metrics, checkpoint=checkpoint)
+        # Which Ray node ran the trial: on a cluster, the first thing to know about a slow or failed one.
+        tune.report({**metrics, "node_id": ray.get_runtime_context().get_node_id()}, checkpoint=checkpoint)
 
     @contextlib.contextmanager
     def restored_checkpoint(self) -> Iterator[Optional[Path]]:
@@ -171,6 +173,7 @@ class _EvaluationReporter(TrainerCallback):
             "train_seconds": self.train_seconds,  # optimizer steps only: no start-up, evaluation or checkpoints
             "startup_seconds": self.startup_seconds if self.startup_seconds is not None else 0.0,
             "diverged": self.diverged_reason is not None,
+            "device": str(args.device),  # where the trial trained: the GPU Ray assigned, or the CPU
         }
         self.tokens_at_last_report, self.seconds_at_last_report = tokens, self.train_seconds
         if self.diverged_reason is not None:
@@ -319,7 +322,8 @@ def run_trial(params: dict[str, Any], base_config: dict[str, Any], data_path: st
     freeze_long_lived_objects()
     config = apply_params(SweepConfig.model_validate(base_config), params)
     set_seed(config.seed)
-    if config.resources.gpu == 0:
+    use_cpu, _, _ = pick_device(config.resources.gpu)
+    if use_cpu:  # also a trial given a GPU on a machine without CUDA: it falls back to its CPU share
         torch.set_num_threads(max(1, int(config.resources.cpu)))
     tokenizer = load_tokenizer(config)
     data = load_prepared(data_path)

@@ -99,6 +99,12 @@ class LoraConfig(_Strict):
     alpha_multiple: float = Field(2.0, gt=0.0, description="lora_alpha = alpha_multiple * rank")
     dropout: float = Field(0.05, ge=0.0, lt=1.0)
     target_modules: Union[Literal["attention", "mlp", "all-linear"], list[str]] = "attention"
+    use_rslora: bool = Field(False, description="rsLoRA: scale by alpha / sqrt(rank) instead of alpha / rank.")
+    use_dora: bool = Field(False, description="DoRA: learn a magnitude per output besides the low-rank direction.")
+    init: Literal["default", "gaussian"] = Field(
+        "default", description="peft's init of the LoRA A matrix: Kaiming-uniform (default) or Gaussian.")
+    loraplus_lr_ratio: Optional[float] = Field(
+        None, gt=0.0, description="LoRA+: the learning rate of the B matrices is this many times A's (off when unset).")
 
     @field_validator("target_modules")
     @classmethod

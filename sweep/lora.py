@@ -70,6 +70,9 @@ def lora_settings(settings: LoraConfig, model: nn.Module) -> peft.LoraConfig:
         lora_alpha=settings.alpha_multiple * settings.rank,
         lora_dropout=settings.dropout,
         target_modules=resolve_target_modules(model, settings.target_modules),
+        use_rslora=settings.use_rslora,
+        use_dora=settings.use_dora,
+        init_lora_weights=True if settings.init == "default" else settings.init,
     )
 
 

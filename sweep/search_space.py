@@ -29,6 +29,10 @@ TUNABLE_FIELDS: dict[str, type] = {
     "lora.alpha_multiple": float,
     "lora.dropout": float,
     "lora.target_modules": str,
+    "lora.use_rslora": bool,
+    "lora.use_dora": bool,
+    "lora.init": str,
+    "lora.loraplus_lr_ratio": float,
 }
 DISTRIBUTION_TYPES = ("uniform", "loguniform", "int", "choice")
 

@@ -8,7 +8,6 @@ Ray starts at most as many at once as there are CPUs, so on 2 cores not all 8 ar
 
 import json
 import threading
-import time
 
 import pandas as pd
 import pytest

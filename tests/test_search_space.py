@@ -84,3 +84,16 @@ def test_tpe_startup_trials_reach_the_sampler(raw_config, write_config, tmp_path
     assert config.search.startup_trials == 10  # Optuna's own default
     config = load_config(write_config(raw_config), ["search.startup_trials=3"])
     assert make_search(config, build_search_space(config), tmp_path)._sampler._n_startup_trials == 3
+
+
+def test_lora_variants_are_searchable(raw_config, write_config):
+    space = space_of(raw_config, write_config, {
+        "lora.use_dora": {"type": "choice", "values": [True, False]},
+        "lora.use_rslora": {"type": "choice", "values": [True, False]},
+        "lora.init": {"type": "choice", "values": ["default", "gaussian"]},
+        "lora.loraplus_lr_ratio": {"type": "loguniform", "low": 1.0, "high": 32.0},
+    })
+    assert space["lora.use_dora"].choices == (True, False)
+    assert space["lora.loraplus_lr_ratio"] == od.FloatDistribution(1.0, 32.0, log=True)
+    with pytest.raises(ConfigError, match=r"`lora.init`.*'pissa'"):
+        space_of(raw_config, write_config, {"lora.init": {"type": "choice", "values": ["gaussian", "pissa"]}})

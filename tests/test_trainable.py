@@ -81,3 +81,44 @@ def test_the_base_model_is_reused_between_trials_and_comes_back_untouched(prepar
     assert kept_weights.keys() == fresh_weights.keys()
     assert all(torch.equal(kept_weights[k], fresh_weights[k]) for k in kept_weights)
     assert trainable.take_base_model(config) is kept  # the next trial gets the same object, no reload
+
+
+@pytest.mark.parametrize("variant", [
+    {"lora.use_dora": True}, {"lora.use_rslora": True}, {"lora.init": "gaussian"}, {"lora.loraplus_lr_ratio": 16.0},
+])
+def test_lora_variants_train_and_leave_the_kept_base_model_untouched(prepared, variant):
+    from trainables import lora_causal_lm as trainable
+
+    config, data_path = prepared
+    trainable._BASE_MODELS.clear()
+    reporter = ListReporter()
+    run_trial({"training.learning_rate": 1e-2, **variant}, config.model_dump(), str(data_path), reporter)
+    assert [r["step"] for r in reporter.reports] == [3, 6] and all(math.isfinite(r["eval_loss"]) for r in reporter.reports)
+    (kept,) = trainable._BASE_MODELS.values()
+    fresh = trainable.load_base_model(config).state_dict()
+    assert kept.state_dict().keys() == fresh.keys()
+    assert all(torch.equal(value, fresh[name]) for name, value in kept.state_dict().items())
+
+
+def test_variants_reach_peft_and_loraplus_gives_b_its_own_learning_rate(prepared):
+    import peft
+
+    from sweep.lora import lora_settings
+    from sweep.search_space import apply_params
+    from trainables.lora_causal_lm import load_base_model, loraplus_optimizer
+
+    config, _ = prepared
+    config = apply_params(config, {"lora.use_dora": True, "lora.use_rslora": True, "lora.init": "gaussian",
+                                   "lora.loraplus_lr_ratio": 16.0, "training.learning_rate": 1e-3})
+    base = load_base_model(config)
+    settings = lora_settings(config.lora, base)
+    assert (settings.use_dora, settings.use_rslora, settings.init_lora_weights) == (True, True, "gaussian")
+    model = peft.get_peft_model(base, settings)
+    rates = {}
+    for group in loraplus_optimizer(config, model).param_groups:
+        for parameter in group["params"]:
+            rates[id(parameter)] = group["lr"]
+    named = dict(model.named_parameters())
+    assert {rates[id(p)] for n, p in named.items() if "lora_A" in n} == {1e-3}
+    assert sorted({rates[id(p)] for n, p in named.items() if "lora_B" in n}) == pytest.approx([16e-3])
+    assert loraplus_optimizer(apply_params(config, {"lora.loraplus_lr_ratio": None}), model) is None

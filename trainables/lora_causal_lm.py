@@ -345,13 +345,15 @@ def _train(config: SweepConfig, params: dict[str, Any], model: Any, train_set: A
            reporter: Reporter, started: float) -> TrialOutcome:
     with tempfile.TemporaryDirectory(prefix="lora-sweep-trial-") as scratch:
         callback = _EvaluationReporter(reporter, config.search.metric, config.search.mode, started)
+        arguments = training_arguments(config, os.path.join(scratch, "trainer"))
         trainer = Trainer(
             model=model,
-            args=training_arguments(config, os.path.join(scratch, "trainer")),
+            args=arguments,
             train_dataset=train_set,
             eval_dataset=val_set,
             data_collator=collator,
             callbacks=[callback],
+            optimizers=(loraplus_optimizer(config, model), None),
         )
         if faults.planned_fault():
             trainer.add_callback(_FaultInjector(json.dumps(params, sort_keys=True, default=str), model))
@@ -360,6 +362,21 @@ def _train(config: SweepConfig, params: dict[str, Any], model: Any, train_set: A
             # A retried or resumed trial continues from its last checkpoint: weights, optimizer, step, data order.
             trainer.train(resume_from_checkpoint=str(resume_from) if resume_from else None)
     return TrialOutcome(steps=trainer.state.global_step, diverged_reason=callback.diverged_reason, best_metric=callback.best)
+
+
+def loraplus_optimizer(config: SweepConfig, model: Any) -> Optional[torch.optim.Optimizer]:
+    """LoRA+ (peft's `create_loraplus_optimizer`): AdamW with B's learning rate `loraplus_lr_ratio` times A's.
+
+    None leaves the Trainer's own AdamW. The Trainer still builds the schedule, and a resumed trial
+    restores this optimizer's state like any other.
+    """
+    ratio = config.lora.loraplus_lr_ratio
+    if ratio is None:
+        return None
+    from peft.optimizers import create_loraplus_optimizer
+
+    return create_loraplus_optimizer(model, torch.optim.AdamW, lr=config.training.learning_rate,
+                                     loraplus_lr_ratio=ratio, weight_decay=config.training.weight_decay)
 
 
 def tune_trainable(params: dict[str, Any], base_config: dict[str, Any], data_path: str) -> None:

@@ -84,6 +84,18 @@ def normalize_text(value: Any) -> str:
     return re.sub(r"\n{3,}", "\n\n", text).strip()
 
 
+def row_to_example(row: dict[str, Any], data: DataConfig) -> Example:
+    """One row, in the file's column names (`data.columns`), as a normalised Example; missing columns are empty."""
+    columns = data.columns
+    system = normalize_text(row.get(columns.system)) if columns.system else ""
+    return Example(
+        instruction=normalize_text(row.get(columns.instruction)),
+        response=normalize_text(row.get(columns.response)),
+        system=system or data.default_system,
+        input=normalize_text(row.get(columns.input)) if columns.input else "",
+    )
+
+
 def to_examples(frame: pd.DataFrame, data: DataConfig, source: str) -> tuple[list[Example], int]:
     """Map columns to Examples; rows with an empty instruction or response are dropped and counted."""
     columns = data.columns
@@ -94,13 +106,7 @@ def to_examples(frame: pd.DataFrame, data: DataConfig, source: str) -> tuple[lis
         )
     examples, dropped = [], 0
     for row in frame.to_dict("records"):
-        system = normalize_text(row.get(columns.system)) if columns.system else ""
-        example = Example(
-            instruction=normalize_text(row.get(columns.instruction)),
-            response=normalize_text(row.get(columns.response)),
-            system=system or data.default_system,
-            input=normalize_text(row.get(columns.input)) if columns.input else "",
-        )
+        example = row_to_example(row, data)
         if not example.instruction or not example.response:
             dropped += 1
             continue

@@ -7,6 +7,7 @@ Decoding is greedy unless a temperature is given, and stops at EOS.
 
 from __future__ import annotations
 
+from dataclasses import replace
 from pathlib import Path
 from typing import Any, Iterator, Optional
 
@@ -16,7 +17,7 @@ from transformers import AutoModelForCausalLM, AutoTokenizer, TextIteratorStream
 from transformers.utils import logging as transformers_logging
 
 from sweep.config import ConfigError, SweepConfig
-from sweep.data import normalize_text, read_table
+from sweep.data import read_table, row_to_example
 from sweep.pipeline import load_sweep
 from sweep.templates import Example, prompt_renderer, tokenizer_adds_special_tokens
 
@@ -46,14 +47,8 @@ def examples_from_file(path: Path, config: SweepConfig) -> list[Example]:
     if columns.instruction not in frame.columns:
         raise ConfigError([f"`--file`: no `{columns.instruction}` column (the sweep's data.columns.instruction); "
                            f"the file has {list(frame.columns)}"], str(path))
-    examples = []
-    for row in frame.to_dict("records"):
-        system = normalize_text(row.get(columns.system)) if columns.system else ""
-        examples.append(Example(
-            instruction=normalize_text(row.get(columns.instruction)), response="",
-            system=system or config.data.default_system,
-            input=normalize_text(row.get(columns.input)) if columns.input else "",
-        ))
+    # A response column, if the file has one, is not part of the prompt.
+    examples = [replace(row_to_example(row, config.data), response="") for row in frame.to_dict("records")]
     empty = [i + 1 for i, e in enumerate(examples) if not e.instruction]
     if empty:
         raise ConfigError([f"`{columns.instruction}`: empty in row(s) {empty[:10]}; every prompt needs an instruction"],

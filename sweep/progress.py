@@ -116,13 +116,13 @@ class SweepStatus:
 
     def to_json(self) -> dict[str, Any]:
         data = asdict(self)
-        best = self.best
+        best, eta = self.best, self.eta_seconds()
         data.update({
             "counts": {s: self.count(s) for s in ("running", "completed", "stopped early", "errored")},
             "ended": self.ended,
             "best": asdict(best) if best else None,
             "elapsed_seconds": round(self.elapsed_seconds, 1),
-            "eta_seconds": None if self.eta_seconds() is None else round(self.eta_seconds(), 1),
+            "eta_seconds": None if eta is None else round(eta, 1),
         })
         return data
 

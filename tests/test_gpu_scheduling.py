@@ -6,7 +6,6 @@ them Ray has handed out. The trainable, finding no CUDA device, trains on its CP
 Ray starts at most as many at once as there are CPUs, so on 2 cores not all 8 are up together.)
 """
 
-import json
 import threading
 
 import pandas as pd
@@ -15,6 +14,7 @@ import ray
 
 from sweep.config import load_config
 from sweep.pipeline import run
+from sweep.report import trial_histories
 
 pytestmark = pytest.mark.integration
 
@@ -41,12 +41,8 @@ class ResourceWatcher(threading.Thread):
 
 
 def devices_used(sweep_dir) -> set[str]:
-    """The device each report says its trial trained on, from Tune's result.json files."""
-    devices = set()
-    for path in (sweep_dir / "tune").glob("*/result.json"):
-        for line in path.read_text().splitlines():
-            devices.add(json.loads(line)["device"])
-    return devices
+    """The device each report says its trial trained on, from Tune's per-trial results."""
+    return {device for history in trial_histories(sweep_dir).values() for device in history["device"]}
 
 
 def sweep_with_declared_gpus(raw_config, write_config, num_trials, max_concurrent=None):

@@ -1,7 +1,5 @@
 """A sweep on an existing two-node Ray cluster (`sweep run --address`): trials run on both nodes, results land in one folder."""
 
-import json
-
 import pandas as pd
 import pytest
 import ray
@@ -10,6 +8,7 @@ from typer.testing import CliRunner
 
 from sweep.cli import app
 from sweep.config import load_config
+from sweep.report import trial_histories
 
 pytestmark = pytest.mark.integration
 
@@ -25,9 +24,7 @@ def test_trials_run_on_both_nodes_and_all_results_reach_one_sweep_folder(raw_con
         result = CliRunner().invoke(app, ["run", str(config_path), "--address", cluster.address])
         assert result.exit_code == 0, result.output
         sweep_dir = load_config(config_path).sweep_dir
-        nodes = set()
-        for path in sweep_dir.glob("tune/*/result.json"):
-            nodes.update(json.loads(line)["node_id"] for line in path.read_text().splitlines() if line.strip())
+        nodes = {node for history in trial_histories(sweep_dir).values() for node in history["node_id"]}
         assert nodes == {cluster.head_node.node_id, second.node_id}  # both nodes trained
         board = pd.read_csv(sweep_dir / "leaderboard.csv")
         assert len(board) == 4 and (board["status"] == "completed").all()

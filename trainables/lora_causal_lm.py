@@ -345,10 +345,9 @@ def _train(config: SweepConfig, params: dict[str, Any], model: Any, train_set: A
            reporter: Reporter, started: float) -> TrialOutcome:
     with tempfile.TemporaryDirectory(prefix="lora-sweep-trial-") as scratch:
         callback = _EvaluationReporter(reporter, config.search.metric, config.search.mode, started)
-        arguments = training_arguments(config, os.path.join(scratch, "trainer"))
         trainer = Trainer(
             model=model,
-            args=arguments,
+            args=training_arguments(config, os.path.join(scratch, "trainer")),
             train_dataset=train_set,
             eval_dataset=val_set,
             data_collator=collator,

@@ -17,6 +17,7 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_valida
 # Metrics the trainable reports at every evaluation; the sweep can optimise any of them.
 REPORTED_METRICS = ("eval_loss", "eval_perplexity", "train_loss")
 TARGET_MODULE_PRESETS = ("attention", "mlp", "all-linear")
+CONFIG_FILE = "config.yaml"  # a sweep folder's copy of the resolved config it runs
 
 
 class ConfigError(ValueError):
@@ -128,6 +129,11 @@ class TrainingConfig(_Strict):
     gradient_checkpointing: bool = False
 
 
+class WarmStartConfig(_Strict):
+    sweep: str = Field(description="Folder of an earlier sweep (e.g. results/demo) whose best configs run first.")
+    top: int = Field(3, ge=1, description="How many of its best trials to re-run as this sweep's first trials.")
+
+
 class SearchConfig(_Strict):
     space: Optional[str] = Field("lora_default", description="Name in search_spaces/ or a path to a YAML space.")
     parameters: dict[str, dict[str, Any]] = Field(default_factory=dict, description="Inline entries; override `space`.")
@@ -139,6 +145,8 @@ class SearchConfig(_Strict):
     startup_trials: int = Field(
         10, ge=1, description="Random trials before TPE models the results (Optuna's default, kept: see BENCHMARKS.md)."
     )
+    warm_start: Optional[WarmStartConfig] = Field(
+        None, description="Seed the sweep with an earlier sweep's best configs (they run first, then the sampler).")
 
     @field_validator("metric")
     @classmethod
@@ -226,6 +234,10 @@ class SweepConfig(_Strict):
                 f"scheduler.grace_period must be <= training.max_steps ({t.max_steps}), "
                 f"but got {self.scheduler.grace_period}"
             )
+        warm = self.search.warm_start
+        if warm is not None and warm.top > self.search.num_trials:
+            problems.append(
+                f"search.warm_start.top must be <= search.num_trials ({self.search.num_trials}), but got {warm.top}")
         if problems:
             raise ValueError("; ".join(problems))
         return self
@@ -359,6 +371,11 @@ def _resolve_relative_paths(raw: dict[str, Any], base: Path) -> None:
         candidate = base / search["space"]
         if candidate.is_file():
             search["space"] = str(candidate.resolve())
+    warm = search.get("warm_start") if isinstance(search, dict) else None
+    if isinstance(warm, dict) and isinstance(warm.get("sweep"), str):
+        # A sweep folder, named like `output_dir`: relative to the working directory. Stored absolute, so a
+        # resumed sweep (its config.yaml read from anywhere) finds it again.
+        warm["sweep"] = str(Path(warm["sweep"]).expanduser().resolve())
 
 
 def config_to_yaml(config: SweepConfig) -> str:

@@ -23,6 +23,7 @@ from sweep import faults
 from sweep.config import ConfigError, SweepConfig
 from sweep.progress import ProgressCallback
 from sweep.tensorboard_logs import TensorBoardCallback
+from sweep.warm_start import warm_start_points
 from trainables.lora_causal_lm import tune_trainable
 
 TUNE_DIR_NAME = "tune"
@@ -103,6 +104,8 @@ def make_search(config: SweepConfig, space: dict[str, Any], sweep_dir: Path) -> 
     )
     return ResumableOptunaSearch(
         space=space,
+        # An earlier sweep's best configs, enqueued in the study: they are the first trials to run.
+        points_to_evaluate=warm_start_points(config, space).points or None,
         metric=config.search.metric,
         mode=config.search.mode,
         sampler=sampler,

@@ -24,7 +24,7 @@ from accelerate import init_empty_weights
 from transformers import AutoConfig, AutoModelForCausalLM
 
 from sweep import faults
-from sweep.config import ConfigError, SweepConfig, config_to_yaml, load_config
+from sweep.config import CONFIG_FILE, ConfigError, SweepConfig, config_to_yaml, load_config
 from sweep.data import TokenizedData, save_prepared, tokenize_splits
 from sweep.disk import prune_checkpoints
 from sweep.driver import budget_spent, run_sweep
@@ -34,9 +34,9 @@ from sweep.progress import SweepState, live_progress, mark_state
 from sweep.provenance import provenance
 from sweep.results import TrialRecord, promote, read_best, trial_record, write_atomically, write_best, write_leaderboard
 from sweep.search_space import build_search_space
+from sweep.warm_start import warm_start_points
 from trainables.lora_causal_lm import load_tokenizer
 
-CONFIG_FILE = "config.yaml"
 PROVENANCE_FILE = "provenance.json"
 log = logging.getLogger(__name__)
 
@@ -113,11 +113,21 @@ def check_output_dir(config: SweepConfig) -> None:
         raise ConfigError([f"`output_dir`: {existing} is not writable, so {config.sweep_dir} cannot be created"], "output")
 
 
-def preflight(config: SweepConfig) -> tuple[dict[str, od.BaseDistribution], Any, TokenizedData]:
-    """Every check, then the data tokenized in memory; nothing is written."""
+def preflight(config: SweepConfig, starting: bool = True) -> tuple[dict[str, od.BaseDistribution], Any, TokenizedData]:
+    """Every check, then the data tokenized in memory; nothing is written.
+
+    `starting`: a new sweep. A resumed one has already enqueued its warm start, so the earlier sweep
+    it came from is not needed again (it may even be gone).
+    """
     if config.model.trust_remote_code:
         log.warning("model.trust_remote_code is on: the model's own Python code from %s will run", config.model.path)
     space = build_search_space(config)
+    if starting:
+        warm = warm_start_points(config, space)
+        for source in warm.sources:
+            log.info("warm start: trial %s of %s runs first", source, config.search.warm_start.sweep)
+        for reason in warm.skipped:
+            log.warning("warm start: skipped %s", reason)
     check_resources(config)
     check_output_dir(config)
     check_model(config, space)
@@ -165,7 +175,7 @@ def resume(sweep_dir: Path, live: bool = False) -> SweepOutcome:
     if not (sweep_dir / CONFIG_FILE).is_file():
         raise ConfigError([f"{sweep_dir} is not a sweep folder (no {CONFIG_FILE}); start one with `sweep run`"], "resume")
     config = load_config(sweep_dir / CONFIG_FILE)
-    space, _, tokenized = preflight(config)
+    space, _, tokenized = preflight(config, starting=False)
     provenance_file = sweep_dir / PROVENANCE_FILE
     if provenance_file.is_file():
         record = json.loads(provenance_file.read_text(encoding="utf-8"))

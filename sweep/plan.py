@@ -21,7 +21,8 @@ from sweep.data import tokenize_splits
 from sweep.driver import trials_that_fit
 from sweep.lora import linear_module_names, resolve_target_modules
 from sweep.pipeline import check_model, check_output_dir, check_resources
-from sweep.search_space import apply_params, build_search_space
+from sweep.search_space import apply_params, build_search_space, describe
+from sweep.warm_start import warm_start_points
 from trainables.lora_causal_lm import load_tokenizer
 
 # A Trainer checkpoint holds the adapter weights, AdamW's two moments (3x the adapter) and about
@@ -51,16 +52,9 @@ class SweepPlan:
     resources_per_trial: dict[str, float]
     disk_bytes: dict[str, int]
     sweep_dir_exists: bool  # `sweep run` would then need --overwrite or --resume
-
-
-def describe(distribution: od.BaseDistribution) -> str:
-    if isinstance(distribution, od.CategoricalDistribution):
-        return f"choice of {list(distribution.choices)}"
-    kind = "log-uniform" if getattr(distribution, "log", False) else "uniform"
-    if isinstance(distribution, od.IntDistribution):
-        kind = "integer"
-    step = f", step {distribution.step}" if getattr(distribution, "step", None) not in (None, 1) else ""
-    return f"{kind} in [{distribution.low:g}, {distribution.high:g}]{step}"
+    warm_start_points: list[dict[str, Any]]  # the earlier sweep's configs that run first
+    warm_start_sources: list[str]  # the earlier trial of each
+    warm_start_skipped: list[str]  # earlier trials not used, and why
 
 
 def asha_rungs(config: SweepConfig) -> list[int]:
@@ -129,6 +123,7 @@ def make_plan(config: SweepConfig) -> SweepPlan:
     space = build_search_space(config)
     check_resources(config)
     check_output_dir(config)
+    warm = warm_start_points(config, space)
     skeleton = check_model(config, space)
     tokenized = tokenize_splits(config.data, load_tokenizer(config), config.seed)
     rungs = asha_rungs(config)
@@ -167,6 +162,9 @@ def make_plan(config: SweepConfig) -> SweepPlan:
             "export": adapter * ADAPTER_BYTES_PER_PARAMETER + base_parameters * dtype_bytes,
         },
         sweep_dir_exists=config.sweep_dir.exists() and any(config.sweep_dir.iterdir()),
+        warm_start_points=warm.points,
+        warm_start_sources=warm.sources,
+        warm_start_skipped=warm.skipped,
     )
 
 
@@ -197,6 +195,11 @@ def plan_lines(plan: SweepPlan) -> list[str]:
         f"{_bytes(plan.disk_bytes['during_sweep_at_most'])} of checkpoints while it runs, "
         f"{_bytes(plan.disk_bytes['after_sweep'])} after; export {_bytes(plan.disk_bytes['export'])}",
     ]
+    if plan.warm_start_points:
+        lines.append(f"warm start: {len(plan.warm_start_points)} configs of an earlier sweep run first:")
+        lines += [f"  trial {source}: " + ", ".join(f"{k}={v}" for k, v in point.items())
+                  for source, point in zip(plan.warm_start_sources, plan.warm_start_points)]
+        lines += [f"  skipped {reason}" for reason in plan.warm_start_skipped]
     if plan.sweep_dir_exists:
         lines.append(f"note: {plan.sweep_dir} exists: `sweep run` needs --resume (continue it) or --overwrite")
     return lines

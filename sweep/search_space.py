@@ -109,6 +109,16 @@ def _distribution(name: str, spec: Any) -> tuple[od.BaseDistribution | None, lis
     return od.FloatDistribution(float(low), float(high), step=spec.get("step")), []
 
 
+def describe(distribution: od.BaseDistribution) -> str:
+    if isinstance(distribution, od.CategoricalDistribution):
+        return f"choice of {list(distribution.choices)}"
+    kind = "log-uniform" if getattr(distribution, "log", False) else "uniform"
+    if isinstance(distribution, od.IntDistribution):
+        kind = "integer"
+    step = f", step {distribution.step}" if getattr(distribution, "step", None) not in (None, 1) else ""
+    return f"{kind} in [{distribution.low:g}, {distribution.high:g}]{step}"
+
+
 def _fits(value: Any, wanted: type) -> bool:
     if wanted is float:
         return isinstance(value, (int, float)) and not isinstance(value, bool)

@@ -1,0 +1,111 @@
+"""Warm start: an earlier sweep's best configs become this sweep's first trials.
+
+The earlier sweep's leaderboard ranks its trials; each trial's full config (its
+sampled values over its own fixed config) gives the value of every field this
+sweep searches, so a field the earlier sweep kept fixed still gets the value
+that trial really ran with. A config that falls outside this sweep's space is
+skipped and said so; the sampler learns from the re-run trials like any other.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import optuna.distributions as od
+import pandas as pd
+
+from sweep.config import CONFIG_FILE, ConfigError, SweepConfig, load_config
+from sweep.results import LEADERBOARD_FILE
+from sweep.search_space import TUNABLE_FIELDS, apply_params, describe
+
+PARAM_PREFIX = "param:"
+
+
+@dataclass
+class WarmStart:
+    points: list[dict[str, Any]] = field(default_factory=list)  # one per trial to run first, best first
+    sources: list[str] = field(default_factory=list)  # the earlier trial each point comes from
+    skipped: list[str] = field(default_factory=list)  # why an earlier trial was not used
+
+
+def _typed(name: str, value: Any) -> Any:
+    """A leaderboard cell (CSV: numpy scalars, 'True', NaN) -> the Python value the field takes."""
+    if value is None or (isinstance(value, float) and math.isnan(value)):
+        return None
+    wanted = TUNABLE_FIELDS.get(name)
+    if wanted is bool:
+        return value if isinstance(value, bool) else str(value).strip().lower() == "true"
+    if wanted is int:
+        return int(value)
+    if wanted is float:
+        return float(value)
+    return value.item() if hasattr(value, "item") else value
+
+
+def in_space(distribution: od.BaseDistribution, value: Any) -> bool:
+    """Could the sampler have picked `value`? (Optuna enqueues an outside value anyway, with a warning.)"""
+    if isinstance(distribution, od.CategoricalDistribution):
+        return any(type(value) is type(choice) and value == choice for choice in distribution.choices)
+    if isinstance(value, bool) or not isinstance(value, (int, float)):
+        return False
+    if not distribution.low <= value <= distribution.high:
+        return False
+    step = getattr(distribution, "step", None)
+    return step is None or math.isclose(round((value - distribution.low) / step) * step, value - distribution.low,
+                                         abs_tol=1e-9)
+
+
+def _field_value(config: SweepConfig, dotted: str) -> Any:
+    section, name = dotted.split(".", 1)
+    return getattr(getattr(config, section), name)
+
+
+def warm_start_points(config: SweepConfig, space: dict[str, od.BaseDistribution]) -> WarmStart:
+    """The earlier sweep's best `top` configs that fit this sweep's space; every problem is a ConfigError."""
+    warm = config.search.warm_start
+    if warm is None:
+        return WarmStart()
+    folder = Path(warm.sweep)
+    where = "`search.warm_start.sweep`"
+    if not space:
+        raise ConfigError(["`search.warm_start`: this sweep searches nothing (its search space is empty), "
+                           "so there is nothing to seed"], "config")
+    if not (folder / CONFIG_FILE).is_file():
+        raise ConfigError([f"{where}: {folder} is not a sweep folder (no {CONFIG_FILE})"], "config")
+    if not (folder / LEADERBOARD_FILE).is_file():
+        raise ConfigError([f"{where}: {folder} has no {LEADERBOARD_FILE}: its trials have not ended "
+                           f"(finish it with `sweep resume {folder}`)"], "config")
+    earlier = load_config(folder / CONFIG_FILE)
+    board = pd.read_csv(folder / LEADERBOARD_FILE)
+    metric = f"best_{earlier.search.metric}"
+    usable = board[(board["status"] != "errored") & board[metric].notna()] if metric in board else board.iloc[0:0]
+    usable = usable.sort_values(metric, ascending=earlier.search.mode == "min", kind="stable")
+    result = WarmStart()
+    for _, row in usable.iterrows():
+        if len(result.points) == warm.top:
+            break
+        trial = str(row["trial_id"])
+        params = {c[len(PARAM_PREFIX):]: _typed(c[len(PARAM_PREFIX):], row[c])
+                  for c in board.columns if c.startswith(PARAM_PREFIX) and _typed(c[len(PARAM_PREFIX):], row[c]) is not None}
+        try:
+            ran = apply_params(earlier, params)
+        except ConfigError as error:
+            result.skipped.append(f"trial {trial}: its params no longer make a valid config ({error.problems[0]})")
+            continue
+        point = {name: _field_value(ran, name) for name in space}
+        outside = [f"`{name}` = {point[name]!r} is outside this sweep's space ({describe(d)})"
+                   for name, d in space.items() if not in_space(d, point[name])]
+        if outside:
+            result.skipped.append(f"trial {trial}: {'; '.join(outside)}")
+        elif point in result.points:
+            result.skipped.append(f"trial {trial}: the same config as trial {result.sources[result.points.index(point)]}")
+        else:
+            result.points.append(point)
+            result.sources.append(trial)
+    if not result.points:
+        reasons = "; ".join(result.skipped) or f"no trial of it reported a finite {earlier.search.metric}"
+        raise ConfigError([f"{where}: no config of {folder} can seed this sweep ({reasons})"], "config")
+    return result

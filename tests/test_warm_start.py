@@ -1,0 +1,120 @@
+"""Warm start: an earlier sweep's best configs run first in a new sweep."""
+
+import optuna
+import pytest
+import ray
+
+from sweep.config import CONFIG_FILE, ConfigError, config_to_yaml, load_config
+from sweep.pipeline import run
+from sweep.results import TrialRecord, write_leaderboard
+from sweep.search_space import build_search_space
+from sweep.warm_start import warm_start_points
+
+
+def record(trial_id: str, status: str, metric, **params) -> TrialRecord:
+    return TrialRecord(trial_id=trial_id, status=status, params=params, best_metric=metric, best_step=3,
+                       steps_run=6, wall_seconds=1.0)
+
+
+@pytest.fixture
+def earlier_sweep(raw_config, write_config, tmp_path):
+    """An ended sweep's folder as warm start reads it: its config and its leaderboard (rank was fixed at 4)."""
+    raw = {**raw_config, "name": "earlier", "lora": {"rank": 4}}
+    raw["search"] = {"space": None, "num_trials": 5, "parameters": {
+        "training.learning_rate": {"type": "loguniform", "low": 1e-5, "high": 1e-1},
+        "lora.dropout": {"type": "uniform", "low": 0.0, "high": 0.2}}}
+    config = load_config(write_config(raw, "earlier.yaml"))
+    folder = tmp_path / "earlier"
+    folder.mkdir()
+    (folder / CONFIG_FILE).write_text(config_to_yaml(config))
+    write_leaderboard([
+        record("t_far", "completed", 2.0, **{"training.learning_rate": 0.05, "lora.dropout": 0.0}),
+        record("t_best", "stopped early", 1.0, **{"training.learning_rate": 3e-3, "lora.dropout": 0.1}),
+        record("t_error", "errored", None, **{"training.learning_rate": 1e-3, "lora.dropout": 0.0}),
+        record("t_second", "completed", 1.5, **{"training.learning_rate": 1e-3, "lora.dropout": 0.05}),
+        record("t_same", "completed", 1.6, **{"training.learning_rate": 1e-3, "lora.dropout": 0.05}),
+    ], folder, config)
+    return folder
+
+
+def new_sweep(raw_config, write_config, earlier, top=3, **parameters):
+    raw_config["search"] = {"space": None, "num_trials": 4, "warm_start": {"sweep": str(earlier), "top": top},
+                            "parameters": parameters or {
+                                "training.learning_rate": {"type": "loguniform", "low": 1e-4, "high": 1e-2},
+                                "lora.rank": {"type": "choice", "values": [2, 4, 8]}}}
+    config = load_config(write_config(raw_config))
+    return config, build_search_space(config)
+
+
+def test_best_configs_first_with_fields_the_earlier_sweep_fixed(raw_config, write_config, earlier_sweep):
+    warm = warm_start_points(*new_sweep(raw_config, write_config, earlier_sweep))
+    # Best first; the errored trial is left out; rank (fixed at 4 there) comes from the earlier config.
+    assert warm.sources == ["t_best", "t_second"]
+    assert warm.points == [{"training.learning_rate": 3e-3, "lora.rank": 4},
+                           {"training.learning_rate": 1e-3, "lora.rank": 4}]
+    assert warm.skipped == [
+        "trial t_same: the same config as trial t_second",
+        "trial t_far: `training.learning_rate` = 0.05 is outside this sweep's space (log-uniform in [0.0001, 0.01])",
+    ]
+
+
+def test_top_limits_the_seeds(raw_config, write_config, earlier_sweep):
+    warm = warm_start_points(*new_sweep(raw_config, write_config, earlier_sweep, top=1))
+    assert warm.sources == ["t_best"] and warm.skipped == []
+
+
+def test_a_space_no_earlier_config_fits_is_an_error(raw_config, write_config, earlier_sweep):
+    config, space = new_sweep(raw_config, write_config, earlier_sweep,
+                              **{"lora.rank": {"type": "choice", "values": [16, 32]}})
+    with pytest.raises(ConfigError, match=r"no config of .*earlier can seed this sweep .*`lora.rank` = 4 is outside"):
+        warm_start_points(config, space)
+
+
+def test_refusals_name_the_field(raw_config, write_config, earlier_sweep, tmp_path):
+    with pytest.raises(ConfigError, match=r"`search.warm_start.sweep`: .*nowhere is not a sweep folder"):
+        warm_start_points(*new_sweep(raw_config, write_config, tmp_path / "nowhere"))
+    (earlier_sweep / "leaderboard.csv").unlink()
+    with pytest.raises(ConfigError, match=r"has no leaderboard.csv: its trials have not ended"):
+        warm_start_points(*new_sweep(raw_config, write_config, earlier_sweep))
+    raw_config["search"] = {"space": None, "num_trials": 2, "warm_start": {"sweep": str(earlier_sweep), "top": 3}}
+    with pytest.raises(ConfigError, match=r"search.warm_start.top must be <= search.num_trials \(2\), but got 3"):
+        load_config(write_config(raw_config))
+    raw_config["search"]["warm_start"]["top"] = 1
+    config = load_config(write_config(raw_config))
+    with pytest.raises(ConfigError, match=r"`search.warm_start`: this sweep searches nothing"):
+        warm_start_points(config, build_search_space(config))
+
+
+def test_relative_folder_is_stored_absolute(raw_config, write_config, earlier_sweep, monkeypatch):
+    monkeypatch.chdir(earlier_sweep.parent)
+    raw_config["search"]["warm_start"] = {"sweep": "earlier", "top": 1}
+    assert load_config(write_config(raw_config)).search.warm_start.sweep == str(earlier_sweep)
+
+
+@pytest.mark.integration
+def test_seeded_sweep_runs_the_earlier_best_first(raw_config, write_config, earlier_sweep):
+    config, _ = new_sweep(raw_config, write_config, earlier_sweep, top=2)
+    config = config.model_copy(update={"search": config.search.model_copy(update={"max_concurrent_trials": 1})})
+    try:
+        run(config)
+    finally:
+        ray.shutdown()
+    study = optuna.load_study(study_name=config.name, storage=f"sqlite:///{config.sweep_dir / 'optuna_study.db'}")
+    trials = sorted(study.trials, key=lambda t: t.number)
+    assert len(trials) == 4
+    assert [t.params for t in trials[:2]] == [{"training.learning_rate": 3e-3, "lora.rank": 4},
+                                              {"training.learning_rate": 1e-3, "lora.rank": 4}]
+    assert all(t.state == optuna.trial.TrialState.COMPLETE for t in trials)
+
+
+def test_plan_lists_what_runs_first_and_what_was_skipped(raw_config, write_config, earlier_sweep):
+    from typer.testing import CliRunner
+
+    from sweep.cli import app
+
+    new_sweep(raw_config, write_config, earlier_sweep)
+    result = CliRunner().invoke(app, ["plan", str(write_config(raw_config))])
+    assert result.exit_code == 0, result.output
+    assert "warm start: 2 configs of an earlier sweep run first:" in result.output
+    assert "  trial t_best: lora.rank=4, training.learning_rate=0.003" in result.output
+    assert "  skipped trial t_far: `training.learning_rate` = 0.05 is outside" in result.output

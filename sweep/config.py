@@ -16,6 +16,8 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_valida
 
 # Metrics the trainable reports at every evaluation; the sweep can optimise any of them.
 REPORTED_METRICS = ("eval_loss", "eval_perplexity", "train_loss")
+# Costs the trainable also reports, which a sweep can minimise beside its metric (multi-objective search).
+COST_METRICS = ("adapter_params", "eval_ms_per_example")
 TARGET_MODULE_PRESETS = ("attention", "mlp", "all-linear")
 CONFIG_FILE = "config.yaml"  # a sweep folder's copy of the resolved config it runs
 
@@ -145,6 +147,11 @@ class SearchConfig(_Strict):
     startup_trials: int = Field(
         10, ge=1, description="Random trials before TPE models the results (Optuna's default, kept: see BENCHMARKS.md)."
     )
+    also_minimize: Optional[Literal["adapter_params", "eval_ms_per_example"]] = Field(
+        None, description="A cost minimised beside `metric`: the sampler searches for the Pareto front of both.")
+    pareto_tolerance: float = Field(
+        0.01, ge=0.0, description="Promotion with `also_minimize`: the cheapest Pareto trial whose metric is within "
+        "this fraction of the best metric.")
     warm_start: Optional[WarmStartConfig] = Field(
         None, description="Seed the sweep with an earlier sweep's best configs (they run first, then the sampler).")
 
@@ -217,6 +224,12 @@ class SweepConfig(_Strict):
     evaluation: EvaluationConfig = Field(default_factory=EvaluationConfig)
     ray: RayConfig = Field(default_factory=RayConfig)
     budget: BudgetConfig = Field(default_factory=BudgetConfig)
+
+    @property
+    def objectives(self) -> list[tuple[str, str]]:
+        """(metric, mode) of what the sampler optimises: the metric, then the cost when one is minimised too."""
+        cost = [(self.search.also_minimize, "min")] if self.search.also_minimize else []
+        return [(self.search.metric, self.search.mode), *cost]
 
     @property
     def devices_per_trial(self) -> float:

@@ -76,8 +76,13 @@ class ResumableOptunaSearch(OptunaSearch):
             self._ot_trials[trial_id].report(result[self.metric], step)
             reported.add(step)
 
+    @property
+    def _reports_steps(self) -> bool:
+        # Optuna keeps intermediate values (and prunes) for one objective only.
+        return not isinstance(self.metric, list)
+
     def on_trial_result(self, trial_id: str, result: dict) -> None:
-        if self._closed_in_study(trial_id):
+        if self._closed_in_study(trial_id) or not self._reports_steps:
             return
         if "step" in result and self.metric in result:
             self._report_step(trial_id, result)
@@ -89,7 +94,7 @@ class ResumableOptunaSearch(OptunaSearch):
             return
         # Tune hands the result that ended a trial (ASHA's stop, max_steps) only to this method: record
         # it as an intermediate value too, so the trial's curve in the study reaches its last step.
-        if result and "step" in result and self.metric in result:
+        if result and self._reports_steps and "step" in result and self.metric in result:
             self._report_step(trial_id, result)
         super().on_trial_complete(trial_id, result, error)
 
@@ -102,12 +107,15 @@ def make_search(config: SweepConfig, space: dict[str, Any], sweep_dir: Path) -> 
         if config.search.sampler == "tpe"
         else optuna.samplers.RandomSampler(seed=config.seed)
     )
+    metrics, modes = zip(*config.objectives)
     return ResumableOptunaSearch(
         space=space,
         # An earlier sweep's best configs, enqueued in the study: they are the first trials to run.
         points_to_evaluate=warm_start_points(config, space).points or None,
-        metric=config.search.metric,
-        mode=config.search.mode,
+        # With a cost to minimise too, a two-objective study (TPE handles both): its trials' values are
+        # each trial's last metric and cost, and the study's best trials are their Pareto front.
+        metric=list(metrics) if len(metrics) > 1 else metrics[0],
+        mode=list(modes) if len(modes) > 1 else modes[0],
         sampler=sampler,
         study_name=config.name,
         storage=study_storage(sweep_dir),

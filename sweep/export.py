@@ -20,7 +20,7 @@ from sweep.config import SweepConfig, config_to_yaml
 from sweep.data import load_prepared, prompt_token_ids
 from sweep.evaluate import EvalMetrics, evaluate_model
 from sweep.driver import budget_spent
-from sweep.results import TrialRecord, sweep_totals, write_atomically
+from sweep.results import TrialRecord, cost, promotion_rule, sweep_totals, write_atomically
 from sweep.search_space import apply_params
 from trainables.lora_causal_lm import load_base_model, load_tokenizer
 
@@ -77,6 +77,7 @@ def model_card(config: SweepConfig, best: TrialRecord, base: EvalMetrics, tuned:
 Promoted from trial `{best.trial_id}` at step {best.best_step} of {best.steps_run} by a lora-sweep
 hyperparameter sweep ({config.search.num_trials} trials, {config.search.sampler} sampler,
 {config.scheduler.type} scheduler, metric `{config.search.metric}` ({config.search.mode})).
+Promotion rule: {promotion_rule(config)}.{f" Its {config.search.also_minimize}: {cost(best, config):,.6g}." if config.search.also_minimize else ""}
 
 ## Contents
 - `adapter/`: the LoRA adapter (peft `save_pretrained`) and tokenizer
@@ -135,7 +136,7 @@ def finalize(sweep_dir: Path, config: SweepConfig, best: TrialRecord, data_path:
     write_atomically(sweep_dir / FINAL_METRICS_FILE, json.dumps({
         "trial_id": best.trial_id, "step": best.best_step, "params": best.params,
         "validation": best.best_metrics, "test": {"base": asdict(base_metrics), "tuned": asdict(tuned_metrics)},
-        "sweep": totals,
+        "sweep": totals, "promotion": promotion_rule(config),
     }, indent=2))
 
     staging = sweep_dir / f".{EXPORT_DIR}.tmp"

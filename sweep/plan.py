@@ -38,6 +38,7 @@ class SweepPlan:
     sweep_dir: str
     search_space: dict[str, str]
     sampler: str
+    objectives: list[str]  # "metric (mode)", and the cost minimised beside it
     num_trials: int
     max_concurrent_trials: int
     max_steps: int
@@ -141,6 +142,7 @@ def make_plan(config: SweepConfig) -> SweepPlan:
         sweep_dir=str(config.sweep_dir),
         search_space={name: describe(d) for name, d in space.items()},
         sampler=config.search.sampler,
+        objectives=[f"{metric} ({mode})" for metric, mode in config.objectives],
         num_trials=config.search.num_trials,
         max_concurrent_trials=concurrent_trials(config),
         max_steps=config.training.max_steps,
@@ -182,6 +184,8 @@ def plan_lines(plan: SweepPlan) -> list[str]:
     lines += [
         f"sampler: {plan.sampler}; trials: {plan.num_trials}, {plan.max_concurrent_trials} at a time; "
         f"each up to {plan.max_steps} steps",
+        f"objectives: {' and '.join(plan.objectives)}"
+        + (" (Pareto front; ASHA compares trials on the first)" if len(plan.objectives) > 1 else ""),
         f"scheduler: {plan.scheduler}",
         f"training steps: at most {plan.most_training_steps:,} (every trial to the end); "
         f"about {plan.expected_training_steps:,} if ASHA stops trials at the usual rate",

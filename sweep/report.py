@@ -93,6 +93,30 @@ def learning_curves(histories: dict[str, pd.DataFrame], board: pd.DataFrame, met
     return figure
 
 
+def pareto_figure(board: pd.DataFrame, metric: str, cost: str, promoted: str | None) -> Any:
+    """Every trial's best metric against its cost; the Pareto front joined by a line, the promoted trial ringed."""
+    figure, axes = plt.subplots()
+    cost_column, metric_column = f"best_step_{cost}", f"best_{metric}"
+    usable = board[board[metric_column].notna()]
+    others, front = usable[~usable["pareto"].astype(bool)], usable[usable["pareto"].astype(bool)]
+    axes.scatter(others[cost_column], others[metric_column], color="tab:gray", label="dominated", alpha=0.7)
+    front = front.sort_values(cost_column)
+    axes.plot(front[cost_column], front[metric_column], color="tab:blue", marker="o", label="Pareto front")
+    for _, row in front.iterrows():
+        axes.annotate(str(row["trial_id"]), (row[cost_column], row[metric_column]), fontsize=8,
+                      textcoords="offset points", xytext=(4, 4))
+    chosen = usable[usable["trial_id"].astype(str) == str(promoted)]
+    if len(chosen):
+        axes.scatter(chosen[cost_column], chosen[metric_column], s=220, facecolors="none", edgecolors="tab:green",
+                     linewidths=2, label="promoted")
+    axes.set_xlabel(f"{cost} (at the trial's best step, lower is better)")
+    axes.set_ylabel(f"best validation {metric}")
+    axes.set_title(f"{len(front)} of {len(usable)} trials on the Pareto front of {metric} and {cost}")
+    axes.legend()
+    axes.grid(alpha=0.3)
+    return figure
+
+
 def best_vs_base(final: dict[str, Any]) -> Any:
     test = final["test"]
     figure, (loss_axes, match_axes) = plt.subplots(1, 2)
@@ -126,26 +150,34 @@ def write_report(sweep_dir: Path) -> ReportResult:
     final_path = sweep_dir / "final_metrics.json"
     final = json.loads(final_path.read_text(encoding="utf-8")) if final_path.is_file() else None
     completed = [t for t in study.trials if t.state == optuna.trial.TrialState.COMPLETE] if study else []
+    cost = config.search.also_minimize
+    # A two-objective study: Optuna's single-value plots are drawn for the metric, its first objective.
+    target = {"target": lambda t: t.values[0], "target_name": metric} if study and len(study.directions) > 1 else {}
 
     warnings.filterwarnings("ignore", category=optuna.exceptions.ExperimentalWarning)  # the plots are "experimental"
     plots: list[tuple[str, str, str, Callable[[], Any], str]] = [
         ("optimization_history.png", "Optimisation history",
          f"{metric} of every trial in the order the sampler proposed them, with the best so far.",
-         lambda: _optuna_figure(optuna.visualization.matplotlib.plot_optimization_history, study),
+         lambda: _optuna_figure(optuna.visualization.matplotlib.plot_optimization_history, study, **target),
          "" if completed else "no trial has finished"),
         ("param_importances.png", "Hyperparameter importances",
          f"How much of the variation in {metric} each hyperparameter explains (Optuna's fANOVA).",
-         lambda: _optuna_figure(optuna.visualization.matplotlib.plot_param_importances, study),
+         lambda: _optuna_figure(optuna.visualization.matplotlib.plot_param_importances, study, **target),
          "" if len(completed) >= 2 and len({k for t in completed for k in t.params}) >= 1
          else "needs at least 2 finished trials with searched parameters"),
         ("parallel_coordinates.png", "Parallel coordinates",
          f"Each line is a trial: its hyperparameters and its {metric} (darker is better).",
-         lambda: _optuna_figure(optuna.visualization.matplotlib.plot_parallel_coordinate, study),
+         lambda: _optuna_figure(optuna.visualization.matplotlib.plot_parallel_coordinate, study, **target),
          "" if completed and any(t.params for t in completed) else "no finished trial with searched parameters"),
         ("learning_curves.png", "Learning curves",
          f"Validation {metric} by training step for every trial; an x marks a trial ASHA stopped early "
          "(grey) or one that failed (red).",
          lambda: learning_curves(histories, board, metric), "" if histories else "no trial has reported yet"),
+        *([("pareto_front.png", "Pareto front",
+            f"Each trial's best validation {metric} against its {cost}; the promoted trial is ringed: the lowest "
+            f"{cost} within {config.search.pareto_tolerance:.0%} of the best {metric}.",
+            lambda: pareto_figure(board, metric, cost, final.get("trial_id") if final else None),
+            "" if len(board) and "pareto" in board else "no trial has ended")] if cost else []),
         ("best_vs_base.png", "Best vs base on the test split",
          "The promoted checkpoint against the untuned base model on the held-out test split.",
          lambda: best_vs_base(final), "" if final else "the sweep has not finished its final evaluation"),

@@ -15,7 +15,7 @@ from typing import Any, Literal, Optional
 
 import pandas as pd
 
-from sweep.config import SweepConfig
+from sweep.config import COST_METRICS, SweepConfig
 
 TrialStatus = Literal["completed", "stopped early", "errored"]
 LEADERBOARD_FILE = "leaderboard.csv"
@@ -39,6 +39,7 @@ class TrialRecord:
     disk_bytes: int = 0
     device_seconds: float = 0.0  # wall seconds times the devices the trial held (config.devices_per_trial)
     tokens_seen: int = 0  # training tokens (not padding) the trial processed
+    adapter_params: int = 0  # trainable LoRA parameters (DoRA's magnitudes included)
 
 
 def ended_status(errored: bool, steps_run: int, max_steps: int) -> TrialStatus:
@@ -84,7 +85,8 @@ def trial_record(result: Any, config: SweepConfig) -> TrialRecord:
         record.best_step = int(best_row["step"])
         record.best_metrics = {
             k: best_row[k].item() if hasattr(best_row[k], "item") else best_row[k]
-            for k in ("step", "eval_loss", "eval_perplexity", "train_loss", "learning_rate", "tokens_per_second")
+            for k in ("step", "eval_loss", "eval_perplexity", "train_loss", "learning_rate", "tokens_per_second",
+                      *COST_METRICS)
             if k in best_row
         }
     record.checkpoints = [
@@ -97,6 +99,7 @@ def trial_record(result: Any, config: SweepConfig) -> TrialRecord:
     record.disk_bytes = folder_bytes(Path(result.path))
     record.device_seconds = round(wall * config.devices_per_trial, 2)
     record.tokens_seen = int(history["tokens_seen"].max()) if "tokens_seen" in history and len(history) else 0
+    record.adapter_params = int(history["adapter_params"].max()) if "adapter_params" in history and len(history) else 0
     return record
 
 
@@ -111,7 +114,9 @@ def write_atomically(path: Path, text: str) -> None:
 
 
 def write_leaderboard(records: list[TrialRecord], sweep_dir: Path, config: SweepConfig) -> Path:
-    """One row per trial, best first; errored trials last."""
+    """One row per trial, best first; errored trials last. With a cost minimised too: its value at each
+    trial's best step, and whether the trial is on the Pareto front."""
+    front = {r.trial_id for r in pareto_front(records, config)} if config.search.also_minimize else set()
     rows = []
     for r in records:
         row = {"trial_id": r.trial_id, "status": r.status}
@@ -119,8 +124,11 @@ def write_leaderboard(records: list[TrialRecord], sweep_dir: Path, config: Sweep
         row.update({
             f"best_{config.search.metric}": r.best_metric, "best_step": r.best_step, "steps_run": r.steps_run,
             "wall_seconds": r.wall_seconds, "device_seconds": r.device_seconds, "tokens_seen": r.tokens_seen,
-            "disk_bytes": r.disk_bytes, "error": r.error,
+            "adapter_params": r.adapter_params, "disk_bytes": r.disk_bytes, "error": r.error,
         })
+        if config.search.also_minimize:
+            row[f"best_step_{config.search.also_minimize}"] = cost(r, config)
+            row["pareto"] = r.trial_id in front
         rows.append(row)
     frame = pd.DataFrame(rows)
     if len(frame):
@@ -136,14 +144,55 @@ class NoUsableTrialError(RuntimeError):
     pass
 
 
+def cost(record: TrialRecord, config: SweepConfig) -> float:
+    """The cost a multi-objective sweep minimises, at the trial's best step (inf when it has none)."""
+    value = record.best_metrics.get(config.search.also_minimize or "", math.nan)
+    return float(value) if _usable(value) else math.inf
+
+
+def _oriented(record: TrialRecord, config: SweepConfig) -> float:
+    """The trial's best metric, turned so that lower is better."""
+    return record.best_metric if config.search.mode == "min" else -record.best_metric
+
+
+def pareto_front(records: list[TrialRecord], config: SweepConfig) -> list[TrialRecord]:
+    """Trials with a best metric that no other trial beats on both metric (at its best step) and cost, best first."""
+    usable = [r for r in records if r.best_metric is not None]
+    points = {r.trial_id: (_oriented(r, config), cost(r, config)) for r in usable}
+
+    def dominated(a: tuple[float, float]) -> bool:
+        return any(b[0] <= a[0] and b[1] <= a[1] and b != a for b in points.values())
+
+    return sorted((r for r in usable if not dominated(points[r.trial_id])), key=lambda r: points[r.trial_id])
+
+
 def promote(records: list[TrialRecord], config: SweepConfig) -> TrialRecord:
-    """The trial (and step) with the best metric over every evaluation of every trial."""
+    """The trial (and step) with the best metric over every evaluation of every trial.
+
+    With `search.also_minimize`, the promotion rule: among trials with a checkpoint, the one with the
+    lowest cost whose metric is within `search.pareto_tolerance` (a fraction) of the best metric; ties
+    go to the better metric. That trial is on the Pareto front of the trials with a checkpoint; a
+    tolerance of 0 promotes the best metric, as a single-objective sweep does.
+    """
     candidates = [r for r in records if r.best_metric is not None and r.best_checkpoint]
     if not candidates:
         reasons = "; ".join(f"{r.trial_id}: {r.status} {r.error}".strip() for r in records) or "no trials ran"
         raise NoUsableTrialError(f"no trial reported a finite `{config.search.metric}` with a checkpoint ({reasons})")
-    pick = min if config.search.mode == "min" else max
-    return pick(candidates, key=lambda r: r.best_metric)
+    best = min(candidates, key=lambda r: _oriented(r, config))
+    if not config.search.also_minimize:
+        return best
+    allowed = config.search.pareto_tolerance * abs(best.best_metric)
+    close = [r for r in candidates if _oriented(r, config) - _oriented(best, config) <= allowed]
+    return min(close, key=lambda r: (cost(r, config), _oriented(r, config)))
+
+
+def promotion_rule(config: SweepConfig) -> str:
+    """How `promote` picked, in words (model card, final_metrics.json)."""
+    metric = f"`{config.search.metric}` ({config.search.mode})"
+    if not config.search.also_minimize:
+        return f"the best {metric} over every evaluation of every trial"
+    return (f"from the Pareto front of {metric} and `{config.search.also_minimize}` (min): the lowest "
+            f"`{config.search.also_minimize}` within {config.search.pareto_tolerance:g} (relative) of the best {metric}")
 
 
 def write_best(best: TrialRecord, sweep_dir: Path) -> Path:

@@ -43,3 +43,20 @@ def write_config(tmp_path):
         return path
 
     return write
+
+
+@pytest.fixture(scope="session")
+def peft_trainable_parameters():
+    """What peft itself makes trainable for the config's LoRA settings at a rank: the count to check others by."""
+    import peft
+    from transformers import AutoModelForCausalLM
+
+    from sweep.config import LoraConfig
+    from sweep.lora import lora_settings
+
+    def count(model_path: str, rank: int) -> int:
+        base = AutoModelForCausalLM.from_pretrained(model_path)
+        model = peft.get_peft_model(base, lora_settings(LoraConfig(rank=rank), base))
+        return sum(p.numel() for p in model.parameters() if p.requires_grad)
+
+    return count

@@ -2,27 +2,17 @@
 
 import json
 
-import peft
 import pytest
 import ray
 from ray.tune.schedulers import ASHAScheduler
-from transformers import AutoModelForCausalLM
 from typer.testing import CliRunner
 
 from sweep.cli import app
-from sweep.config import LoraConfig, load_config
-from sweep.lora import lora_settings
+from sweep.config import load_config
 from sweep.plan import asha_rungs, expected_steps
 
 
-def peft_trainable_parameters(model_path: str, rank: int) -> int:
-    """What peft itself makes trainable for the config's LoRA settings at this rank."""
-    base = AutoModelForCausalLM.from_pretrained(model_path)
-    model = peft.get_peft_model(base, lora_settings(LoraConfig(rank=rank), base))
-    return sum(p.numel() for p in model.parameters() if p.requires_grad)
-
-
-def test_plan_prints_space_trials_steps_disk_and_resources(raw_config, write_config, tmp_path):
+def test_plan_prints_space_trials_steps_disk_and_resources(raw_config, write_config, tmp_path, peft_trainable_parameters):
     raw_config["search"]["parameters"] = {"lora.rank": {"type": "choice", "values": [2, 4]}}
     raw_config["training"].update(max_steps=90, eval_steps=10)
     raw_config["scheduler"] = {"type": "asha", "grace_period": 10, "reduction_factor": 3}

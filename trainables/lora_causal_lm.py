@@ -115,8 +115,9 @@ class _EvaluationReporter(TrainerCallback):
     evaluation's metrics with that checkpoint, so a restarted trial resumes exactly.
     """
 
-    def __init__(self, reporter: Reporter, metric: str, mode: str, trial_started: float):
+    def __init__(self, reporter: Reporter, metric: str, mode: str, trial_started: float, adapter_params: int):
         self.reporter = reporter
+        self.adapter_params = adapter_params
         self.trial_started = trial_started
         self.startup_seconds: Optional[float] = None
         self.metric = metric
@@ -174,6 +175,11 @@ class _EvaluationReporter(TrainerCallback):
             "startup_seconds": self.startup_seconds if self.startup_seconds is not None else 0.0,
             "diverged": self.diverged_reason is not None,
             "device": str(args.device),  # where the trial trained: the GPU Ray assigned, or the CPU
+            # Costs a multi-objective sweep can minimise (search.also_minimize): the adapter's size, and the
+            # evaluation's time per example on this device (with whatever else runs on it at the time).
+            "adapter_params": self.adapter_params,
+            "eval_ms_per_example": 1000.0 / metrics["eval_samples_per_second"]
+            if metrics.get("eval_samples_per_second") else math.nan,
         }
         self.tokens_at_last_report, self.seconds_at_last_report = tokens, self.train_seconds
         if self.diverged_reason is not None:
@@ -344,7 +350,8 @@ def run_trial(params: dict[str, Any], base_config: dict[str, Any], data_path: st
 def _train(config: SweepConfig, params: dict[str, Any], model: Any, train_set: Any, val_set: Any, collator: Any,
            reporter: Reporter, started: float) -> TrialOutcome:
     with tempfile.TemporaryDirectory(prefix="lora-sweep-trial-") as scratch:
-        callback = _EvaluationReporter(reporter, config.search.metric, config.search.mode, started)
+        adapter_params = sum(p.numel() for p in model.parameters() if p.requires_grad)
+        callback = _EvaluationReporter(reporter, config.search.metric, config.search.mode, started, adapter_params)
         trainer = Trainer(
             model=model,
             args=training_arguments(config, os.path.join(scratch, "trainer")),

@@ -104,8 +104,9 @@ class LoraConfig(_Strict):
     target_modules: Union[Literal["attention", "mlp", "all-linear"], list[str]] = "attention"
     use_rslora: bool = Field(False, description="rsLoRA: scale by alpha / sqrt(rank) instead of alpha / rank.")
     use_dora: bool = Field(False, description="DoRA: learn a magnitude per output besides the low-rank direction.")
-    init: Literal["default", "gaussian"] = Field(
-        "default", description="peft's init of the LoRA A matrix: Kaiming-uniform (default) or Gaussian.")
+    init: Literal["default", "gaussian", "pissa", "olora"] = Field(
+        "default", description="peft's LoRA init: Kaiming-uniform A (default), Gaussian A, or PiSSA / OLoRA, which "
+        "start A and B from the adapted weights' SVD / QR and take that part out of the base weights.")
     loraplus_lr_ratio: Optional[float] = Field(
         None, gt=0.0, description="LoRA+: the learning rate of the B matrices is this many times A's (off when unset).")
 

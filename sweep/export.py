@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import json
 import shutil
+import tempfile
 from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any
@@ -19,6 +20,7 @@ from transformers import AutoModelForCausalLM
 from sweep.config import SweepConfig, config_to_yaml
 from sweep.data import load_prepared, prompt_token_ids
 from sweep.evaluate import EvalMetrics, evaluate_model
+from sweep.lora import REWRITES_BASE_WEIGHTS, lora_settings
 from sweep.driver import budget_spent
 from sweep.results import TrialRecord, cost, promotion_rule, sweep_totals, write_atomically
 from sweep.search_space import apply_params
@@ -68,6 +70,14 @@ def max_logit_difference(a: Any, b: Any, prompts: list[list[int]]) -> float:
     return worst
 
 
+def adapter_note(config: SweepConfig, best: TrialRecord) -> str:
+    init = apply_params(config, best.params).lora
+    if init.init not in REWRITES_BASE_WEIGHTS:
+        return ""
+    return (f"; trained with `{init.init}` init and saved converted to a plain LoRA of rank {2 * init.rank} "
+            "that applies to the unmodified base model")
+
+
 def model_card(config: SweepConfig, best: TrialRecord, base: EvalMetrics, tuned: EvalMetrics,
                provenance: dict[str, Any], difference: float, tolerance: float, totals: dict[str, Any]) -> str:
     params = "\n".join(f"| `{k}` | {v} |" for k, v in sorted(best.params.items())) or "| (fixed config) | |"
@@ -80,7 +90,7 @@ hyperparameter sweep ({config.search.num_trials} trials, {config.search.sampler}
 Promotion rule: {promotion_rule(config)}.{f" Its {config.search.also_minimize}: {cost(best, config):,.6g}." if config.search.also_minimize else ""}
 
 ## Contents
-- `adapter/`: the LoRA adapter (peft `save_pretrained`) and tokenizer
+- `adapter/`: the LoRA adapter (peft `save_pretrained`) and tokenizer{adapter_note(config, best)}
 - `merged/`: base + adapter merged, safetensors, loadable with `AutoModelForCausalLM.from_pretrained`
 - `best_config.yaml`: re-runs this trial alone with `sweep run best_config.yaml`
 
@@ -114,6 +124,27 @@ seconds times the devices each trial held) and processed {totals['tokens_seen']:
 """
 
 
+def save_adapter(tuned_model: Any, trial_config: SweepConfig, directory: Path) -> None:
+    """The adapter as a plain LoRA that applies to the unmodified base model.
+
+    A PiSSA or OLoRA adapter trains against base weights its init rewrote (W - B0 A0). It is saved
+    converted (peft's `path_initial_model_for_weight_conversion`): a LoRA of twice the rank whose
+    product is the change from the original weights, BA - B0 A0, loadable on the base like any LoRA
+    and beside other adapters. B0 and A0 are recomputed from the original weights: the same exact
+    SVD / QR as the trial's.
+    """
+    if trial_config.lora.init not in REWRITES_BASE_WEIGHTS:
+        tuned_model.save_pretrained(directory)
+        return
+    with tempfile.TemporaryDirectory(prefix="lora-sweep-initial-") as scratch:
+        original = load_base_model(trial_config)
+        initial = peft.get_peft_model(original, lora_settings(trial_config.lora, original))
+        initial.peft_config["default"].init_lora_weights = True  # peft's rule: saved as a plain LoRA's init
+        initial.save_pretrained(Path(scratch) / "initial")
+        del initial, original
+        tuned_model.save_pretrained(directory, path_initial_model_for_weight_conversion=str(Path(scratch) / "initial"))
+
+
 def finalize(sweep_dir: Path, config: SweepConfig, best: TrialRecord, data_path: Path,
              provenance: dict[str, Any]) -> FinalReport:
     """Evaluate base and promoted models on the test split, write final_metrics.json, export and verify."""
@@ -130,6 +161,7 @@ def finalize(sweep_dir: Path, config: SweepConfig, best: TrialRecord, data_path:
     device = "cuda" if torch.cuda.is_available() else "cpu"
     base_model = load_base_model(trial_config).to(device)
     base_metrics = evaluate_model(base_model, tokenizer, test_set, **settings)
+    # For PiSSA / OLoRA, loading redoes the init's decomposition: the base becomes the residual the trial trained on.
     tuned_model = peft.PeftModel.from_pretrained(base_model, best.best_checkpoint)
     tuned_metrics = evaluate_model(tuned_model, tokenizer, test_set, **settings)
     totals = {**sweep_totals(sweep_dir), "budget_spent": budget_spent(sweep_dir)}
@@ -141,7 +173,7 @@ def finalize(sweep_dir: Path, config: SweepConfig, best: TrialRecord, data_path:
 
     staging = sweep_dir / f".{EXPORT_DIR}.tmp"
     shutil.rmtree(staging, ignore_errors=True)
-    tuned_model.save_pretrained(staging / "adapter")
+    save_adapter(tuned_model, trial_config, staging / "adapter")
     tokenizer.save_pretrained(staging / "adapter")
     tuned_model = tuned_model.to("cpu")  # export and verify on the CPU, where every user can load it
     tuned_model.merge_and_unload().save_pretrained(staging / "merged", safe_serialization=True)

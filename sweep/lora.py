@@ -8,7 +8,7 @@ re.fullmatch), which stays exact where short names repeat across blocks
 from __future__ import annotations
 
 import re
-from typing import Any
+from typing import Any, Iterable
 
 import peft
 import torch
@@ -19,6 +19,9 @@ from sweep.config import ConfigError, LoraConfig
 _ATTENTION_MARKERS = ("attn", "attention")
 _NOT_TARGETS = ("lm_head", "embed_out", "output_layer", "score", "classifier")
 _IN_A_BLOCK = re.compile(r"\.\d+\.")
+# Inits that start the adapter from a decomposition of the adapted weights and take that part out of
+# them (W_res = W - B0 A0): they rewrite the base model's weights.
+REWRITES_BASE_WEIGHTS = ("pissa", "olora")
 
 
 def _is_linear(module: nn.Module) -> bool:
@@ -63,6 +66,14 @@ def resolve_target_modules(model: nn.Module, target: str | list[str]) -> str | l
     return "^(?:" + "|".join(re.escape(n) for n in chosen) + ")$"
 
 
+def targeted_module_names(model: nn.Module, resolved: str | Iterable[str]) -> list[str]:
+    """The linear layers a resolved `target_modules` (a regex of full names, or short names) adapts."""
+    if isinstance(resolved, str):
+        return [n for n in linear_module_names(model) if re.fullmatch(resolved, n) is not None]
+    short_names = set(resolved)  # peft's LoraConfig keeps a list of names as a set
+    return [n for n in linear_module_names(model) if n.split(".")[-1] in short_names]
+
+
 def lora_settings(settings: LoraConfig, model: nn.Module) -> peft.LoraConfig:
     return peft.LoraConfig(
         task_type=peft.TaskType.CAUSAL_LM,
@@ -73,6 +84,8 @@ def lora_settings(settings: LoraConfig, model: nn.Module) -> peft.LoraConfig:
         use_rslora=settings.use_rslora,
         use_dora=settings.use_dora,
         init_lora_weights=True if settings.init == "default" else settings.init,
+        # PiSSA's exact SVD (not the randomised `pissa_niter_*`): a restarted trial recomputes the same
+        # residual base weights before it loads its checkpoint's adapter.
     )
 
 

@@ -9,7 +9,6 @@ from __future__ import annotations
 
 import math
 import os
-import re
 from dataclasses import asdict, dataclass
 from typing import Any, Optional
 
@@ -19,7 +18,7 @@ import torch
 from sweep.config import SweepConfig
 from sweep.data import tokenize_splits
 from sweep.driver import trials_that_fit
-from sweep.lora import linear_module_names, resolve_target_modules
+from sweep.lora import resolve_target_modules, targeted_module_names
 from sweep.pipeline import check_model, check_output_dir, check_resources
 from sweep.search_space import apply_params, build_search_space, describe
 from sweep.warm_start import warm_start_points
@@ -95,19 +94,13 @@ def largest_adapter(config: SweepConfig, space: dict[str, od.BaseDistribution], 
         for target in _space_values(space.get("lora.target_modules"), config.lora.target_modules):
             lora = apply_params(config, {"lora.rank": rank, "lora.target_modules": target}).lora
             resolved = resolve_target_modules(skeleton, lora.target_modules)
-            names = [n for n in linear_module_names(skeleton) if _matches(resolved, n)]
+            names = targeted_module_names(skeleton, resolved)
             total = 0
             for name in names:
                 weight = modules[name].weight
                 total += rank * (weight.shape[0] + weight.shape[1])
             largest = max(largest, total)
     return largest
-
-
-def _matches(resolved: str | list[str], name: str) -> bool:
-    if isinstance(resolved, list):
-        return name.split(".")[-1] in resolved
-    return re.fullmatch(resolved, name) is not None
 
 
 def concurrent_trials(config: SweepConfig) -> int:

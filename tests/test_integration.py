@@ -140,3 +140,30 @@ def test_existing_sweep_folder_needs_overwrite(raw_config, write_config, tmp_pat
     result = CliRunner().invoke(app, ["run", str(write_config(raw_config))])
     assert result.exit_code == 2 and "--overwrite" in result.output
     assert (tmp_path / "results" / "tiny" / "leaderboard.csv").read_text() == "finished work"
+
+
+@pytest.mark.parametrize("init", ["pissa", "olora"])
+def test_pissa_and_olora_export_a_plain_lora_that_applies_to_the_original_base(raw_config, write_config, ray_session,
+                                                                               tiny_model_dir, init):
+    import peft
+
+    raw_config["lora"] = {"init": init, "rank": 4}
+    raw_config["search"].update(num_trials=1, parameters={
+        "training.learning_rate": {"type": "loguniform", "low": 1e-2, "high": 1e-2}})
+    outcome = run(load_config(write_config(raw_config)))
+    export = outcome.sweep_dir / "export"
+    adapter_config = json.loads((export / "adapter" / "adapter_config.json").read_text())
+    assert adapter_config["r"] == 8 and adapter_config["init_lora_weights"] is True  # converted: rank 2r, plain init
+    assert f"trained with `{init}` init and saved converted to a plain LoRA of rank 8" in (export / "README.md").read_text()
+
+    # On the unmodified base, as a user loads it, the adapter gives the merged model's logits and the tuned
+    # model's behaviour (not the base's).
+    ids = torch.tensor([[0, 5, 6, 7, 8]])
+    original = AutoModelForCausalLM.from_pretrained(tiny_model_dir)
+    base_logits = original(input_ids=ids).logits
+    tuned = peft.PeftModel.from_pretrained(original, export / "adapter")
+    merged = AutoModelForCausalLM.from_pretrained(export / "merged")
+    assert torch.allclose(tuned(input_ids=ids).logits, merged(input_ids=ids).logits, atol=1e-4)
+    assert not torch.allclose(base_logits, merged(input_ids=ids).logits, atol=1e-3)
+    final = json.loads((outcome.sweep_dir / "final_metrics.json").read_text())
+    assert final["test"]["tuned"]["loss"] < final["test"]["base"]["loss"]

@@ -55,9 +55,10 @@ def test_a_diverging_trial_stops_and_says_why(prepared):
     assert reporter.checkpoint_files[-1] == []  # no checkpoint of a diverged model
 
 
-def test_a_restarted_trial_resumes_from_its_checkpoint_and_matches_an_uninterrupted_run(prepared, tmp_path):
+@pytest.mark.parametrize("init", ["default", "pissa"])
+def test_a_restarted_trial_resumes_from_its_checkpoint_and_matches_an_uninterrupted_run(prepared, tmp_path, init):
     config, data_path = prepared
-    params = {"training.learning_rate": 1e-3}
+    params = {"training.learning_rate": 1e-3, "lora.init": init}
     whole = ListReporter(keep_checkpoints_in=tmp_path / "whole")
     run_trial(params, config.model_dump(), str(data_path), whole)
 
@@ -85,6 +86,7 @@ def test_the_base_model_is_reused_between_trials_and_comes_back_untouched(prepar
 
 @pytest.mark.parametrize("variant", [
     {"lora.use_dora": True}, {"lora.use_rslora": True}, {"lora.init": "gaussian"}, {"lora.loraplus_lr_ratio": 16.0},
+    {"lora.init": "pissa"}, {"lora.init": "olora"}, {"lora.init": "pissa", "lora.target_modules": ["q_proj", "down_proj"]},
 ])
 def test_lora_variants_train_and_leave_the_kept_base_model_untouched(prepared, variant):
     from trainables import lora_causal_lm as trainable
@@ -122,3 +124,24 @@ def test_variants_reach_peft_and_loraplus_gives_b_its_own_learning_rate(prepared
     assert {rates[id(p)] for n, p in named.items() if "lora_A" in n} == {1e-3}
     assert sorted({rates[id(p)] for n, p in named.items() if "lora_B" in n}) == pytest.approx([16e-3])
     assert loraplus_optimizer(apply_params(config, {"lora.loraplus_lr_ratio": None}), model) is None
+
+
+@pytest.mark.parametrize("init", ["pissa", "olora"])
+def test_pissa_and_olora_train_on_rewritten_base_weights_that_are_put_back(prepared, init):
+    from trainables import lora_causal_lm as trainable
+
+    config, data_path = prepared
+    trainable._BASE_MODELS.clear()
+    base = trainable.load_base_model(config)
+    original = base.model.layers[0].self_attn.q_proj.weight.clone()
+    trainable.give_back_base_model(config, base)
+    seen = []
+
+    class Watching(ListReporter):
+        def report(self, metrics, checkpoint_dir):
+            seen.append(base.model.layers[0].self_attn.q_proj.base_layer.weight.clone())
+            super().report(metrics, checkpoint_dir)
+
+    run_trial({"training.learning_rate": 1e-2, "lora.init": init}, config.model_dump(), str(data_path), Watching())
+    assert seen and not torch.allclose(seen[0], original)  # the trial really trained on W - B0 A0
+    assert torch.equal(trainable.take_base_model(config).model.layers[0].self_attn.q_proj.weight, original)

@@ -36,7 +36,7 @@ from transformers import (
 from sweep import faults
 from sweep.config import SweepConfig
 from sweep.data import MODEL_COLUMNS, PaddingCollator, load_prepared
-from sweep.lora import lora_settings, torch_dtype
+from sweep.lora import REWRITES_BASE_WEIGHTS, lora_settings, targeted_module_names, torch_dtype
 from sweep.search_space import apply_params
 
 class Reporter(Protocol):
@@ -259,6 +259,24 @@ def give_back_base_model(config: SweepConfig, base: Any) -> None:
         _BASE_MODELS[_model_key(config)] = base
 
 
+def weights_the_init_rewrites(base: Any, config: SweepConfig, settings: peft.LoraConfig) -> dict[str, torch.Tensor]:
+    """A CPU copy of the weights PiSSA or OLoRA will rewrite (only the adapted layers'), so that the base
+    model this worker keeps goes back to the next trial as it was loaded. Empty for every other init."""
+    if config.lora.init not in REWRITES_BASE_WEIGHTS:
+        return {}
+    modules = dict(base.named_modules())
+    return {name: modules[name].weight.detach().to("cpu", copy=True)
+            for name in targeted_module_names(base, settings.target_modules)}
+
+
+@torch.no_grad()
+def put_back_weights(base: Any, saved: dict[str, torch.Tensor]) -> Any:
+    modules = dict(base.named_modules())
+    for name, weight in saved.items():
+        modules[name].weight.copy_(weight)
+    return base
+
+
 _long_lived_objects_frozen = False
 
 
@@ -337,14 +355,16 @@ def run_trial(params: dict[str, Any], base_config: dict[str, Any], data_path: st
     val_set = data["val"].select_columns(MODEL_COLUMNS)
     collator = PaddingCollator.for_tokenizer(tokenizer)
     base = take_base_model(config)
-    model = peft.get_peft_model(base, lora_settings(config.lora, base))
+    settings = lora_settings(config.lora, base)
+    rewritten = weights_the_init_rewrites(base, config, settings)
+    model = peft.get_peft_model(base, settings)
     if config.training.gradient_checkpointing:
         model.enable_input_require_grads()
     try:
         return _train(config, params, model, train_set, val_set, collator, reporter, started)
     finally:
-        # Also when ASHA ends the trial inside a report (SystemExit). If unload fails, nothing is kept.
-        give_back_base_model(config, model.unload())
+        # Also when ASHA ends the trial inside a report (SystemExit). If unload or the restore fails, nothing is kept.
+        give_back_base_model(config, put_back_weights(model.unload(), rewritten))
 
 
 def _train(config: SweepConfig, params: dict[str, Any], model: Any, train_set: Any, val_set: Any, collator: Any,

@@ -19,6 +19,9 @@ REPORTED_METRICS = ("eval_loss", "eval_perplexity", "train_loss")
 # Costs the trainable also reports, which a sweep can minimise beside its metric (multi-objective search).
 COST_METRICS = ("adapter_params", "eval_ms_per_example")
 TARGET_MODULE_PRESETS = ("attention", "mlp", "all-linear")
+# LoRA inits that start the adapter from a decomposition of the adapted weights and take that part out
+# of them (W_res = W - B0 A0): they rewrite the base model's weights.
+REWRITES_BASE_WEIGHTS = ("pissa", "olora")
 CONFIG_FILE = "config.yaml"  # a sweep folder's copy of the resolved config it runs
 
 
@@ -50,6 +53,9 @@ class ModelConfig(_Strict):
     path: str = Field(description="Local folder or hub id of the base causal LM.")
     dtype: Literal["auto", "float32", "bfloat16", "float16"] = "auto"
     trust_remote_code: bool = False
+    quantization: Literal["none", "nf4", "fp4"] = Field(
+        "none", description="QLoRA: trials load the base in 4 bits (bitsandbytes, CUDA only), NF4 or FP4 with "
+        "double quantization; the final evaluation and export use the full-precision base.")
 
 
 class ColumnMapping(_Strict):
@@ -248,6 +254,13 @@ class SweepConfig(_Strict):
                 f"scheduler.grace_period must be <= training.max_steps ({t.max_steps}), "
                 f"but got {self.scheduler.grace_period}"
             )
+        if self.model.quantization != "none":
+            if self.resources.gpu == 0:
+                problems.append(f"model.quantization {self.model.quantization} (bitsandbytes 4-bit) trains on CUDA "
+                                "GPUs only, but resources.gpu is 0: give each trial a GPU or set it to none")
+            if self.lora.init in REWRITES_BASE_WEIGHTS:
+                problems.append(f"lora.init {self.lora.init} rewrites the base weights, which a 4-bit base "
+                                f"(model.quantization {self.model.quantization}) cannot hold exactly: use default or gaussian")
         warm = self.search.warm_start
         if warm is not None and warm.top > self.search.num_trials:
             problems.append(

@@ -17,10 +17,10 @@ import peft
 import torch
 from transformers import AutoModelForCausalLM
 
-from sweep.config import SweepConfig, config_to_yaml
+from sweep.config import REWRITES_BASE_WEIGHTS, SweepConfig, config_to_yaml
 from sweep.data import load_prepared, prompt_token_ids
 from sweep.evaluate import EvalMetrics, evaluate_model
-from sweep.lora import REWRITES_BASE_WEIGHTS, lora_settings
+from sweep.lora import lora_settings
 from sweep.driver import budget_spent
 from sweep.results import TrialRecord, cost, promotion_rule, sweep_totals, write_atomically
 from sweep.search_space import apply_params

@@ -19,9 +19,6 @@ from sweep.config import ConfigError, LoraConfig
 _ATTENTION_MARKERS = ("attn", "attention")
 _NOT_TARGETS = ("lm_head", "embed_out", "output_layer", "score", "classifier")
 _IN_A_BLOCK = re.compile(r"\.\d+\.")
-# Inits that start the adapter from a decomposition of the adapted weights and take that part out of
-# them (W_res = W - B0 A0): they rewrite the base model's weights.
-REWRITES_BASE_WEIGHTS = ("pissa", "olora")
 
 
 def _is_linear(module: nn.Module) -> bool:

@@ -30,6 +30,7 @@ from sweep.disk import prune_checkpoints
 from sweep.driver import budget_spent, run_sweep
 from sweep.export import FinalReport, finalize
 from sweep.lora import resolve_target_modules
+from sweep.placement import check_placement
 from sweep.progress import SweepState, live_progress, mark_state
 from sweep.provenance import provenance
 from sweep.results import TrialRecord, promote, read_best, trial_record, write_atomically, write_best, write_leaderboard
@@ -129,6 +130,7 @@ def preflight(config: SweepConfig, starting: bool = True) -> tuple[dict[str, od.
         for reason in warm.skipped:
             log.warning("warm start: skipped %s", reason)
     check_resources(config)
+    check_placement(config)
     check_output_dir(config)
     check_model(config, space)
     tokenizer = load_tokenizer(config)

@@ -20,6 +20,7 @@ from sweep.data import tokenize_splits
 from sweep.driver import trials_that_fit
 from sweep.lora import resolve_target_modules, targeted_module_names
 from sweep.pipeline import check_model, check_output_dir, check_resources
+from sweep.placement import check_placement
 from sweep.search_space import apply_params, build_search_space, describe
 from sweep.warm_start import warm_start_points
 from trainables.lora_causal_lm import load_tokenizer
@@ -116,6 +117,7 @@ def concurrent_trials(config: SweepConfig) -> int:
 def make_plan(config: SweepConfig) -> SweepPlan:
     space = build_search_space(config)
     check_resources(config)
+    check_placement(config)
     check_output_dir(config)
     warm = warm_start_points(config, space)
     skeleton = check_model(config, space)

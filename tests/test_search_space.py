@@ -90,10 +90,15 @@ def test_lora_variants_are_searchable(raw_config, write_config):
     space = space_of(raw_config, write_config, {
         "lora.use_dora": {"type": "choice", "values": [True, False]},
         "lora.use_rslora": {"type": "choice", "values": [True, False]},
-        "lora.init": {"type": "choice", "values": ["default", "gaussian"]},
+        "lora.init": {"type": "choice", "values": ["default", "gaussian", "pissa", "olora"]},
         "lora.loraplus_lr_ratio": {"type": "loguniform", "low": 1.0, "high": 32.0},
     })
     assert space["lora.use_dora"].choices == (True, False)
     assert space["lora.loraplus_lr_ratio"] == od.FloatDistribution(1.0, 32.0, log=True)
-    with pytest.raises(ConfigError, match=r"`lora.init`.*'pissa'"):
-        space_of(raw_config, write_config, {"lora.init": {"type": "choice", "values": ["gaussian", "pissa"]}})
+    with pytest.raises(ConfigError, match=r"`lora.init`.*'loftq'"):
+        space_of(raw_config, write_config, {"lora.init": {"type": "choice", "values": ["gaussian", "loftq"]}})
+    # A value that clashes with the fixed config is refused before any trial: PiSSA on a 4-bit base.
+    raw_config["model"]["quantization"] = "nf4"
+    raw_config["resources"] = {"gpu": 1}
+    with pytest.raises(ConfigError, match=r"lora.init pissa rewrites the base weights.*a value the search space can pick"):
+        space_of(raw_config, write_config, {"lora.init": {"type": "choice", "values": ["default", "pissa"]}})

@@ -34,9 +34,10 @@ from transformers import (
 )
 
 from sweep import faults
-from sweep.config import SweepConfig
+from sweep.config import REWRITES_BASE_WEIGHTS, SweepConfig
 from sweep.data import MODEL_COLUMNS, PaddingCollator, load_prepared
-from sweep.lora import REWRITES_BASE_WEIGHTS, lora_settings, targeted_module_names, torch_dtype
+from sweep.lora import lora_settings, targeted_module_names, torch_dtype
+from sweep.placement import cuda_devices_for_trial, trial_loading_kwargs
 from sweep.search_space import apply_params
 
 class Reporter(Protocol):
@@ -226,18 +227,30 @@ class _FaultInjector(TrainerCallback):
             faults.raise_fault(kind, state.global_step)
 
 
-def load_base_model(config: SweepConfig) -> Any:
-    return AutoModelForCausalLM.from_pretrained(
-        config.model.path, dtype=torch_dtype(config.model.dtype), trust_remote_code=config.model.trust_remote_code
-    )
+def load_base_model(config: SweepConfig, for_trial: bool = False) -> Any:
+    """The base model. Outside a trial (final evaluation, export): full precision, in one piece, on the CPU.
+
+    In a trial: placed as `sweep.placement` says for the GPUs Ray gave it: across several GPUs, or in
+    4 bits (QLoRA, prepared for k-bit training once per load: norms in float32, base frozen).
+    """
+    if not for_trial:
+        return AutoModelForCausalLM.from_pretrained(
+            config.model.path, dtype=torch_dtype(config.model.dtype), trust_remote_code=config.model.trust_remote_code
+        )
+    model = AutoModelForCausalLM.from_pretrained(config.model.path,
+                                                 **trial_loading_kwargs(config, cuda_devices_for_trial(config)))
+    if config.model.quantization != "none":
+        model = peft.prepare_model_for_kbit_training(
+            model, use_gradient_checkpointing=config.training.gradient_checkpointing)
+    return model
 
 
 # Base models kept by this worker process between trials (Ray Tune reuses the process).
-_BASE_MODELS: dict[tuple[str, str, bool], Any] = {}
+_BASE_MODELS: dict[tuple[str, str, bool, str], Any] = {}
 
 
-def _model_key(config: SweepConfig) -> tuple[str, str, bool]:
-    return (config.model.path, config.model.dtype, config.model.trust_remote_code)
+def _model_key(config: SweepConfig) -> tuple[str, str, bool, str]:
+    return (config.model.path, config.model.dtype, config.model.trust_remote_code, config.model.quantization)
 
 
 def take_base_model(config: SweepConfig) -> Any:
@@ -249,7 +262,7 @@ def take_base_model(config: SweepConfig) -> Any:
     `give_back_base_model` takes them out again, so every trial starts from the
     untouched base.
     """
-    return _BASE_MODELS.pop(_model_key(config), None) or load_base_model(config)
+    return _BASE_MODELS.pop(_model_key(config), None) or load_base_model(config, for_trial=True)
 
 
 def give_back_base_model(config: SweepConfig, base: Any) -> None:

@@ -218,6 +218,9 @@ class BudgetConfig(_Strict):
 class SweepConfig(_Strict):
     name: str = Field(pattern=r"^[A-Za-z0-9][A-Za-z0-9_.-]*$")
     output_dir: str = "results"
+    storage: Optional[str] = Field(
+        None, description="URI (s3://, gs://, any pyarrow filesystem) where trials store checkpoints and the sweep "
+        "folder is mirrored, as <storage>/<name>/; the driver works in <output_dir>/<name>/.")
     seed: int = 0
     model: ModelConfig
     data: DataConfig
@@ -242,6 +245,14 @@ class SweepConfig(_Strict):
     def devices_per_trial(self) -> float:
         """What a trial holds, for device-hours: its GPUs, or its CPUs when it asks for no GPU."""
         return self.resources.gpu if self.resources.gpu > 0 else self.resources.cpu
+
+    @field_validator("storage")
+    @classmethod
+    def _a_uri(cls, value: Optional[str]) -> Optional[str]:
+        if value is not None and "://" not in value:
+            raise ValueError("must be a URI such as s3://bucket/prefix or gs://bucket/prefix "
+                             "(a local or shared folder is `output_dir`)")
+        return value
 
     @model_validator(mode="after")
     def _steps_agree(self) -> "SweepConfig":

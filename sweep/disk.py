@@ -7,34 +7,46 @@ once the sweep is decided.
 
 from __future__ import annotations
 
-import shutil
+import os
 from dataclasses import replace
 from pathlib import Path
 
+import pyarrow.fs as pafs
+
 from sweep.config import SweepConfig
-from sweep.driver import TUNE_DIR_NAME
-from sweep.results import TrialRecord, folder_bytes
+from sweep.results import TrialRecord
+from sweep.storage import TUNE_DIR_NAME, open_storage, tree_bytes
 
 
 def prune_checkpoints(records: list[TrialRecord], best: TrialRecord, config: SweepConfig,
                       sweep_dir: Path) -> list[TrialRecord]:
-    """Delete every checkpoint but the promoted one and the sweep's `checkpoints.keep` best; update bytes."""
+    """Delete every checkpoint but the promoted one and the sweep's `checkpoints.keep` best; update bytes.
+
+    Checkpoints are where Tune stored them: the local sweep folder, or the sweep's storage.
+    """
     everything = [(c["metric"], c["path"]) for r in records for c in r.checkpoints]
     everything.sort(key=lambda item: item[0], reverse=config.search.mode == "max")
     keep = {path for _, path in everything[: config.checkpoints.keep]} | {best.best_checkpoint}
-    tune_dir = (sweep_dir / TUNE_DIR_NAME).resolve()
+    storage = open_storage(config)
+    if storage is None:
+        filesystem: pafs.FileSystem = pafs.LocalFileSystem()
+        tune_dir, normal = str((sweep_dir / TUNE_DIR_NAME).resolve()), lambda p: str(Path(p).resolve())
+    else:
+        filesystem, tune_dir, normal = storage.filesystem, storage.path(TUNE_DIR_NAME), os.path.normpath
     pruned = []
     for record in records:
         kept = []
         for checkpoint in record.checkpoints:
-            path = Path(checkpoint["path"]).resolve()
             if checkpoint["path"] in keep:
                 kept.append(checkpoint)
-            elif tune_dir in path.parents:  # never delete anything outside the sweep's own folder
-                shutil.rmtree(path, ignore_errors=True)
+            elif normal(checkpoint["path"]).startswith(tune_dir + "/"):  # never delete outside the sweep's folder
+                try:
+                    filesystem.delete_dir(checkpoint["path"])
+                except FileNotFoundError:
+                    pass
         pruned.append(replace(
             record, checkpoints=kept,
             best_checkpoint=record.best_checkpoint if record.best_checkpoint in keep else None,
-            disk_bytes=folder_bytes(Path(record.trial_dir)),
+            disk_bytes=tree_bytes(filesystem, record.trial_dir),
         ))
     return pruned

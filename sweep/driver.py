@@ -22,11 +22,11 @@ from ray.tune.search.optuna import OptunaSearch
 from sweep import faults
 from sweep.config import ConfigError, SweepConfig
 from sweep.progress import ProgressCallback
+from sweep.storage import TUNE_DIR_NAME, open_storage
 from sweep.tensorboard_logs import TensorBoardCallback
 from sweep.warm_start import warm_start_points
 from trainables.lora_causal_lm import tune_trainable
 
-TUNE_DIR_NAME = "tune"
 STUDY_FILE = "optuna_study.db"
 
 
@@ -223,15 +223,22 @@ def run_sweep(config: SweepConfig, space: dict[str, Any], data_path: Path, sweep
     """
     start_ray(config)
     check_cluster_resources(config)
+    storage = open_storage(config)
+    parameters: dict[str, Any] = {"base_config": config.model_dump(mode="json"), "data_path": str(data_path)}
+    if storage is not None:  # nodes that do not see the driver's disk fetch the prepared data from storage
+        parameters["data_in_storage"] = storage.path("data", Path(data_path).name)
     trainable = tune.with_resources(
-        tune.with_parameters(trial_function, base_config=config.model_dump(mode="json"), data_path=str(data_path)),
-        {"cpu": config.resources.cpu, "gpu": config.resources.gpu},
+        tune.with_parameters(trial_function, **parameters), {"cpu": config.resources.cpu, "gpu": config.resources.gpu},
     )
-    tune_dir = sweep_dir.resolve() / TUNE_DIR_NAME
-    if resume and tune.Tuner.can_restore(str(tune_dir)):
+    # Where Tune keeps trials: the sweep folder, or <storage>/<name>/ written straight from each node.
+    storage_path = storage.root if storage else str(sweep_dir.resolve())
+    filesystem = storage.filesystem if storage else None
+    tune_dir = f"{storage_path}/{TUNE_DIR_NAME}"
+    if resume and tune.Tuner.can_restore(tune_dir, storage_filesystem=filesystem):
         # Finished trials stay finished; unfinished ones restart from their last checkpoint; the
         # searcher (and through it the Optuna study) continues from its saved state.
-        tuner = tune.Tuner.restore(str(tune_dir), trainable, resume_unfinished=True, resume_errored=False)
+        tuner = tune.Tuner.restore(tune_dir, trainable, resume_unfinished=True, resume_errored=False,
+                                   storage_filesystem=filesystem)
         return tuner.fit()
     callbacks: list[Callback] = [
         TensorBoardCallback(sweep_dir / "tensorboard", config.search.metric, config.search.mode,
@@ -262,7 +269,8 @@ def run_sweep(config: SweepConfig, space: dict[str, Any], data_path: Path, sweep
             name=TUNE_DIR_NAME,
             stop=(BudgetStopper(sweep_dir, config.budget.wall_hours, config.budget.device_hours, config.devices_per_trial)
                   if config.budget.wall_hours or config.budget.device_hours else None),
-            storage_path=str(sweep_dir.resolve()),
+            storage_path=storage_path,
+            storage_filesystem=filesystem,
             checkpoint_config=tune.CheckpointConfig(
                 num_to_keep=config.checkpoints.keep,
                 checkpoint_score_attribute=config.search.metric,

@@ -14,6 +14,7 @@ from pathlib import Path
 from typing import Any
 
 import peft
+import pyarrow.fs as pafs
 import torch
 from transformers import AutoModelForCausalLM
 
@@ -24,6 +25,7 @@ from sweep.lora import lora_settings
 from sweep.driver import budget_spent
 from sweep.results import TrialRecord, cost, promotion_rule, sweep_totals, write_atomically
 from sweep.search_space import apply_params
+from sweep.storage import is_directory, local_checkpoint, open_storage
 from trainables.lora_causal_lm import load_base_model, load_tokenizer
 
 FINAL_METRICS_FILE = "final_metrics.json"
@@ -148,8 +150,11 @@ def save_adapter(tuned_model: Any, trial_config: SweepConfig, directory: Path) -
 def finalize(sweep_dir: Path, config: SweepConfig, best: TrialRecord, data_path: Path,
              provenance: dict[str, Any]) -> FinalReport:
     """Evaluate base and promoted models on the test split, write final_metrics.json, export and verify."""
-    if not best.best_checkpoint or not Path(best.best_checkpoint).is_dir():
-        raise FileNotFoundError(f"the promoted checkpoint {best.best_checkpoint} is missing")
+    storage = open_storage(config)
+    filesystem = storage.filesystem if storage else pafs.LocalFileSystem()
+    if not best.best_checkpoint or not is_directory(filesystem, best.best_checkpoint):
+        where = f" in {storage.uri}" if storage else ""
+        raise FileNotFoundError(f"the promoted checkpoint {best.best_checkpoint}{where} is missing")
     trial_config = apply_params(config, best.params)
     tokenizer = load_tokenizer(trial_config)
     test_set = load_prepared(data_path)["test"]
@@ -162,7 +167,8 @@ def finalize(sweep_dir: Path, config: SweepConfig, best: TrialRecord, data_path:
     base_model = load_base_model(trial_config).to(device)
     base_metrics = evaluate_model(base_model, tokenizer, test_set, **settings)
     # For PiSSA / OLoRA, loading redoes the init's decomposition: the base becomes the residual the trial trained on.
-    tuned_model = peft.PeftModel.from_pretrained(base_model, best.best_checkpoint)
+    with local_checkpoint(best.best_checkpoint, storage) as checkpoint:  # fetched from storage when there
+        tuned_model = peft.PeftModel.from_pretrained(base_model, str(checkpoint))
     tuned_metrics = evaluate_model(tuned_model, tokenizer, test_set, **settings)
     totals = {**sweep_totals(sweep_dir), "budget_spent": budget_spent(sweep_dir)}
     write_atomically(sweep_dir / FINAL_METRICS_FILE, json.dumps({

@@ -20,6 +20,7 @@ from typing import Any
 import optuna.distributions as od
 import ray
 import torch
+from pyarrow import ArrowException
 from accelerate import init_empty_weights
 from transformers import AutoConfig, AutoModelForCausalLM
 
@@ -35,6 +36,7 @@ from sweep.progress import SweepState, live_progress, mark_state
 from sweep.provenance import provenance
 from sweep.results import TrialRecord, promote, read_best, trial_record, write_atomically, write_best, write_leaderboard
 from sweep.search_space import build_search_space
+from sweep.storage import check_storage, fetch_trial_results, mirror_to_storage, open_storage
 from sweep.warm_start import warm_start_points
 from trainables.lora_causal_lm import load_tokenizer
 
@@ -132,6 +134,7 @@ def preflight(config: SweepConfig, starting: bool = True) -> tuple[dict[str, od.
     check_resources(config)
     check_placement(config)
     check_output_dir(config)
+    check_storage(config)
     check_model(config, space)
     tokenizer = load_tokenizer(config)
     return space, tokenizer, tokenize_splits(config.data, tokenizer, config.seed)
@@ -195,6 +198,9 @@ def resume(sweep_dir: Path, live: bool = False) -> SweepOutcome:
 def _tune_and_finish(config: SweepConfig, space: dict[str, od.BaseDistribution], sweep_dir: Path,
                      record: dict[str, Any], resume: bool, live: bool) -> SweepOutcome:
     state: SweepState = "failed"
+    storage = open_storage(config)
+    if storage is not None:  # config, provenance and the prepared data, before any trial needs them
+        mirror_to_storage(sweep_dir, storage)
     with live_progress(sweep_dir) if live else contextlib.nullcontext():
         try:
             outcome = _tune_and_export(config, space, sweep_dir, record, resume)
@@ -207,6 +213,11 @@ def _tune_and_finish(config: SweepConfig, space: dict[str, od.BaseDistribution],
                 mark_state(sweep_dir, state)
             except OSError as error:  # never hide the sweep's own error behind this one
                 log.warning("could not record the sweep's state in status.json: %s", error)
+            if storage is not None:  # however the sweep ended, storage gets what the driver has
+                try:
+                    mirror_to_storage(sweep_dir, storage)
+                except (OSError, ArrowException) as error:
+                    log.warning("could not copy the sweep folder to %s: %s", storage.uri, error)
     return outcome
 
 
@@ -217,6 +228,9 @@ def _tune_and_export(config: SweepConfig, space: dict[str, od.BaseDistribution],
     try:
         result_grid = run_sweep(config, space, data_path, sweep_dir, resume=resume)
         records = [trial_record(result, config) for result in result_grid]
+        storage = open_storage(config)
+        if storage is not None:  # trials' result files beside the driver's own, for `sweep report`
+            fetch_trial_results(storage, sweep_dir)
     finally:
         # Ray's part is done: its workers (and the base models they keep) free their memory before the
         # final evaluation loads models here, and no late worker log reaches the terminal after the live view.

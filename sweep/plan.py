@@ -21,6 +21,7 @@ from sweep.driver import trials_that_fit
 from sweep.lora import resolve_target_modules, targeted_module_names
 from sweep.pipeline import check_model, check_output_dir, check_resources
 from sweep.placement import check_placement
+from sweep.storage import open_storage
 from sweep.search_space import apply_params, build_search_space, describe
 from sweep.warm_start import warm_start_points
 from trainables.lora_causal_lm import load_tokenizer
@@ -119,6 +120,7 @@ def make_plan(config: SweepConfig) -> SweepPlan:
     check_resources(config)
     check_placement(config)
     check_output_dir(config)
+    open_storage(config)  # the URI opens; writing to it is checked by `sweep run` (a plan writes nothing)
     warm = warm_start_points(config, space)
     skeleton = check_model(config, space)
     tokenized = tokenize_splits(config.data, load_tokenizer(config), config.seed)

@@ -16,6 +16,7 @@ from typing import Any, Literal, Optional
 import pandas as pd
 
 from sweep.config import COST_METRICS, SweepConfig
+from sweep.storage import is_directory, tree_bytes
 
 TrialStatus = Literal["completed", "stopped early", "errored"]
 LEADERBOARD_FILE = "leaderboard.csv"
@@ -92,11 +93,11 @@ def trial_record(result: Any, config: SweepConfig) -> TrialRecord:
     record.checkpoints = [
         {"path": checkpoint.path, "step": int(metrics.get("step", -1)), "metric": float(metrics[metric])}
         for checkpoint, metrics in result.best_checkpoints or []
-        if _usable(metrics.get(metric)) and Path(checkpoint.path).is_dir()
+        if _usable(metrics.get(metric)) and is_directory(checkpoint.filesystem, checkpoint.path)
     ]
     record.best_checkpoint = next((c["path"] for c in record.checkpoints if c["step"] == record.best_step), None)
     record.trial_dir = str(result.path)
-    record.disk_bytes = folder_bytes(Path(result.path))
+    record.disk_bytes = tree_bytes(result.filesystem, result.path)  # on the local disk or in storage
     record.device_seconds = round(wall * config.devices_per_trial, 2)
     record.tokens_seen = int(history["tokens_seen"].max()) if "tokens_seen" in history and len(history) else 0
     record.adapter_params = int(history["adapter_params"].max()) if "adapter_params" in history and len(history) else 0

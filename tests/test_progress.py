@@ -191,8 +191,9 @@ def test_live_progress_gives_the_terminal_back_after_an_error(tmp_path):
     assert "is back" not in (tmp_path / "logs" / "ray.log").read_text()
 
 
-def test_ctrl_c_during_a_sweep_is_recorded_as_stopped(tmp_path, monkeypatch):
+def test_ctrl_c_during_a_sweep_is_recorded_as_stopped(tmp_path, monkeypatch, raw_config, write_config):
     from sweep import pipeline
+    from sweep.config import load_config
 
     callback = ProgressCallback(tmp_path, "demo", "eval_loss", "min", 2, 1, 10)
     callback.setup()
@@ -202,5 +203,5 @@ def test_ctrl_c_during_a_sweep_is_recorded_as_stopped(tmp_path, monkeypatch):
 
     monkeypatch.setattr(pipeline, "_tune_and_export", interrupted)
     with pytest.raises(KeyboardInterrupt):
-        pipeline._tune_and_finish(None, {}, tmp_path, {}, resume=False, live=False)
+        pipeline._tune_and_finish(load_config(write_config(raw_config)), {}, tmp_path, {}, resume=False, live=False)
     assert read_status(tmp_path).state == "stopped"

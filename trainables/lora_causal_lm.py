@@ -38,6 +38,7 @@ from sweep.config import REWRITES_BASE_WEIGHTS, SweepConfig
 from sweep.data import MODEL_COLUMNS, PaddingCollator, load_prepared
 from sweep.lora import lora_settings, targeted_module_names, torch_dtype
 from sweep.placement import cuda_devices_for_trial, trial_loading_kwargs
+from sweep.storage import local_prepared_data
 from sweep.search_space import apply_params
 
 class Reporter(Protocol):
@@ -418,6 +419,8 @@ def loraplus_optimizer(config: SweepConfig, model: Any) -> Optional[torch.optim.
                                      loraplus_lr_ratio=ratio, weight_decay=config.training.weight_decay)
 
 
-def tune_trainable(params: dict[str, Any], base_config: dict[str, Any], data_path: str) -> None:
+def tune_trainable(params: dict[str, Any], base_config: dict[str, Any], data_path: str,
+                   data_in_storage: Optional[str] = None) -> None:
     """Ray Tune's entry point (bound with `tune.with_parameters`)."""
+    data_path = local_prepared_data(data_path, data_in_storage, SweepConfig.model_validate(base_config))
     run_trial(params, base_config, data_path, TuneReporter())

@@ -1,0 +1,160 @@
+"""A sweep's storage URI: where trials keep their checkpoints and the sweep folder is mirrored.
+
+With `storage: s3://bucket/prefix` (or gs://, or any URI pyarrow's filesystems
+open), Ray Tune stores every trial's results and checkpoints at
+`<storage>/<name>/tune/` straight from the node that ran it, so a cluster needs
+no shared disk. The driver keeps working in the local sweep folder
+(`<output_dir>/<name>/`) and copies it to `<storage>/<name>/` when the data is
+prepared and when the sweep ends, however it ends; the promoted checkpoint is
+fetched from storage for the final evaluation, and trials on a node without the
+prepared data fetch it from storage once per node.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import os
+import shutil
+import tempfile
+import uuid
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Iterator, Optional
+
+import pyarrow as pa
+import pyarrow.fs as pafs
+
+from sweep.config import ConfigError, SweepConfig
+
+TUNE_DIR_NAME = "tune"
+# Tune's per-trial files the driver reads back (report, learning curves); checkpoints stay in storage.
+TRIAL_RESULT_FILES = ("result.json", "params.json", "progress.csv")
+
+
+@dataclass(frozen=True)
+class Storage:
+    filesystem: pafs.FileSystem
+    root: str  # the sweep folder's path inside `filesystem`
+    uri: str  # as the config gives it, for messages
+
+    def path(self, *parts: str) -> str:
+        return "/".join([self.root, *parts])
+
+
+def open_storage(config: SweepConfig) -> Optional[Storage]:
+    """The sweep's storage, or None when it has none (everything stays in the local sweep folder)."""
+    if not config.storage:
+        return None
+    try:
+        filesystem, base = pafs.FileSystem.from_uri(config.storage)
+    except (pa.ArrowInvalid, ValueError, OSError) as error:
+        raise ConfigError([f"`storage`: cannot open {config.storage!r}: {_first_line(error)}"], "output") from None
+    return Storage(filesystem, f"{base.rstrip('/')}/{config.name}", config.storage)
+
+
+def _first_line(error: BaseException) -> str:
+    return (str(error).strip().splitlines() or [type(error).__name__])[0]
+
+
+def check_storage(config: SweepConfig) -> None:
+    """Before anything runs: the storage opens, and a file can be written there and deleted again."""
+    storage = open_storage(config)
+    if storage is None:
+        return
+    probe = storage.path(f".lora-sweep-probe-{uuid.uuid4().hex[:8]}")
+    try:
+        storage.filesystem.create_dir(storage.root, recursive=True)
+        with storage.filesystem.open_output_stream(probe) as handle:
+            handle.write(b"lora-sweep can write here")
+        storage.filesystem.delete_file(probe)
+    except (OSError, pa.ArrowException) as error:
+        raise ConfigError([f"`storage`: cannot write to {storage.uri} ({storage.root}): {_first_line(error)}"],
+                          "output") from None
+
+
+def _exists(filesystem: pafs.FileSystem, path: str) -> bool:
+    return filesystem.get_file_info(path).type != pafs.FileType.NotFound
+
+
+def is_directory(filesystem: pafs.FileSystem, path: str) -> bool:
+    return filesystem.get_file_info(path).type == pafs.FileType.Directory
+
+
+def tree_bytes(filesystem: pafs.FileSystem, path: str) -> int:
+    """Bytes of every file under `path` (0 when it is not there)."""
+    if not is_directory(filesystem, path):
+        return 0
+    infos = filesystem.get_file_info(pafs.FileSelector(path, recursive=True))
+    return sum(info.size or 0 for info in infos if info.type == pafs.FileType.File)
+
+
+def mirror_to_storage(sweep_dir: Path, storage: Storage) -> None:
+    """Copy the local sweep folder to storage: everything but Tune's folder (Tune stores that itself) and
+    hidden staging folders. Prepared data (data/<hash>/, content-hashed) is copied once; other folders
+    (export/, tensorboard/, report/) replace what storage had, so a re-export leaves no stale files."""
+    for entry in sorted(Path(sweep_dir).iterdir()):
+        if entry.name == TUNE_DIR_NAME or entry.name.startswith("."):
+            continue
+        if entry.name == "data" and entry.is_dir():
+            for prepared in sorted(entry.iterdir()):
+                if not prepared.name.startswith(".") and not _exists(storage.filesystem, storage.path("data", prepared.name)):
+                    _upload(prepared, storage, storage.path("data", prepared.name))
+            continue
+        _upload(entry, storage, storage.path(entry.name))
+
+
+def _upload(local: Path, storage: Storage, target: str) -> None:
+    if local.is_dir():
+        if _exists(storage.filesystem, target):
+            storage.filesystem.delete_dir(target)
+        storage.filesystem.create_dir(target, recursive=True)
+    pafs.copy_files(str(local.resolve()), target, source_filesystem=pafs.LocalFileSystem(),
+                    destination_filesystem=storage.filesystem)
+
+
+def fetch_trial_results(storage: Storage, sweep_dir: Path) -> None:
+    """Tune's per-trial result files from storage into the local sweep folder's tune/ (no checkpoints)."""
+    tune_root = storage.path(TUNE_DIR_NAME)
+    if not is_directory(storage.filesystem, tune_root):
+        return
+    for info in storage.filesystem.get_file_info(pafs.FileSelector(tune_root, recursive=True)):
+        if info.type == pafs.FileType.File and info.base_name in TRIAL_RESULT_FILES:
+            relative = info.path[len(tune_root) + 1:]
+            if "/checkpoint_" in f"/{relative}":
+                continue
+            target = Path(sweep_dir) / TUNE_DIR_NAME / relative
+            target.parent.mkdir(parents=True, exist_ok=True)
+            pafs.copy_files(info.path, str(target), source_filesystem=storage.filesystem,
+                            destination_filesystem=pafs.LocalFileSystem())
+
+
+@contextlib.contextmanager
+def local_checkpoint(path: str, storage: Optional[Storage]) -> Iterator[Path]:
+    """A checkpoint folder on the local disk: the path itself without storage, else a temporary copy."""
+    if storage is None:
+        yield Path(path)
+        return
+    with tempfile.TemporaryDirectory(prefix="lora-sweep-checkpoint-") as scratch:
+        pafs.copy_files(path, scratch, source_filesystem=storage.filesystem,
+                        destination_filesystem=pafs.LocalFileSystem())
+        yield Path(scratch)
+
+
+def local_prepared_data(data_path: str, data_in_storage: Optional[str], config: SweepConfig) -> str:
+    """The prepared data on this node: the driver's folder when this node sees it (one machine, a shared
+    disk), else a copy fetched from storage once per node and reused by its later trials."""
+    if Path(data_path).is_dir() or not data_in_storage:
+        return data_path
+    storage = open_storage(config)
+    cache = Path(tempfile.gettempdir()) / "lora-sweep-data" / Path(data_path).name
+    if not cache.is_dir():
+        partial = cache.with_name(f".{cache.name}.{os.getpid()}.tmp")
+        pafs.copy_files(data_in_storage, str(partial), source_filesystem=storage.filesystem,
+                        destination_filesystem=pafs.LocalFileSystem())
+        try:
+            partial.rename(cache)  # atomic: a trial beside this one may have fetched it first
+        except OSError:
+            shutil.rmtree(partial, ignore_errors=True)
+            if not cache.is_dir():
+                raise
+    return str(cache)

@@ -1,0 +1,146 @@
+"""A storage URI: trials keep checkpoints there and the sweep folder is mirrored there.
+
+S3 is served by moto's server on loopback (the S3 protocol, through pyarrow's S3 filesystem,
+from the driver and from Ray's worker processes alike); nothing leaves the machine.
+"""
+
+import json
+import socket
+
+import pyarrow.fs as pafs
+import pytest
+import ray
+from typer.testing import CliRunner
+
+from sweep.cli import app
+from sweep.config import ConfigError, load_config
+from sweep.storage import check_storage, local_prepared_data, mirror_to_storage, open_storage
+
+
+@pytest.fixture
+def s3(monkeypatch):
+    """An S3 endpoint on loopback with an empty bucket `sweeps`; yields the endpoint URL.
+
+    moto keeps its buckets per process, so each test's server starts by deleting what an earlier one left."""
+    moto_server = pytest.importorskip("moto.server")
+    for key in ("AWS_ACCESS_KEY_ID", "AWS_SECRET_ACCESS_KEY"):
+        monkeypatch.setenv(key, "testing")
+    with socket.socket() as probe:
+        probe.bind(("127.0.0.1", 0))
+        port = probe.getsockname()[1]
+    server = moto_server.ThreadedMotoServer(ip_address="127.0.0.1", port=port, verbose=False)
+    server.start()
+    endpoint = f"http://127.0.0.1:{port}"
+    filesystem = pafs.S3FileSystem(region="us-east-1", endpoint_override=endpoint, allow_bucket_creation=True,
+                                   allow_bucket_deletion=True)
+    if filesystem.get_file_info("sweeps").type != pafs.FileType.NotFound:
+        filesystem.delete_dir("sweeps")
+    filesystem.create_dir("sweeps")
+    yield endpoint
+    server.stop()
+
+
+def uri(endpoint: str, bucket: str = "sweeps") -> str:
+    return f"s3://{bucket}/team?region=us-east-1&endpoint_override={endpoint}"
+
+
+def listing(storage, under: str = "") -> set[str]:
+    root = storage.path(under) if under else storage.root
+    infos = storage.filesystem.get_file_info(pafs.FileSelector(root, recursive=True))
+    return {i.path[len(root) + 1:] for i in infos if i.type == pafs.FileType.File}
+
+
+def test_storage_must_be_a_uri_that_opens_and_takes_writes(raw_config, write_config, s3, tmp_path):
+    raw_config["storage"] = str(tmp_path / "shared")
+    with pytest.raises(ConfigError, match=r"`storage`: must be a URI such as s3://bucket/prefix"):
+        load_config(write_config(raw_config))
+    raw_config["storage"] = "nosuch://bucket/x"
+    with pytest.raises(ConfigError, match=r"`storage`: cannot open 'nosuch://bucket/x': Unrecognized filesystem type"):
+        check_storage(load_config(write_config(raw_config)))
+    raw_config["storage"] = uri(s3, bucket="missing")
+    result = CliRunner().invoke(app, ["run", str(write_config(raw_config))])
+    assert result.exit_code == 2 and "`storage`: cannot write to s3://missing/team" in result.output
+    assert "Bucket 'missing' not found" in result.output
+    assert not (tmp_path / "results").exists()  # refused before anything was written
+    raw_config["storage"] = uri(s3)
+    check_storage(load_config(write_config(raw_config)))  # the real bucket: no error, no probe file left
+    storage = open_storage(load_config(write_config(raw_config)))
+    assert listing(storage) == set()
+
+
+def test_mirror_copies_the_driver_files_and_replaces_folders(raw_config, write_config, s3, tmp_path):
+    raw_config["storage"] = uri(s3)
+    storage = open_storage(load_config(write_config(raw_config)))
+    local = tmp_path / "sweep"
+    for name, text in {"config.yaml": "a", "export/adapter/x.bin": "old", "tune/trial/checkpoint_000000/w": "c",
+                       ".export.tmp/y": "staging", "data/h1/dataset_dict.json": "{}",
+                       "data/.h2.tmp/partial": "x"}.items():
+        (local / name).parent.mkdir(parents=True, exist_ok=True)
+        (local / name).write_text(text)
+    mirror_to_storage(local, storage)
+    assert listing(storage) == {"config.yaml", "export/adapter/x.bin", "data/h1/dataset_dict.json"}
+    (local / "export" / "adapter" / "x.bin").unlink()
+    (local / "export" / "adapter" / "y.bin").write_text("new")
+    mirror_to_storage(local, storage)
+    assert listing(storage, "export") == {"adapter/y.bin"}  # a re-export leaves nothing stale
+
+
+def test_a_node_without_the_data_fetches_it_from_storage_once(raw_config, write_config, s3, tmp_path, monkeypatch):
+    from sweep.data import prepare_data
+    from trainables.lora_causal_lm import load_tokenizer
+
+    raw_config["storage"] = uri(s3)
+    config = load_config(write_config(raw_config))
+    storage = open_storage(config)
+    prepared = prepare_data(config.data, load_tokenizer(config), config.seed, tmp_path / "driver" / "data")
+    mirror_to_storage(tmp_path / "driver", storage)
+    monkeypatch.setattr("tempfile.tempdir", str(tmp_path / "node"))
+    missing_here = str(tmp_path / "elsewhere" / prepared.path.name)
+    fetched = local_prepared_data(missing_here, storage.path("data", prepared.path.name), config)
+    assert fetched == str(tmp_path / "node" / "lora-sweep-data" / prepared.path.name)
+    assert json.loads((prepared.path / "prepared.json").read_text()) == json.loads(
+        (tmp_path / "node" / "lora-sweep-data" / prepared.path.name / "prepared.json").read_text())
+    storage.filesystem.delete_dir(storage.path("data"))
+    assert local_prepared_data(missing_here, storage.path("data", prepared.path.name), config) == fetched  # reused
+    assert local_prepared_data(str(prepared.path), None, config) == str(prepared.path)  # seen here: used as is
+
+
+@pytest.mark.integration
+def test_a_sweep_with_s3_storage_keeps_checkpoints_there_and_mirrors_its_folder(raw_config, write_config, s3):
+    from sweep.pipeline import run
+    from sweep.report import write_report
+
+    raw_config["storage"] = uri(s3)
+    raw_config["search"].update(num_trials=3)
+    raw_config["checkpoints"] = {"keep": 1}
+    config = load_config(write_config(raw_config))
+    try:
+        outcome = run(config)
+    finally:
+        ray.shutdown()
+    storage = open_storage(config)
+    stored = listing(storage)
+    for name in ("config.yaml", "provenance.json", "leaderboard.csv", "best.json", "final_metrics.json",
+                 "status.json", "optuna_study.db", "export/merged/model.safetensors", "export/adapter/adapter_config.json",
+                 "export/README.md"):
+        assert name in stored, name
+    assert any(name.startswith("tensorboard/") for name in stored)
+    # Checkpoints live in storage only; what survives pruning: the promoted one (keep: 1 is the best).
+    checkpoints = {name.rsplit("/", 1)[0] for name in stored if "/checkpoint_" in name}
+    best = json.loads((outcome.sweep_dir / "best.json").read_text())
+    assert best["best_checkpoint"].startswith(storage.path("tune"))
+    assert {storage.path(c) for c in checkpoints} == {best["best_checkpoint"]}
+    local_tune = outcome.sweep_dir / "tune"
+    assert not list(local_tune.rglob("checkpoint_*")) and len(list(local_tune.glob("*/result.json"))) == 3
+    assert json.loads((outcome.sweep_dir / "status.json").read_text())["state"] == "finished"
+    report = write_report(outcome.sweep_dir)
+    assert "Learning curves" in {f.title for f in report.figures}
+
+    # `sweep resume` restores Tune's experiment from storage: nothing left to run, promotion and export again.
+    from sweep.pipeline import resume
+
+    try:
+        again = resume(outcome.sweep_dir)
+    finally:
+        ray.shutdown()
+    assert again.final.best.trial_id == best["trial_id"] and len(again.records) == 3

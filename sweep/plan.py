@@ -37,6 +37,7 @@ DTYPE_BYTES = {"float32": 4, "bfloat16": 2, "float16": 2}
 class SweepPlan:
     name: str
     sweep_dir: str
+    storage: Optional[str]  # <storage>/<name>/: checkpoints and a copy of the sweep folder
     search_space: dict[str, str]
     sampler: str
     objectives: list[str]  # "metric (mode)", and the cost minimised beside it
@@ -120,7 +121,7 @@ def make_plan(config: SweepConfig) -> SweepPlan:
     check_resources(config)
     check_placement(config)
     check_output_dir(config)
-    open_storage(config)  # the URI opens; writing to it is checked by `sweep run` (a plan writes nothing)
+    storage = open_storage(config)  # the URI opens; writing to it is checked by `sweep run` (a plan writes nothing)
     warm = warm_start_points(config, space)
     skeleton = check_model(config, space)
     tokenized = tokenize_splits(config.data, load_tokenizer(config), config.seed)
@@ -137,6 +138,7 @@ def make_plan(config: SweepConfig) -> SweepPlan:
     return SweepPlan(
         name=config.name,
         sweep_dir=str(config.sweep_dir),
+        storage=f"{storage.uri.split('?')[0].rstrip('/')}/{config.name}/" if storage else None,
         search_space={name: describe(d) for name, d in space.items()},
         sampler=config.search.sampler,
         objectives=[f"{metric} ({mode})" for metric, mode in config.objectives],
@@ -176,7 +178,10 @@ def _bytes(value: int) -> str:
 
 
 def plan_lines(plan: SweepPlan) -> list[str]:
-    lines = [f"sweep {plan.name} -> {plan.sweep_dir}", "search space:"]
+    lines = [f"sweep {plan.name} -> {plan.sweep_dir}"]
+    if plan.storage:
+        lines.append(f"storage: {plan.storage} (trials' checkpoints, and a copy of the sweep folder)")
+    lines.append("search space:")
     lines += [f"  {name}: {text}" for name, text in plan.search_space.items()] or ["  (none: every trial runs the fixed config)"]
     lines += [
         f"sampler: {plan.sampler}; trials: {plan.num_trials}, {plan.max_concurrent_trials} at a time; "

@@ -64,6 +64,8 @@ def test_storage_must_be_a_uri_that_opens_and_takes_writes(raw_config, write_con
     assert not (tmp_path / "results").exists()  # refused before anything was written
     raw_config["storage"] = uri(s3)
     check_storage(load_config(write_config(raw_config)))  # the real bucket: no error, no probe file left
+    plan = CliRunner().invoke(app, ["plan", str(write_config(raw_config))]).output
+    assert "storage: s3://sweeps/team/tiny/ (trials' checkpoints, and a copy of the sweep folder)" in plan
     storage = open_storage(load_config(write_config(raw_config)))
     assert listing(storage) == set()
 

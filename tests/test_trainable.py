@@ -16,7 +16,7 @@ def prepared(raw_config, write_config, tmp_path):
     return config, data.path
 
 
-def test_a_trial_reports_every_evaluation_with_an_adapter_only_checkpoint(prepared):
+def test_a_trial_reports_every_evaluation_with_an_adapter_only_checkpoint(prepared, peft_trainable_parameters):
     config, data_path = prepared
     reporter = ListReporter()
     outcome = run_trial({"training.learning_rate": 1e-3}, config.model_dump(), str(data_path), reporter)
@@ -31,6 +31,9 @@ def test_a_trial_reports_every_evaluation_with_an_adapter_only_checkpoint(prepar
         assert {"adapter_model.safetensors", "adapter_config.json", "optimizer.pt", "trainer_state.json"} <= set(files)
         assert not any(f.startswith("model") for f in files)  # never a full copy of the model
     assert outcome.best_metric == min(r["eval_loss"] for r in reporter.reports)
+    # The costs a two-objective sweep can minimise: peft's trainable parameters, evaluation time per example.
+    assert {r["adapter_params"] for r in reporter.reports} == {peft_trainable_parameters(config.model.path, rank=8)}
+    assert all(r["eval_ms_per_example"] > 0 for r in reporter.reports)
 
 
 def test_the_same_params_and_seed_give_the_same_losses(prepared):

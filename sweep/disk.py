@@ -7,15 +7,19 @@ once the sweep is decided.
 
 from __future__ import annotations
 
+import logging
 import os
 from dataclasses import replace
 from pathlib import Path
 
 import pyarrow.fs as pafs
+from pyarrow import ArrowException
 
 from sweep.config import SweepConfig
 from sweep.results import TrialRecord
 from sweep.storage import TUNE_DIR_NAME, open_storage, tree_bytes
+
+log = logging.getLogger(__name__)
 
 
 def prune_checkpoints(records: list[TrialRecord], best: TrialRecord, config: SweepConfig,
@@ -44,6 +48,8 @@ def prune_checkpoints(records: list[TrialRecord], best: TrialRecord, config: Swe
                     filesystem.delete_dir(checkpoint["path"])
                 except FileNotFoundError:
                     pass
+                except (OSError, ArrowException) as error:  # the export is done: a checkpoint left is no failure
+                    log.warning("could not delete the checkpoint %s: %s", checkpoint["path"], error)
         pruned.append(replace(
             record, checkpoints=kept,
             best_checkpoint=record.best_checkpoint if record.best_checkpoint in keep else None,

@@ -24,7 +24,6 @@ from sweep.config import ConfigError, SweepConfig
 from sweep.progress import ProgressCallback
 from sweep.storage import TUNE_DIR_NAME, open_storage
 from sweep.tensorboard_logs import TensorBoardCallback
-from sweep.warm_start import warm_start_points
 from trainables.lora_causal_lm import tune_trainable
 
 STUDY_FILE = "optuna_study.db"
@@ -99,7 +98,9 @@ class ResumableOptunaSearch(OptunaSearch):
         super().on_trial_complete(trial_id, result, error)
 
 
-def make_search(config: SweepConfig, space: dict[str, Any], sweep_dir: Path) -> ResumableOptunaSearch | None:
+def make_search(config: SweepConfig, space: dict[str, Any], sweep_dir: Path,
+                seeds: list[dict[str, Any]] | None = None) -> ResumableOptunaSearch | None:
+    """The searcher; `seeds` (a warm start's configs) are enqueued in the study and run first."""
     if not space:
         return None  # nothing to sample: every trial runs the fixed config
     sampler = (
@@ -110,8 +111,7 @@ def make_search(config: SweepConfig, space: dict[str, Any], sweep_dir: Path) -> 
     metrics, modes = zip(*config.objectives)
     return ResumableOptunaSearch(
         space=space,
-        # An earlier sweep's best configs, enqueued in the study: they are the first trials to run.
-        points_to_evaluate=warm_start_points(config, space).points or None,
+        points_to_evaluate=seeds or None,
         # With a cost to minimise too, a two-objective study (TPE handles both): its trials' values are
         # each trial's last metric and cost, and the study's best trials are their Pareto front.
         metric=list(metrics) if len(metrics) > 1 else metrics[0],
@@ -215,7 +215,7 @@ def check_cluster_resources(config: SweepConfig) -> None:
 
 
 def run_sweep(config: SweepConfig, space: dict[str, Any], data_path: Path, sweep_dir: Path, resume: bool = False,
-              trial_function: Callable[..., None] = tune_trainable) -> Any:
+              trial_function: Callable[..., None] = tune_trainable, seeds: list[dict[str, Any]] | None = None) -> Any:
     """Run every trial (or continue a stopped sweep); returns Ray Tune's ResultGrid.
 
     `trial_function` is the trainable's entry point; benchmarks pass one that trains nothing
@@ -254,7 +254,7 @@ def run_sweep(config: SweepConfig, space: dict[str, Any], data_path: Path, sweep
         tune_config=tune.TuneConfig(
             metric=config.search.metric,
             mode=config.search.mode,
-            search_alg=make_search(config, space, sweep_dir),
+            search_alg=make_search(config, space, sweep_dir, seeds),
             scheduler=make_scheduler(config),
             num_samples=config.search.num_trials,
             # Always a number: with a searcher and no limit, Tune starts one trial at a time and waits

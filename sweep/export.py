@@ -51,7 +51,8 @@ def best_trial_config(config: SweepConfig, best: TrialRecord) -> SweepConfig:
     fixed = apply_params(config, best.params)
     return fixed.model_copy(update={
         "name": f"{config.name}-best",
-        "search": fixed.search.model_copy(update={"space": None, "parameters": {}, "num_trials": 1}),
+        "search": fixed.search.model_copy(update={"space": None, "parameters": {}, "num_trials": 1,
+                                                  "warm_start": None, "also_minimize": None}),
         "scheduler": fixed.scheduler.model_copy(update={"type": "none"}),
     })
 
@@ -72,6 +73,10 @@ def max_logit_difference(a: Any, b: Any, prompts: list[list[int]]) -> float:
     return worst
 
 
+def _number(value: float) -> str:
+    return f"{int(value):,}" if float(value).is_integer() else f"{value:.4g}"
+
+
 def adapter_note(config: SweepConfig, best: TrialRecord) -> str:
     init = apply_params(config, best.params).lora
     if init.init not in REWRITES_BASE_WEIGHTS:
@@ -89,7 +94,7 @@ def model_card(config: SweepConfig, best: TrialRecord, base: EvalMetrics, tuned:
 Promoted from trial `{best.trial_id}` at step {best.best_step} of {best.steps_run} by a lora-sweep
 hyperparameter sweep ({config.search.num_trials} trials, {config.search.sampler} sampler,
 {config.scheduler.type} scheduler, metric `{config.search.metric}` ({config.search.mode})).
-Promotion rule: {promotion_rule(config)}.{f" Its {config.search.also_minimize}: {cost(best, config):,.6g}." if config.search.also_minimize else ""}
+Promotion rule: {promotion_rule(config)}.{f" Its {config.search.also_minimize}: {_number(cost(best, config))}." if config.search.also_minimize else ""}
 
 ## Contents
 - `adapter/`: the LoRA adapter (peft `save_pretrained`) and tokenizer{adapter_note(config, best)}

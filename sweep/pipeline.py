@@ -28,7 +28,7 @@ from sweep import faults
 from sweep.config import CONFIG_FILE, ConfigError, SweepConfig, config_to_yaml, load_config
 from sweep.data import TokenizedData, save_prepared, tokenize_splits
 from sweep.disk import prune_checkpoints
-from sweep.driver import budget_spent, run_sweep
+from sweep.driver import STUDY_FILE, budget_spent, run_sweep
 from sweep.export import FinalReport, finalize
 from sweep.lora import resolve_target_modules
 from sweep.placement import check_placement
@@ -36,7 +36,7 @@ from sweep.progress import SweepState, live_progress, mark_state
 from sweep.provenance import provenance
 from sweep.results import TrialRecord, promote, read_best, trial_record, write_atomically, write_best, write_leaderboard
 from sweep.search_space import build_search_space
-from sweep.storage import check_storage, fetch_trial_results, mirror_to_storage, open_storage
+from sweep.storage import check_storage, fetch_trial_results, holds_files, mirror_to_storage, open_storage
 from sweep.warm_start import warm_start_points
 from trainables.lora_causal_lm import load_tokenizer
 
@@ -116,21 +116,11 @@ def check_output_dir(config: SweepConfig) -> None:
         raise ConfigError([f"`output_dir`: {existing} is not writable, so {config.sweep_dir} cannot be created"], "output")
 
 
-def preflight(config: SweepConfig, starting: bool = True) -> tuple[dict[str, od.BaseDistribution], Any, TokenizedData]:
-    """Every check, then the data tokenized in memory; nothing is written.
-
-    `starting`: a new sweep. A resumed one has already enqueued its warm start, so the earlier sweep
-    it came from is not needed again (it may even be gone).
-    """
+def preflight(config: SweepConfig) -> tuple[dict[str, od.BaseDistribution], Any, TokenizedData]:
+    """Every check, then the data tokenized in memory; nothing is written."""
     if config.model.trust_remote_code:
         log.warning("model.trust_remote_code is on: the model's own Python code from %s will run", config.model.path)
     space = build_search_space(config)
-    if starting:
-        warm = warm_start_points(config, space)
-        for source in warm.sources:
-            log.info("warm start: trial %s of %s runs first", source, config.search.warm_start.sweep)
-        for reason in warm.skipped:
-            log.warning("warm start: skipped %s", reason)
     check_resources(config)
     check_placement(config)
     check_output_dir(config)
@@ -140,16 +130,34 @@ def preflight(config: SweepConfig, starting: bool = True) -> tuple[dict[str, od.
     return space, tokenizer, tokenize_splits(config.data, tokenizer, config.seed)
 
 
+def warm_start_seeds(config: SweepConfig, space: dict[str, od.BaseDistribution]) -> list[dict[str, Any]]:
+    """The earlier sweep's configs this one runs first (read once: what is logged is what is enqueued)."""
+    warm = warm_start_points(config, space)
+    for source in warm.sources:
+        log.info("warm start: trial %s of %s runs first", source, config.search.warm_start.sweep)
+    for reason in warm.skipped:
+        log.warning("warm start: skipped %s", reason)
+    return warm.points
+
+
 def prepare_sweep_dir(config: SweepConfig, overwrite: bool) -> Path:
+    """An empty local sweep folder, and nothing of an earlier sweep of this name in its storage.
+
+    Finished work is only replaced on --overwrite: trials left in storage would otherwise mix into
+    this sweep's report and never be pruned.
+    """
     sweep_dir = config.sweep_dir
-    if sweep_dir.exists() and any(sweep_dir.iterdir()):
-        if not overwrite:
-            raise ConfigError(
-                [f"`name`: the sweep folder {sweep_dir} already exists; continue it with `sweep resume {sweep_dir}` "
-                 "(or --resume), replace it with --overwrite, or pick another name"],
-                "output",
-            )
+    storage = open_storage(config)
+    local_taken = sweep_dir.exists() and any(sweep_dir.iterdir())
+    stored_taken = storage is not None and holds_files(storage)
+    if (local_taken or stored_taken) and not overwrite:
+        where = (f"the sweep folder {sweep_dir} already exists; continue it with `sweep resume {sweep_dir}` "
+                 "(or --resume), " if local_taken else f"storage already holds a sweep at {storage.path()}; ")
+        raise ConfigError([f"`name`: {where}replace it with --overwrite, or pick another name"], "output")
+    if local_taken:
         shutil.rmtree(sweep_dir)
+    if stored_taken:
+        storage.filesystem.delete_dir(storage.root)
     sweep_dir.mkdir(parents=True, exist_ok=True)
     return sweep_dir
 
@@ -168,10 +176,11 @@ def _write_data_and_provenance(config: SweepConfig, tokenized: TokenizedData, sw
 def run(config: SweepConfig, overwrite: bool = False, live: bool = False) -> SweepOutcome:
     """Start a sweep. `live`: draw the progress table in the terminal and send Ray's output to logs/ray.log."""
     space, _, tokenized = preflight(config)
+    seeds = warm_start_seeds(config, space)
     sweep_dir = prepare_sweep_dir(config, overwrite)
     write_atomically(sweep_dir / CONFIG_FILE, config_to_yaml(config))
     record = _write_data_and_provenance(config, tokenized, sweep_dir)
-    return _tune_and_finish(config, space, sweep_dir, record, resume=False, live=live)
+    return _tune_and_finish(config, space, sweep_dir, record, resume=False, live=live, seeds=seeds)
 
 
 def resume(sweep_dir: Path, live: bool = False) -> SweepOutcome:
@@ -180,7 +189,9 @@ def resume(sweep_dir: Path, live: bool = False) -> SweepOutcome:
     if not (sweep_dir / CONFIG_FILE).is_file():
         raise ConfigError([f"{sweep_dir} is not a sweep folder (no {CONFIG_FILE}); start one with `sweep run`"], "resume")
     config = load_config(sweep_dir / CONFIG_FILE)
-    space, _, tokenized = preflight(config, starting=False)
+    space, _, tokenized = preflight(config)
+    # Once the study exists its warm start is enqueued there; the earlier sweep is not needed again (it may be gone).
+    seeds = [] if (sweep_dir / STUDY_FILE).is_file() else warm_start_seeds(config, space)
     provenance_file = sweep_dir / PROVENANCE_FILE
     if provenance_file.is_file():
         record = json.loads(provenance_file.read_text(encoding="utf-8"))
@@ -192,18 +203,18 @@ def resume(sweep_dir: Path, live: bool = False) -> SweepOutcome:
             )
     else:
         record = _write_data_and_provenance(config, tokenized, sweep_dir)
-    return _tune_and_finish(config, space, sweep_dir, record, resume=True, live=live)
+    return _tune_and_finish(config, space, sweep_dir, record, resume=True, live=live, seeds=seeds)
 
 
 def _tune_and_finish(config: SweepConfig, space: dict[str, od.BaseDistribution], sweep_dir: Path,
-                     record: dict[str, Any], resume: bool, live: bool) -> SweepOutcome:
+                     record: dict[str, Any], resume: bool, live: bool, seeds: list[dict[str, Any]] | None = None) -> SweepOutcome:
     state: SweepState = "failed"
     storage = open_storage(config)
     if storage is not None:  # config, provenance and the prepared data, before any trial needs them
         mirror_to_storage(sweep_dir, storage)
     with live_progress(sweep_dir) if live else contextlib.nullcontext():
         try:
-            outcome = _tune_and_export(config, space, sweep_dir, record, resume)
+            outcome = _tune_and_export(config, space, sweep_dir, record, resume, seeds)
             state = "finished"
         except (SweepInterrupted, KeyboardInterrupt):  # a second Ctrl-C, or one during export: still resumable
             state = "stopped"
@@ -222,11 +233,11 @@ def _tune_and_finish(config: SweepConfig, space: dict[str, od.BaseDistribution],
 
 
 def _tune_and_export(config: SweepConfig, space: dict[str, od.BaseDistribution], sweep_dir: Path,
-                     record: dict[str, Any], resume: bool) -> SweepOutcome:
+                     record: dict[str, Any], resume: bool, seeds: list[dict[str, Any]] | None = None) -> SweepOutcome:
     data_path = Path(record["data_path"])
     ours = not ray.is_initialized()  # a Ray the caller started is the caller's to stop
     try:
-        result_grid = run_sweep(config, space, data_path, sweep_dir, resume=resume)
+        result_grid = run_sweep(config, space, data_path, sweep_dir, resume=resume, seeds=seeds)
         records = [trial_record(result, config) for result in result_grid]
         storage = open_storage(config)
         if storage is not None:  # trials' result files beside the driver's own, for `sweep report`
@@ -268,4 +279,8 @@ def load_sweep(sweep_dir: Path) -> tuple[SweepConfig, dict[str, Any]]:
 def export(sweep_dir: Path) -> FinalReport:
     """Re-run the final evaluation and export of a finished sweep."""
     config, record = load_sweep(sweep_dir)
-    return finalize(Path(sweep_dir), config, read_best(sweep_dir), Path(record["data_path"]), record)
+    final = finalize(Path(sweep_dir), config, read_best(sweep_dir), Path(record["data_path"]), record)
+    storage = open_storage(config)
+    if storage is not None:  # storage gets the new export too
+        mirror_to_storage(Path(sweep_dir), storage)
+    return final

@@ -175,7 +175,7 @@ def write_report(sweep_dir: Path) -> ReportResult:
          lambda: learning_curves(histories, board, metric), "" if histories else "no trial has reported yet"),
         *([("pareto_front.png", "Pareto front",
             f"Each trial's best validation {metric} against its {cost}; the promoted trial is ringed: the lowest "
-            f"{cost} within {config.search.pareto_tolerance:.0%} of the best {metric}.",
+            f"{cost} within {config.search.pareto_tolerance:g} (relative) of the best {metric}.",
             lambda: pareto_figure(board, metric, cost, final.get("trial_id") if final else None),
             "" if len(board) and "pareto" in board else "no trial has ended")] if cost else []),
         ("best_vs_base.png", "Best vs base on the test split",

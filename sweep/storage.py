@@ -5,7 +5,7 @@ open), Ray Tune stores every trial's results and checkpoints at
 `<storage>/<name>/tune/` straight from the node that ran it, so a cluster needs
 no shared disk. The driver keeps working in the local sweep folder
 (`<output_dir>/<name>/`) and copies it to `<storage>/<name>/` when the data is
-prepared and when the sweep ends, however it ends; the promoted checkpoint is
+prepared, when the sweep ends (however it ends) and after `sweep export`; the promoted checkpoint is
 fetched from storage for the final evaluation, and trials on a node without the
 prepared data fetch it from storage once per node.
 """
@@ -74,6 +74,13 @@ def check_storage(config: SweepConfig) -> None:
 
 def _exists(filesystem: pafs.FileSystem, path: str) -> bool:
     return filesystem.get_file_info(path).type != pafs.FileType.NotFound
+
+
+def holds_files(storage: Storage) -> bool:
+    """Whether the sweep's folder in storage has anything in it."""
+    if not is_directory(storage.filesystem, storage.root):
+        return False
+    return bool(storage.filesystem.get_file_info(pafs.FileSelector(storage.root, allow_not_found=True)))
 
 
 def is_directory(filesystem: pafs.FileSystem, path: str) -> bool:

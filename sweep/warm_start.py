@@ -22,6 +22,7 @@ from sweep.results import LEADERBOARD_FILE
 from sweep.search_space import TUNABLE_FIELDS, apply_params, describe
 
 PARAM_PREFIX = "param:"
+OUTSIDE = object()  # a value the search space cannot pick
 
 
 @dataclass
@@ -45,17 +46,31 @@ def _typed(name: str, value: Any) -> Any:
     return value.item() if hasattr(value, "item") else value
 
 
-def in_space(distribution: od.BaseDistribution, value: Any) -> bool:
-    """Could the sampler have picked `value`? (Optuna enqueues an outside value anyway, with a warning.)"""
+def in_space(distribution: od.BaseDistribution, value: Any) -> Any:
+    """`value` as the sampler could have picked it (a choice's own value: 2.0 -> 2), or OUTSIDE.
+
+    Optuna would enqueue an outside value anyway, with only a warning.
+    """
     if isinstance(distribution, od.CategoricalDistribution):
-        return any(type(value) is type(choice) and value == choice for choice in distribution.choices)
+        return next((choice for choice in distribution.choices if _same(choice, value)), OUTSIDE)
     if isinstance(value, bool) or not isinstance(value, (int, float)):
-        return False
+        return OUTSIDE
     if not distribution.low <= value <= distribution.high:
-        return False
+        return OUTSIDE
     step = getattr(distribution, "step", None)
-    return step is None or math.isclose(round((value - distribution.low) / step) * step, value - distribution.low,
-                                         abs_tol=1e-9)
+    if step is not None and not math.isclose(round((value - distribution.low) / step) * step,
+                                             value - distribution.low, abs_tol=1e-9):
+        return OUTSIDE
+    return value
+
+
+def _same(choice: Any, value: Any) -> bool:
+    """Numbers by value (the config holds alpha 2.0 where the space lists 2), but True is not the choice 1."""
+    numbers = (int, float)
+    if isinstance(choice, numbers) and isinstance(value, numbers) and not isinstance(choice, bool) \
+            and not isinstance(value, bool):
+        return choice == value
+    return type(choice) is type(value) and choice == value
 
 
 def _field_value(config: SweepConfig, dotted: str) -> Any:
@@ -95,9 +110,10 @@ def warm_start_points(config: SweepConfig, space: dict[str, od.BaseDistribution]
         except ConfigError as error:
             result.skipped.append(f"trial {trial}: its params no longer make a valid config ({error.problems[0]})")
             continue
-        point = {name: _field_value(ran, name) for name in space}
-        outside = [f"`{name}` = {point[name]!r} is outside this sweep's space ({describe(d)})"
-                   for name, d in space.items() if not in_space(d, point[name])]
+        ran_with = {name: _field_value(ran, name) for name in space}
+        point = {name: in_space(d, ran_with[name]) for name, d in space.items()}
+        outside = [f"`{name}` = {ran_with[name]!r} is outside this sweep's space ({describe(d)})"
+                   for name, d in space.items() if point[name] is OUTSIDE]
         if outside:
             result.skipped.append(f"trial {trial}: {'; '.join(outside)}")
         elif point in result.points:

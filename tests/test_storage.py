@@ -46,7 +46,7 @@ def uri(endpoint: str, bucket: str = "sweeps") -> str:
 
 def listing(storage, under: str = "") -> set[str]:
     root = storage.path(under) if under else storage.root
-    infos = storage.filesystem.get_file_info(pafs.FileSelector(root, recursive=True))
+    infos = storage.filesystem.get_file_info(pafs.FileSelector(root, recursive=True, allow_not_found=True))
     return {i.path[len(root) + 1:] for i in infos if i.type == pafs.FileType.File}
 
 
@@ -146,3 +146,21 @@ def test_a_sweep_with_s3_storage_keeps_checkpoints_there_and_mirrors_its_folder(
     finally:
         ray.shutdown()
     assert again.final.best.trial_id == best["trial_id"] and len(again.records) == 3
+
+
+def test_a_new_sweep_refuses_a_name_storage_already_holds(raw_config, write_config, s3):
+    from sweep.pipeline import prepare_sweep_dir
+
+    raw_config["storage"] = uri(s3)
+    config = load_config(write_config(raw_config))
+    storage = open_storage(config)
+    check_storage(config)  # leaves the (empty) folder: not an earlier sweep
+    assert prepare_sweep_dir(config, overwrite=False) == config.sweep_dir
+    config.sweep_dir.rmdir()
+    with storage.filesystem.open_output_stream(storage.path("tune", "trial_old", "result.json")) as handle:
+        handle.write(b"{}")
+    with pytest.raises(ConfigError, match=r"`name`: storage already holds a sweep at sweeps/team/tiny; replace it "
+                                          r"with --overwrite"):
+        prepare_sweep_dir(config, overwrite=False)
+    prepare_sweep_dir(config, overwrite=True)
+    assert listing(storage) == set()

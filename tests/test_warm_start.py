@@ -3,6 +3,7 @@
 import optuna
 import pytest
 import ray
+import yaml
 
 from sweep.config import CONFIG_FILE, ConfigError, config_to_yaml, load_config
 from sweep.pipeline import run
@@ -118,3 +119,27 @@ def test_plan_lists_what_runs_first_and_what_was_skipped(raw_config, write_confi
     assert "warm start: 2 configs of an earlier sweep run first:" in result.output
     assert "  trial t_best: lora.rank=4, training.learning_rate=0.003" in result.output
     assert "  skipped trial t_far: `training.learning_rate` = 0.05 is outside" in result.output
+
+
+def test_values_match_the_spaces_own_choices(raw_config, write_config, earlier_sweep):
+    """The shipped default space lists alpha multiples as [0.5, 1, 2, 4]; the config holds 2.0: a match."""
+    from sweep.warm_start import OUTSIDE, in_space
+
+    choices = optuna.distributions.CategoricalDistribution([0.5, 1, 2, 4])
+    assert in_space(choices, 2.0) == 2 and type(in_space(choices, 2.0)) is int
+    assert in_space(optuna.distributions.CategoricalDistribution([1, 2]), True) is OUTSIDE
+    assert in_space(optuna.distributions.CategoricalDistribution([True, False]), True) is True
+    assert in_space(optuna.distributions.CategoricalDistribution(["attention", "mlp"]), "mlp") == "mlp"
+    config, space = new_sweep(raw_config, write_config, earlier_sweep, top=1,
+                              **{"lora.alpha_multiple": {"type": "choice", "values": [0.5, 1, 2, 4]}})
+    assert warm_start_points(config, space).points == [{"lora.alpha_multiple": 2}]  # the earlier config's default
+
+
+def test_the_exported_best_config_runs_without_the_warm_start(raw_config, write_config, earlier_sweep):
+    from sweep.export import best_trial_config
+
+    config, _ = new_sweep(raw_config, write_config, earlier_sweep, top=3)
+    best = record("t", "completed", 1.0, **{"training.learning_rate": 1e-3, "lora.rank": 4})
+    rerun = best_trial_config(config, best)
+    assert rerun.search.warm_start is None
+    load_config(write_config(yaml.safe_load(config_to_yaml(rerun)), "best.yaml"))  # valid as written

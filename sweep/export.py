@@ -22,6 +22,7 @@ from sweep.config import REWRITES_BASE_WEIGHTS, SweepConfig, config_to_yaml
 from sweep.data import load_prepared, prompt_token_ids
 from sweep.evaluate import EvalMetrics, evaluate_model
 from sweep.lora import lora_settings
+from sweep.placement import visible_gpus
 from sweep.driver import budget_spent
 from sweep.results import TrialRecord, cost, promotion_rule, sweep_totals, write_atomically
 from sweep.search_space import apply_params
@@ -167,9 +168,12 @@ def finalize(sweep_dir: Path, config: SweepConfig, best: TrialRecord, data_path:
         max_new_tokens=config.evaluation.max_new_tokens, batch_size=config.training.eval_batch_size,
         max_examples=config.evaluation.max_examples,
     )
-    # The driver may sit on a GPU machine too: evaluate there when it can (greedy decoding on a CPU is slow).
-    device = "cuda" if torch.cuda.is_available() else "cpu"
-    base_model = load_base_model(trial_config).to(device)
+    # The driver may sit on a GPU machine too: evaluate there when it can (greedy decoding on a CPU is slow),
+    # spread over its GPUs when it has several (a model too big for one).
+    gpus = visible_gpus()
+    base_model = load_base_model(trial_config, spread_over_gpus=gpus >= 2)
+    if gpus == 1:
+        base_model = base_model.to("cuda")
     base_metrics = evaluate_model(base_model, tokenizer, test_set, **settings)
     # For PiSSA / OLoRA, loading redoes the init's decomposition: the base becomes the residual the trial trained on.
     with local_checkpoint(best.best_checkpoint, storage) as checkpoint:  # fetched from storage when there
@@ -186,7 +190,11 @@ def finalize(sweep_dir: Path, config: SweepConfig, best: TrialRecord, data_path:
     shutil.rmtree(staging, ignore_errors=True)
     save_adapter(tuned_model, trial_config, staging / "adapter")
     tokenizer.save_pretrained(staging / "adapter")
-    tuned_model = tuned_model.to("cpu")  # export and verify on the CPU, where every user can load it
+    # Merge, export and verify on the CPU, where every user can load it. A model spread over GPUs is not
+    # moved (accelerate's hooks stay with it): a fresh CPU copy takes the adapter just saved instead.
+    if gpus >= 2:
+        tuned_model = peft.PeftModel.from_pretrained(load_base_model(trial_config), staging / "adapter")
+    tuned_model = tuned_model.to("cpu")
     tuned_model.merge_and_unload().save_pretrained(staging / "merged", safe_serialization=True)
     tokenizer.save_pretrained(staging / "merged")
 

@@ -22,9 +22,14 @@ from sweep.lora import torch_dtype
 QLORA_INSTALL = "pip install 'lora-sweep[qlora]'"
 
 
+def visible_gpus() -> int:
+    """CUDA devices this process sees (in a trial: the ones Ray gave it)."""
+    return torch.cuda.device_count() if torch.cuda.is_available() else 0
+
+
 def cuda_devices_for_trial(config: SweepConfig) -> int:
     """The CUDA devices this trial may use (0 when it asked for none, or where CUDA is missing)."""
-    return torch.cuda.device_count() if config.resources.gpu > 0 and torch.cuda.is_available() else 0
+    return visible_gpus() if config.resources.gpu > 0 else 0
 
 
 def quantization_config(config: SweepConfig) -> Any:

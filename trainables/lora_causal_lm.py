@@ -228,15 +228,17 @@ class _FaultInjector(TrainerCallback):
             faults.raise_fault(kind, state.global_step)
 
 
-def load_base_model(config: SweepConfig, for_trial: bool = False) -> Any:
-    """The base model. Outside a trial (final evaluation, export): full precision, in one piece, on the CPU.
+def load_base_model(config: SweepConfig, for_trial: bool = False, spread_over_gpus: bool = False) -> Any:
+    """The base model. Outside a trial (final evaluation, export): full precision, on the CPU, or spread over
+    this machine's GPUs (`spread_over_gpus`).
 
     In a trial: placed as `sweep.placement` says for the GPUs Ray gave it: across several GPUs, or in
     4 bits (QLoRA, prepared for k-bit training once per load: norms in float32, base frozen).
     """
     if not for_trial:
         return AutoModelForCausalLM.from_pretrained(
-            config.model.path, dtype=torch_dtype(config.model.dtype), trust_remote_code=config.model.trust_remote_code
+            config.model.path, dtype=torch_dtype(config.model.dtype), trust_remote_code=config.model.trust_remote_code,
+            **({"device_map": "auto"} if spread_over_gpus else {}),
         )
     model = AutoModelForCausalLM.from_pretrained(config.model.path,
                                                  **trial_loading_kwargs(config, cuda_devices_for_trial(config)))

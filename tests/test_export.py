@@ -1,0 +1,56 @@
+"""The final evaluation and export, run on a real trial's checkpoint without Ray."""
+
+import json
+
+import pytest
+import torch
+from transformers import AutoModelForCausalLM
+
+from sweep import export
+from sweep.config import load_config
+from sweep.data import prepare_data
+from sweep.results import TrialRecord
+from trainables.lora_causal_lm import ListReporter, load_tokenizer, run_trial
+
+
+@pytest.fixture
+def trained(raw_config, write_config, tmp_path):
+    """A sweep folder with one trial's checkpoint at step 6, as promotion leaves it."""
+    config = load_config(write_config(raw_config))
+    config.sweep_dir.mkdir(parents=True)
+    data = prepare_data(config.data, load_tokenizer(config), config.seed, config.sweep_dir / "data")
+    params = {"training.learning_rate": 1e-2}
+    run_trial(params, config.model_dump(), str(data.path), ListReporter(keep_checkpoints_in=tmp_path / "checkpoints"))
+    best = TrialRecord(trial_id="t0", status="completed", params=params, best_metric=1.0, best_step=6, steps_run=6,
+                       wall_seconds=1.0, best_checkpoint=str(tmp_path / "checkpoints" / "step-6"))
+    return config, best, data.path
+
+
+def exported_logits(config) -> torch.Tensor:
+    merged = AutoModelForCausalLM.from_pretrained(config.sweep_dir / "export" / "merged")
+    return merged(input_ids=torch.tensor([[0, 5, 6, 7]])).logits
+
+
+def test_export_on_a_machine_with_two_gpus_merges_a_fresh_cpu_copy(trained, monkeypatch):
+    """Where the driver has several GPUs the evaluation base is spread over them (device_map="auto"), and the
+    merge takes a fresh CPU copy instead of moving the spread model. Here the GPUs are pretended: every base
+    loads on the CPU, and the export must equal the one made the plain way."""
+    config, best, data_path = trained
+    export.finalize(config.sweep_dir, config, best, data_path, {})
+    plain = exported_logits(config)
+
+    spread_requests = []
+    real_load = export.load_base_model
+
+    def load_on_the_cpu(trial_config, for_trial=False, spread_over_gpus=False):
+        spread_requests.append(spread_over_gpus)
+        return real_load(trial_config)
+
+    monkeypatch.setattr(export, "visible_gpus", lambda: 2)
+    monkeypatch.setattr(export, "load_base_model", load_on_the_cpu)
+    final = export.finalize(config.sweep_dir, config, best, data_path, {})
+    # The evaluation base spread over both GPUs; a fresh CPU copy for the merge; one for the verification.
+    assert spread_requests == [True, False, False]
+    assert final.max_logit_difference <= 1e-4
+    assert torch.allclose(exported_logits(config), plain, atol=1e-5)
+    assert json.loads((config.sweep_dir / "final_metrics.json").read_text())["trial_id"] == "t0"

@@ -16,7 +16,7 @@ from torch.utils.tensorboard.summary import hparams
 
 from sweep.results import ended_status
 
-SCALARS = ("eval_loss", "eval_perplexity", "train_loss", "learning_rate", "tokens_per_second")
+SCALARS = ("eval_loss", "eval_perplexity", "train_loss", "learning_rate", "tokens_per_second", "eval_ms_per_example")
 
 
 def hparam_value(value: Any) -> Any:
@@ -34,6 +34,7 @@ class TensorBoardCallback(Callback):
         self._writers: dict[str, SummaryWriter] = {}
         self._best: dict[str, float] = {}
         self._steps: dict[str, int] = {}
+        self._adapter_params: dict[str, float] = {}
 
     def _writer(self, trial: Any) -> SummaryWriter:
         if trial.trial_id not in self._writers:
@@ -54,6 +55,8 @@ class TensorBoardCallback(Callback):
             if better:
                 self._best[trial.trial_id] = float(value)
         self._steps[trial.trial_id] = step
+        if isinstance(result.get("adapter_params"), (int, float)):  # the same at every step: a cost beside the metric
+            self._adapter_params[trial.trial_id] = float(result["adapter_params"])
         if result.get("diverged"):
             self._diverged.add(trial.trial_id)
         writer.flush()
@@ -61,7 +64,8 @@ class TensorBoardCallback(Callback):
     def _close(self, trial: Any, status: str) -> None:
         writer = self._writer(trial)
         metrics = {f"hparam/best_{self.metric}": self._best.get(trial.trial_id, math.nan),
-                   "hparam/steps_run": float(self._steps.get(trial.trial_id, 0))}
+                   "hparam/steps_run": float(self._steps.get(trial.trial_id, 0)),
+                   "hparam/adapter_params": self._adapter_params.get(trial.trial_id, math.nan)}
         exp, session_start, session_end = hparams(
             {k: hparam_value(v) for k, v in trial.config.items()} | {"status": status}, metrics
         )

@@ -75,7 +75,9 @@ def test_two_trial_sweep_end_to_end(raw_config, write_config, ray_session, monke
         name = next(n for n in runs if n.startswith(row["trial_id"]))
         assert f"lr={row['param:training.learning_rate']:.2g}" in name
         events = EventAccumulator(str(runs[name])).Reload()
-        assert {"eval_loss", "train_loss", "learning_rate", "hparam/best_eval_loss"} <= set(events.Tags()["scalars"])
+        assert {"eval_loss", "train_loss", "learning_rate", "eval_ms_per_example", "hparam/best_eval_loss",
+                "hparam/adapter_params"} <= set(events.Tags()["scalars"])
+        assert events.Scalars("hparam/adapter_params")[-1].value == row["adapter_params"]
         assert [e.step for e in events.Scalars("eval_loss")] == list(range(3, int(row["steps_run"]) + 1, 3))
         assert events.Scalars("hparam/best_eval_loss")[-1].value == pytest.approx(row["best_eval_loss"], rel=1e-6)
         content = events.PluginTagToContent("hparams")

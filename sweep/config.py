@@ -252,6 +252,12 @@ class SweepConfig(_Strict):
         if value is not None and "://" not in value:
             raise ValueError("must be a URI such as s3://bucket/prefix or gs://bucket/prefix "
                              "(a local or shared folder is `output_dir`)")
+        query = value.partition("?")[2].lower() if value else ""
+        secrets = [key for key in ("access_key", "secret_key", "session_token") if f"{key}=" in query]
+        if secrets:
+            # The config is saved in the sweep folder (and its storage), and the URI shows in messages.
+            raise ValueError(f"must not carry credentials ({', '.join(secrets)}): they would be saved in config.yaml; "
+                             "give them through the environment (AWS_ACCESS_KEY_ID, ...) or an instance role")
         return value
 
     @model_validator(mode="after")

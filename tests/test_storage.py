@@ -54,6 +54,9 @@ def test_storage_must_be_a_uri_that_opens_and_takes_writes(raw_config, write_con
     raw_config["storage"] = str(tmp_path / "shared")
     with pytest.raises(ConfigError, match=r"`storage`: must be a URI such as s3://bucket/prefix"):
         load_config(write_config(raw_config))
+    raw_config["storage"] = "s3://bucket/x?region=us-east-1&access_key=AKIA&secret_key=s3cret"
+    with pytest.raises(ConfigError, match=r"`storage`: must not carry credentials \(access_key, secret_key\)"):
+        load_config(write_config(raw_config))
     raw_config["storage"] = "nosuch://bucket/x"
     with pytest.raises(ConfigError, match=r"`storage`: cannot open 'nosuch://bucket/x': Unrecognized filesystem type"):
         check_storage(load_config(write_config(raw_config)))

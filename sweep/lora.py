@@ -80,9 +80,9 @@ def lora_settings(settings: LoraConfig, model: nn.Module) -> peft.LoraConfig:
         target_modules=resolve_target_modules(model, settings.target_modules),
         use_rslora=settings.use_rslora,
         use_dora=settings.use_dora,
+        # "pissa" is PiSSA's exact SVD (not the randomised `pissa_niter_*`): a restarted trial recomputes
+        # the same residual base weights before it loads its checkpoint's adapter.
         init_lora_weights=True if settings.init == "default" else settings.init,
-        # PiSSA's exact SVD (not the randomised `pissa_niter_*`): a restarted trial recomputes the same
-        # residual base weights before it loads its checkpoint's adapter.
     )
 
 

@@ -88,6 +88,13 @@ def check_model(config: SweepConfig, space: dict[str, od.BaseDistribution]) -> t
     return skeleton
 
 
+def local_ray_resources(config: SweepConfig) -> tuple[float, float]:
+    """(CPUs, GPUs) the local Ray that `sweep run` starts will have: the config's, else this machine's."""
+    cpus = config.ray.num_cpus or os.cpu_count() or 1
+    gpus = config.ray.num_gpus if config.ray.num_gpus is not None else torch.cuda.device_count()
+    return cpus, gpus
+
+
 def check_resources(config: SweepConfig) -> None:
     """A trial that asks for more than a local Ray has would wait forever: refuse it up front.
 
@@ -95,8 +102,7 @@ def check_resources(config: SweepConfig) -> None:
     """
     if config.ray.address:
         return
-    cpus = config.ray.num_cpus or os.cpu_count() or 1
-    gpus = config.ray.num_gpus if config.ray.num_gpus is not None else torch.cuda.device_count()
+    cpus, gpus = local_ray_resources(config)
     problems = []
     if config.resources.cpu > cpus:
         problems.append(f"`resources.cpu`: a trial asks for {config.resources.cpu} CPUs but this machine's Ray has {cpus}")

@@ -41,9 +41,17 @@ def quantization_config(config: SweepConfig) -> Any:
                               bnb_4bit_use_double_quant=True, bnb_4bit_compute_dtype=compute)
 
 
+def loading_kwargs(config: SweepConfig, spread_over_gpus: bool = False) -> dict[str, Any]:
+    """`from_pretrained` arguments outside a trial: full precision, on the CPU or spread over this machine's GPUs."""
+    kwargs: dict[str, Any] = {"dtype": torch_dtype(config.model.dtype), "trust_remote_code": config.model.trust_remote_code}
+    if spread_over_gpus:
+        kwargs["device_map"] = "auto"
+    return kwargs
+
+
 def trial_loading_kwargs(config: SweepConfig, cuda_devices: int) -> dict[str, Any]:
     """`from_pretrained` arguments for a trial's base model, given the CUDA devices the trial sees."""
-    kwargs: dict[str, Any] = {"dtype": torch_dtype(config.model.dtype), "trust_remote_code": config.model.trust_remote_code}
+    kwargs = loading_kwargs(config)
     quantized = config.model.quantization != "none"
     if quantized:
         if cuda_devices == 0:

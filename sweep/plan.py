@@ -8,7 +8,6 @@ disk the sweep will use. It starts no Ray and writes nothing.
 from __future__ import annotations
 
 import math
-import os
 from dataclasses import asdict, dataclass
 from typing import Any, Optional
 
@@ -19,7 +18,7 @@ from sweep.config import SweepConfig
 from sweep.data import tokenize_splits
 from sweep.driver import trials_that_fit
 from sweep.lora import resolve_target_modules, targeted_module_names
-from sweep.pipeline import check_model, check_output_dir, check_resources
+from sweep.pipeline import check_model, check_output_dir, check_resources, local_ray_resources
 from sweep.placement import check_placement
 from sweep.storage import open_storage
 from sweep.search_space import apply_params, build_search_space, describe
@@ -111,9 +110,7 @@ def concurrent_trials(config: SweepConfig) -> int:
     connecting: then at most all of them)."""
     if config.ray.address and not config.search.max_concurrent_trials:
         return config.search.num_trials
-    cpus = config.ray.num_cpus or os.cpu_count() or 1
-    gpus = config.ray.num_gpus if config.ray.num_gpus is not None else torch.cuda.device_count()
-    return trials_that_fit(config, cpus, gpus)
+    return trials_that_fit(config, *local_ray_resources(config))
 
 
 def make_plan(config: SweepConfig) -> SweepPlan:

@@ -21,6 +21,7 @@ from sweep.storage import is_directory, tree_bytes
 TrialStatus = Literal["completed", "stopped early", "errored"]
 LEADERBOARD_FILE = "leaderboard.csv"
 BEST_FILE = "best.json"
+PARAM_PREFIX = "param:"  # leaderboard columns of sampled values: param:<dotted field>
 
 
 @dataclass
@@ -66,7 +67,7 @@ def trial_record(result: Any, config: SweepConfig) -> TrialRecord:
     history: pd.DataFrame = result.metrics_dataframe if result.metrics_dataframe is not None else pd.DataFrame()
     last = result.metrics or {}
     trial_id = str(last.get("trial_id") or Path(result.path).name)
-    steps_run = int(history["step"].max()) if "step" in history and len(history) else 0
+    steps_run = _column_max(history, "step")
     wall = float(last.get("time_total_s", 0.0) or 0.0)
     record = TrialRecord(
         trial_id=trial_id, status="completed", params=dict(result.config or {}), best_metric=None,
@@ -99,13 +100,14 @@ def trial_record(result: Any, config: SweepConfig) -> TrialRecord:
     record.trial_dir = str(result.path)
     record.disk_bytes = tree_bytes(result.filesystem, result.path)  # on the local disk or in storage
     record.device_seconds = round(wall * config.devices_per_trial, 2)
-    record.tokens_seen = int(history["tokens_seen"].max()) if "tokens_seen" in history and len(history) else 0
-    record.adapter_params = int(history["adapter_params"].max()) if "adapter_params" in history and len(history) else 0
+    record.tokens_seen = _column_max(history, "tokens_seen")
+    record.adapter_params = _column_max(history, "adapter_params")
     return record
 
 
-def folder_bytes(path: Path) -> int:
-    return sum(f.stat().st_size for f in path.rglob("*") if f.is_file()) if path.is_dir() else 0
+def _column_max(history: pd.DataFrame, name: str) -> int:
+    """The largest value a trial reported for `name` (0 when it reported none)."""
+    return int(history[name].max()) if name in history and len(history) else 0
 
 
 def write_atomically(path: Path, text: str) -> None:
@@ -121,7 +123,7 @@ def write_leaderboard(records: list[TrialRecord], sweep_dir: Path, config: Sweep
     rows = []
     for r in records:
         row = {"trial_id": r.trial_id, "status": r.status}
-        row.update({f"param:{k}": v for k, v in sorted(r.params.items())})
+        row.update({f"{PARAM_PREFIX}{k}": v for k, v in sorted(r.params.items())})
         row.update({
             f"best_{config.search.metric}": r.best_metric, "best_step": r.best_step, "steps_run": r.steps_run,
             "wall_seconds": r.wall_seconds, "device_seconds": r.device_seconds, "tokens_seen": r.tokens_seen,

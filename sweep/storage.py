@@ -147,16 +147,17 @@ def local_checkpoint(path: str, storage: Optional[Storage]) -> Iterator[Path]:
         yield Path(scratch)
 
 
-def local_prepared_data(data_path: str, data_in_storage: Optional[str], config: SweepConfig) -> str:
+def local_prepared_data(data_path: str, data_in_storage: Optional[str], storage_uri: Optional[str]) -> str:
     """The prepared data on this node: the driver's folder when this node sees it (one machine, a shared
-    disk), else a copy fetched from storage once per node and reused by its later trials."""
-    if Path(data_path).is_dir() or not data_in_storage:
+    disk), else a copy fetched from `data_in_storage` (in the sweep's storage) once per node and reused
+    by its later trials."""
+    if Path(data_path).is_dir() or not data_in_storage or not storage_uri:
         return data_path
-    storage = open_storage(config)
+    filesystem = pafs.FileSystem.from_uri(storage_uri)[0]
     cache = Path(tempfile.gettempdir()) / "lora-sweep-data" / Path(data_path).name
     if not cache.is_dir():
         partial = cache.with_name(f".{cache.name}.{os.getpid()}.tmp")
-        pafs.copy_files(data_in_storage, str(partial), source_filesystem=storage.filesystem,
+        pafs.copy_files(data_in_storage, str(partial), source_filesystem=filesystem,
                         destination_filesystem=pafs.LocalFileSystem())
         try:
             partial.rename(cache)  # atomic: a trial beside this one may have fetched it first

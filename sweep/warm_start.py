@@ -18,10 +18,9 @@ import optuna.distributions as od
 import pandas as pd
 
 from sweep.config import CONFIG_FILE, ConfigError, SweepConfig, load_config
-from sweep.results import LEADERBOARD_FILE
+from sweep.results import LEADERBOARD_FILE, PARAM_PREFIX
 from sweep.search_space import TUNABLE_FIELDS, apply_params, describe
 
-PARAM_PREFIX = "param:"
 OUTSIDE = object()  # a value the search space cannot pick
 
 
@@ -103,8 +102,9 @@ def warm_start_points(config: SweepConfig, space: dict[str, od.BaseDistribution]
         if len(result.points) == warm.top:
             break
         trial = str(row["trial_id"])
-        params = {c[len(PARAM_PREFIX):]: _typed(c[len(PARAM_PREFIX):], row[c])
-                  for c in board.columns if c.startswith(PARAM_PREFIX) and _typed(c[len(PARAM_PREFIX):], row[c]) is not None}
+        typed = {name: _typed(name, row[column]) for column in board.columns if column.startswith(PARAM_PREFIX)
+                 for name in [column[len(PARAM_PREFIX):]]}
+        params = {name: value for name, value in typed.items() if value is not None}
         try:
             ran = apply_params(earlier, params)
         except ConfigError as error:

@@ -9,15 +9,20 @@ import threading
 from pathlib import Path
 
 import pandas as pd
+import pyarrow.fs as pafs
 import pytest
 import ray
 
 from sweep.config import load_config
 from sweep.pipeline import run
-from sweep.results import folder_bytes
+from sweep.storage import tree_bytes
 
 pytestmark = pytest.mark.integration
 KEEP = 2
+
+
+def folder_bytes(path: Path) -> int:
+    return tree_bytes(pafs.LocalFileSystem(), str(path))
 
 
 class CheckpointWatcher(threading.Thread):

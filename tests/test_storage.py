@@ -101,13 +101,13 @@ def test_a_node_without_the_data_fetches_it_from_storage_once(raw_config, write_
     mirror_to_storage(tmp_path / "driver", storage)
     monkeypatch.setattr("tempfile.tempdir", str(tmp_path / "node"))
     missing_here = str(tmp_path / "elsewhere" / prepared.path.name)
-    fetched = local_prepared_data(missing_here, storage.path("data", prepared.path.name), config)
+    fetched = local_prepared_data(missing_here, storage.path("data", prepared.path.name), config.storage)
     assert fetched == str(tmp_path / "node" / "lora-sweep-data" / prepared.path.name)
     assert json.loads((prepared.path / "prepared.json").read_text()) == json.loads(
         (tmp_path / "node" / "lora-sweep-data" / prepared.path.name / "prepared.json").read_text())
     storage.filesystem.delete_dir(storage.path("data"))
-    assert local_prepared_data(missing_here, storage.path("data", prepared.path.name), config) == fetched  # reused
-    assert local_prepared_data(str(prepared.path), None, config) == str(prepared.path)  # seen here: used as is
+    assert local_prepared_data(missing_here, storage.path("data", prepared.path.name), config.storage) == fetched  # reused
+    assert local_prepared_data(str(prepared.path), None, config.storage) == str(prepared.path)  # seen here: used as is
 
 
 @pytest.mark.integration

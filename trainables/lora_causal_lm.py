@@ -36,8 +36,8 @@ from transformers import (
 from sweep import faults
 from sweep.config import REWRITES_BASE_WEIGHTS, SweepConfig
 from sweep.data import MODEL_COLUMNS, PaddingCollator, load_prepared
-from sweep.lora import lora_settings, targeted_module_names, torch_dtype
-from sweep.placement import cuda_devices_for_trial, trial_loading_kwargs
+from sweep.lora import lora_settings, targeted_module_names
+from sweep.placement import cuda_devices_for_trial, loading_kwargs, trial_loading_kwargs
 from sweep.storage import local_prepared_data
 from sweep.search_space import apply_params
 
@@ -235,14 +235,10 @@ def load_base_model(config: SweepConfig, for_trial: bool = False, spread_over_gp
     In a trial: placed as `sweep.placement` says for the GPUs Ray gave it: across several GPUs, or in
     4 bits (QLoRA, prepared for k-bit training once per load: norms in float32, base frozen).
     """
-    if not for_trial:
-        return AutoModelForCausalLM.from_pretrained(
-            config.model.path, dtype=torch_dtype(config.model.dtype), trust_remote_code=config.model.trust_remote_code,
-            **({"device_map": "auto"} if spread_over_gpus else {}),
-        )
-    model = AutoModelForCausalLM.from_pretrained(config.model.path,
-                                                 **trial_loading_kwargs(config, cuda_devices_for_trial(config)))
-    if config.model.quantization != "none":
+    kwargs = (trial_loading_kwargs(config, cuda_devices_for_trial(config)) if for_trial
+              else loading_kwargs(config, spread_over_gpus))
+    model = AutoModelForCausalLM.from_pretrained(config.model.path, **kwargs)
+    if for_trial and config.model.quantization != "none":
         model = peft.prepare_model_for_kbit_training(
             model, use_gradient_checkpointing=config.training.gradient_checkpointing)
     return model
@@ -424,5 +420,5 @@ def loraplus_optimizer(config: SweepConfig, model: Any) -> Optional[torch.optim.
 def tune_trainable(params: dict[str, Any], base_config: dict[str, Any], data_path: str,
                    data_in_storage: Optional[str] = None) -> None:
     """Ray Tune's entry point (bound with `tune.with_parameters`)."""
-    data_path = local_prepared_data(data_path, data_in_storage, SweepConfig.model_validate(base_config))
+    data_path = local_prepared_data(data_path, data_in_storage, base_config["storage"])
     run_trial(params, base_config, data_path, TuneReporter())

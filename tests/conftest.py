@@ -60,3 +60,24 @@ def peft_trainable_parameters():
         return sum(p.numel() for p in model.parameters() if p.requires_grad)
 
     return count
+
+
+def assert_refused(result, expected: str, before: set[str] | None = None, root: Path | None = None,
+                   max_lines: int = 3, max_chars: int = 400) -> None:
+    """A clean refusal: exit 2, 1 to `max_lines` lines each starting `error: `, `expected` in the output,
+    no traceback, no line longer than `max_chars`, and (given `before`, a listing of `root`) nothing written."""
+    output = result.output
+    assert result.exit_code == 2, (result.exit_code, output, result.exception)
+    assert "Traceback" not in output, output
+    lines = [line for line in output.strip().splitlines() if not line.startswith("warning: ")]
+    assert 1 <= len(lines) <= max_lines, lines
+    assert all(line.startswith("error: ") for line in lines), lines
+    assert all(len(line) <= max_chars for line in lines), [len(line) for line in lines]
+    assert expected in output, output
+    if before is not None and root is not None:
+        assert listing(root) == before, "something was written"
+
+
+def listing(root: Path) -> set[str]:
+    """Every path under `root`, relative to it (to check that a refused command wrote nothing)."""
+    return {str(p.relative_to(root)) for p in Path(root).rglob("*")}

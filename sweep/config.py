@@ -7,12 +7,17 @@ rule (torchtune's `config/_validate.py`, optuna's `but got {x=}`).
 
 from __future__ import annotations
 
+import codecs
 import difflib
+import math
+import re
 from pathlib import Path
-from typing import Any, Literal, Optional, Union
+from typing import Annotated, Any, Literal, Optional, Union
+from urllib.parse import parse_qsl, urlsplit
 
 import yaml
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
+from pydantic import (BaseModel, BeforeValidator, ConfigDict, Field, Strict, StrictBool, ValidationError,
+                      field_validator, model_validator)
 
 # Metrics the trainable reports at every evaluation; the sweep can optimise any of them.
 REPORTED_METRICS = ("eval_loss", "eval_perplexity", "train_loss")
@@ -45,14 +50,36 @@ class ConfigError(ValueError):
 CHECK_LAYERS = ("config", "model", "data", "resources", "output")
 
 
+def asha_rung_count(grace_period: int, reduction_factor: float, max_steps: int) -> int:
+    """How many rungs Ray's ASHA makes (its own formula, rounding included)."""
+    return int(math.log(max_steps / grace_period) / math.log(reduction_factor) + 1)
+
+
+def _not_a_bool(value: Any) -> Any:
+    # YAML's `true` is not 1.0: a bool where a number belongs is a mistake, not a value.
+    if isinstance(value, bool):
+        raise ValueError("Input should be a number, not a boolean")
+    return value
+
+
+# Strict where YAML makes mistakes easy: `batch_size: true` is not 1, `8.5` is not 8, `"yes"` is not True.
+# Floats stay lax for strings, because PyYAML reads `1e-4` (no dot) as the string "1e-4".
+Int = Annotated[int, Strict()]
+Float = Annotated[float, BeforeValidator(_not_a_bool)]
+SEED_MAX = 2**32 - 1  # numpy's and Optuna's seeds are 32-bit
+NAME_MAX_LENGTH = 200
+MAX_ASHA_RUNGS = 100  # a reduction factor near 1 makes millions of rungs (and Ray builds each one)
+
+
 class _Strict(BaseModel):
-    model_config = ConfigDict(extra="forbid", validate_assignment=True)
+    # allow_inf_nan=False: `inf`/`nan` are never a setting (an infinite GPU share, a NaN learning rate).
+    model_config = ConfigDict(extra="forbid", validate_assignment=True, allow_inf_nan=False)
 
 
 class ModelConfig(_Strict):
     path: str = Field(description="Local folder or hub id of the base causal LM.")
     dtype: Literal["auto", "float32", "bfloat16", "float16"] = "auto"
-    trust_remote_code: bool = False
+    trust_remote_code: StrictBool = False
     quantization: Literal["none", "nf4", "fp4"] = Field(
         "none", description="QLoRA: trials load the base in 4 bits (bitsandbytes, CUDA only), NF4 or FP4 with "
         "double quantization; the final evaluation and export use the full-precision base.")
@@ -64,11 +91,26 @@ class ColumnMapping(_Strict):
     input: Optional[str] = "input"
     response: str = "response"
 
+    @model_validator(mode="after")
+    def _one_field_per_column(self) -> "ColumnMapping":
+        # Two fields reading one column would put the same text in two places (e.g. the prompt in the response).
+        field_of: dict[str, str] = {}
+        for field in ("instruction", "response", "system", "input"):
+            column = getattr(self, field)
+            if column is None:
+                continue
+            if column in field_of:
+                fix = (f"set `{field}: null` if the file has no {field} column" if field in ("system", "input")
+                       else "map each to a column of its own")
+                raise ValueError(f"`{field_of[column]}` and `{field}` both read column {column!r}; {fix}")
+            field_of[column] = field
+        return self
+
 
 class SplitFractions(_Strict):
-    train: float = Field(0.8, ge=0.0, le=1.0)
-    val: float = Field(0.1, ge=0.0, le=1.0)
-    test: float = Field(0.1, ge=0.0, le=1.0)
+    train: Float = Field(0.8, ge=0.0, le=1.0)
+    val: Float = Field(0.1, ge=0.0, le=1.0)
+    test: Float = Field(0.1, ge=0.0, le=1.0)
 
     @model_validator(mode="after")
     def _fractions_make_a_whole(self) -> "SplitFractions":
@@ -94,7 +136,7 @@ class DataConfig(_Strict):
     template: Literal["default", "alpaca", "chat"] = "default"
     default_system: str = ""
     split: SplitFractions = Field(default_factory=SplitFractions)
-    max_length: int = Field(512, ge=8)
+    max_length: Int = Field(512, ge=8)
 
     @model_validator(mode="after")
     def _one_source(self) -> "DataConfig":
@@ -104,16 +146,16 @@ class DataConfig(_Strict):
 
 
 class LoraConfig(_Strict):
-    rank: int = Field(8, ge=1)
-    alpha_multiple: float = Field(2.0, gt=0.0, description="lora_alpha = alpha_multiple * rank")
-    dropout: float = Field(0.05, ge=0.0, lt=1.0)
+    rank: Int = Field(8, ge=1)
+    alpha_multiple: Float = Field(2.0, gt=0.0, description="lora_alpha = alpha_multiple * rank")
+    dropout: Float = Field(0.05, ge=0.0, lt=1.0)
     target_modules: Union[Literal["attention", "mlp", "all-linear"], list[str]] = "attention"
-    use_rslora: bool = Field(False, description="rsLoRA: scale by alpha / sqrt(rank) instead of alpha / rank.")
-    use_dora: bool = Field(False, description="DoRA: learn a magnitude per output besides the low-rank direction.")
+    use_rslora: StrictBool = Field(False, description="rsLoRA: scale by alpha / sqrt(rank) instead of alpha / rank.")
+    use_dora: StrictBool = Field(False, description="DoRA: learn a magnitude per output besides the low-rank direction.")
     init: Literal["default", "gaussian", "pissa", "olora"] = Field(
         "default", description="peft's LoRA init: Kaiming-uniform A (default), Gaussian A, or PiSSA / OLoRA, which "
         "start A and B from the adapted weights' SVD / QR and take that part out of the base weights.")
-    loraplus_lr_ratio: Optional[float] = Field(
+    loraplus_lr_ratio: Optional[Float] = Field(
         None, gt=0.0, description="LoRA+: the learning rate of the B matrices is this many times A's (off when unset).")
 
     @field_validator("target_modules")
@@ -125,38 +167,38 @@ class LoraConfig(_Strict):
 
 
 class TrainingConfig(_Strict):
-    learning_rate: float = Field(2e-4, gt=0.0)
-    batch_size: int = Field(8, ge=1)
-    gradient_accumulation_steps: int = Field(1, ge=1)
-    warmup_ratio: float = Field(0.0, ge=0.0, lt=1.0)
-    weight_decay: float = Field(0.0, ge=0.0)
+    learning_rate: Float = Field(2e-4, gt=0.0)
+    batch_size: Int = Field(8, ge=1)
+    gradient_accumulation_steps: Int = Field(1, ge=1)
+    warmup_ratio: Float = Field(0.0, ge=0.0, lt=1.0)
+    weight_decay: Float = Field(0.0, ge=0.0)
     lr_scheduler: Literal["linear", "cosine", "constant", "constant_with_warmup"] = "linear"
-    max_grad_norm: float = Field(1.0, gt=0.0)
-    max_steps: int = Field(200, ge=1, description="Optimizer steps of a trial that is never stopped early.")
-    eval_steps: int = Field(20, ge=1, description="Evaluate and report every this many steps.")
-    eval_batch_size: int = Field(16, ge=1)
-    gradient_checkpointing: bool = False
+    max_grad_norm: Float = Field(1.0, gt=0.0)
+    max_steps: Int = Field(200, ge=1, description="Optimizer steps of a trial that is never stopped early.")
+    eval_steps: Int = Field(20, ge=1, description="Evaluate and report every this many steps.")
+    eval_batch_size: Int = Field(16, ge=1)
+    gradient_checkpointing: StrictBool = False
 
 
 class WarmStartConfig(_Strict):
     sweep: str = Field(description="Folder of an earlier sweep (e.g. results/demo) whose best configs run first.")
-    top: int = Field(3, ge=1, description="How many of its best trials to re-run as this sweep's first trials.")
+    top: Int = Field(3, ge=1, description="How many of its best trials to re-run as this sweep's first trials.")
 
 
 class SearchConfig(_Strict):
     space: Optional[str] = Field("lora_default", description="Name in search_spaces/ or a path to a YAML space.")
     parameters: dict[str, dict[str, Any]] = Field(default_factory=dict, description="Inline entries; override `space`.")
-    num_trials: int = Field(8, ge=1)
-    max_concurrent_trials: Optional[int] = Field(None, ge=1)
+    num_trials: Int = Field(8, ge=1)
+    max_concurrent_trials: Optional[Int] = Field(None, ge=1)
     metric: str = "eval_loss"
     mode: Literal["min", "max"] = "min"
     sampler: Literal["tpe", "random"] = "tpe"
-    startup_trials: int = Field(
+    startup_trials: Int = Field(
         10, ge=1, description="Random trials before TPE models the results (Optuna's default, kept: see BENCHMARKS.md)."
     )
     also_minimize: Optional[Literal["adapter_params", "eval_ms_per_example"]] = Field(
         None, description="A cost minimised beside `metric`: the sampler searches for the Pareto front of both.")
-    pareto_tolerance: float = Field(
+    pareto_tolerance: Float = Field(
         0.01, ge=0.0, description="Promotion with `also_minimize`: the cheapest Pareto trial whose metric is within "
         "this fraction of the best metric.")
     warm_start: Optional[WarmStartConfig] = Field(
@@ -172,13 +214,13 @@ class SearchConfig(_Strict):
 
 class SchedulerConfig(_Strict):
     type: Literal["asha", "none"] = "asha"
-    grace_period: int = Field(40, ge=1, description="Steps every trial runs before ASHA may stop it.")
-    reduction_factor: float = Field(3.0, gt=1.0)
+    grace_period: Int = Field(40, ge=1, description="Steps every trial runs before ASHA may stop it.")
+    reduction_factor: Float = Field(3.0, gt=1.0)
 
 
 class ResourcesConfig(_Strict):
-    cpu: float = Field(1.0, gt=0.0)
-    gpu: float = Field(0.0, ge=0.0)
+    cpu: Float = Field(1.0, gt=0.0)
+    gpu: Float = Field(0.0, ge=0.0)
 
     @field_validator("gpu")
     @classmethod
@@ -189,39 +231,56 @@ class ResourcesConfig(_Strict):
 
 
 class CheckpointConfig(_Strict):
-    keep: int = Field(2, ge=1, description="Adapter checkpoints kept per trial, best by the sweep metric.")
+    keep: Int = Field(2, ge=1, description="Adapter checkpoints kept per trial, best by the sweep metric.")
 
 
 class EvaluationConfig(_Strict):
-    max_new_tokens: int = Field(32, ge=1)
-    max_examples: Optional[int] = Field(None, ge=1, description="Cap on test examples for generation metrics.")
-    verify_tolerance: Optional[float] = Field(
+    max_new_tokens: Int = Field(32, ge=1)
+    max_examples: Optional[Int] = Field(None, ge=1, description="Cap on test examples for generation metrics.")
+    verify_tolerance: Optional[Float] = Field(
         None, gt=0.0, description="Max |logit difference| merged vs adapter; None: 1e-4 for float32, 5e-2 for 16-bit."
     )
 
 
 class RayConfig(_Strict):
     address: Optional[str] = Field(None, description="None starts Ray locally; 'auto' or HOST:PORT joins a cluster.")
-    num_cpus: Optional[int] = Field(None, ge=1)
-    num_gpus: Optional[float] = Field(None, ge=0)
+
+    @field_validator("address")
+    @classmethod
+    def _an_address(cls, value: Optional[str]) -> Optional[str]:
+        if value is None or value == "auto":
+            return value
+        rest = value.removeprefix("ray://")
+        try:
+            parts = urlsplit(f"//{rest}")
+            port, host = parts.port, parts.hostname
+        except ValueError:
+            port, host = None, None
+        if not host or port is None or port == 0 or parts.path or parts.query or parts.username or "@" in rest:
+            raise ValueError("must be `auto`, HOST:PORT of the cluster's head (e.g. 10.0.0.5:6379) or "
+                             "ray://HOST:PORT for Ray Client; leave it unset for a local Ray")
+        return value
+    num_cpus: Optional[Int] = Field(None, ge=1)
+    num_gpus: Optional[Float] = Field(None, ge=0)
 
 
 class BudgetConfig(_Strict):
     """Limits on the tuning phase; when one is spent, no trial starts, running ones stop, and the sweep
     promotes and exports from what ran."""
 
-    wall_hours: Optional[float] = Field(None, gt=0.0, description="Hours of tuning, from the sweep's first start.")
-    device_hours: Optional[float] = Field(
+    wall_hours: Optional[Float] = Field(None, gt=0.0, description="Hours of tuning, from the sweep's first start.")
+    device_hours: Optional[Float] = Field(
         None, gt=0.0, description="Trial hours times the devices each holds (its GPUs, or its CPUs when it has none).")
 
 
 class SweepConfig(_Strict):
-    name: str = Field(pattern=r"^[A-Za-z0-9][A-Za-z0-9_.-]*$")
+    # One path segment: <output_dir>/<name> is the only folder the sweep writes to (no '/', no '..').
+    name: str = Field(pattern=r"^[A-Za-z0-9][A-Za-z0-9_.-]*$", max_length=NAME_MAX_LENGTH)
     output_dir: str = "results"
     storage: Optional[str] = Field(
         None, description="URI (s3://, gs://, any pyarrow filesystem) where trials store checkpoints and the sweep "
         "folder is mirrored, as <storage>/<name>/; the driver works in <output_dir>/<name>/.")
-    seed: int = 0
+    seed: Int = Field(0, ge=0, le=SEED_MAX)
     model: ModelConfig
     data: DataConfig
     lora: LoraConfig = Field(default_factory=LoraConfig)
@@ -230,7 +289,7 @@ class SweepConfig(_Strict):
     scheduler: SchedulerConfig = Field(default_factory=SchedulerConfig)
     resources: ResourcesConfig = Field(default_factory=ResourcesConfig)
     checkpoints: CheckpointConfig = Field(default_factory=CheckpointConfig)
-    failure_retries: int = Field(0, ge=0, description="Times a failed trial is retried from its last checkpoint.")
+    failure_retries: Int = Field(0, ge=0, description="Times a failed trial is retried from its last checkpoint.")
     evaluation: EvaluationConfig = Field(default_factory=EvaluationConfig)
     ray: RayConfig = Field(default_factory=RayConfig)
     budget: BudgetConfig = Field(default_factory=BudgetConfig)
@@ -252,12 +311,12 @@ class SweepConfig(_Strict):
         if value is not None and "://" not in value:
             raise ValueError("must be a URI such as s3://bucket/prefix or gs://bucket/prefix "
                              "(a local or shared folder is `output_dir`)")
-        query = value.partition("?")[2].lower() if value else ""
-        secrets = [key for key in ("access_key", "secret_key", "session_token") if f"{key}=" in query]
-        if secrets:
+        found = uri_credentials(value) if value else []
+        if found:
             # The config is saved in the sweep folder (and its storage), and the URI shows in messages.
-            raise ValueError(f"must not carry credentials ({', '.join(secrets)}): they would be saved in config.yaml; "
-                             "give them through the environment (AWS_ACCESS_KEY_ID, ...) or an instance role")
+            raise ValueError(f"must not carry credentials ({', '.join(found)}): they would be saved in config.yaml "
+                             "and shown in messages; give them through the environment (AWS_ACCESS_KEY_ID, ...), "
+                             "a credentials file or an instance role")
         return value
 
     @model_validator(mode="after")
@@ -271,6 +330,13 @@ class SweepConfig(_Strict):
                 f"scheduler.grace_period must be <= training.max_steps ({t.max_steps}), "
                 f"but got {self.scheduler.grace_period}"
             )
+        if self.scheduler.type == "asha" and self.scheduler.grace_period <= t.max_steps:
+            rungs = asha_rung_count(self.scheduler.grace_period, self.scheduler.reduction_factor, t.max_steps)
+            if rungs > MAX_ASHA_RUNGS:
+                problems.append(
+                    f"scheduler.reduction_factor {self.scheduler.reduction_factor:g} with grace_period "
+                    f"{self.scheduler.grace_period} and max_steps {t.max_steps} makes {rungs:,} ASHA rungs, but at most "
+                    f"{MAX_ASHA_RUNGS} are allowed: raise the factor (2 to 4 is usual)")
         if self.model.quantization != "none":
             if self.resources.gpu == 0:
                 problems.append(f"model.quantization {self.model.quantization} (bitsandbytes 4-bit) trains on CUDA "
@@ -291,6 +357,53 @@ class SweepConfig(_Strict):
         return Path(self.output_dir).resolve() / self.name
 
 
+# Query keys of a storage URI that hold secrets (pyarrow's access_key/secret_key/session_token, GCS's
+# access_token, Azure's account_key/sas_token, presigned URLs' X-Amz-Signature/Credential/Security-Token).
+_SECRET_KEY_PARTS = {"key", "secret", "token", "password", "passwd", "credential", "signature", "sig"}
+_SECRET_KEY_WORDS = ("secret", "password", "credential", "signature", "token", "accesskey")
+
+
+def _is_secret_key(key: str) -> bool:
+    lowered = key.lower()
+    return bool(_SECRET_KEY_PARTS & set(re.split(r"[_\-.]", lowered))) or any(w in lowered for w in _SECRET_KEY_WORDS)
+
+
+def uri_credentials(uri: str) -> list[str]:
+    """What in a URI looks like a credential: user info before '@', and query keys naming a secret."""
+    try:
+        parts = urlsplit(uri)
+    except ValueError:
+        return []
+    found = ["user info before '@'"] if "@" in parts.netloc else []
+    return found + [key for key, _ in parse_qsl(parts.query, keep_blank_values=True) if _is_secret_key(key)]
+
+
+def redact_uri(uri: str) -> str:
+    """The URI with user info and secret query values replaced by ***: safe to print or save."""
+    try:
+        parts = urlsplit(uri)
+    except ValueError:
+        return "<a URI that cannot be parsed>"
+    netloc = parts.netloc.rpartition("@")[2]
+    netloc = f"***@{netloc}" if "@" in parts.netloc else netloc
+    secret = set(uri_credentials(uri))
+    query = "&".join(f"{k}=***" if k in secret else f"{k}={v}" for k, v in parse_qsl(parts.query, keep_blank_values=True))
+    return parts._replace(netloc=netloc, query=query).geturl()
+
+
+VALUE_SHOWN_CHARS = 80
+
+
+def cut(text: str, limit: int = VALUE_SHOWN_CHARS) -> str:
+    """Text for a message, cut to `limit` characters (an alias bomb or a pasted file stays readable)."""
+    return text if len(text) <= limit else f"{text[:limit]}... ({len(text):,} characters)"
+
+
+def shown(value: Any, limit: int = VALUE_SHOWN_CHARS) -> str:
+    """A value for a message: its repr, cut to `limit` characters."""
+    return cut(repr(value), limit)
+
+
 def format_errors(error: ValidationError) -> list[str]:
     problems = []
     for item in error.errors():
@@ -309,8 +422,11 @@ def format_errors(error: ValidationError) -> list[str]:
         if item["type"] == "missing":
             problems.append(f"`{location}`: required field is missing")
             continue
-        shown = f" (got {item['input']!r})" if "input" in item and not isinstance(item["input"], dict) else ""
-        problems.append(f"`{location}`: {message}{shown}" if location else f"{message}{shown}")
+        value = item.get("input")
+        if location == "storage" and isinstance(value, str):
+            value = redact_uri(value)  # never print a credential, even in the error that refuses it
+        got = f" (got {shown(value)})" if "input" in item and not isinstance(item["input"], dict) else ""
+        problems.append(f"`{location}`: {message}{got}" if location else f"{message}{got}")
     return problems
 
 
@@ -329,14 +445,119 @@ def _parent_model(loc: tuple) -> type[BaseModel] | None:
     return model
 
 
+class _SweepYamlLoader(yaml.SafeLoader):
+    """PyYAML's safe loader (no Python tags), refusing a key given twice in one mapping: YAML's
+    last-one-wins would silently drop the first value, usually a typo or a bad merge."""
+
+    def construct_mapping(self, node: yaml.MappingNode, deep: bool = False) -> dict:
+        seen: dict[Any, int] = {}
+        for key_node, _ in node.value:
+            if key_node.tag == "tag:yaml.org,2002:merge":
+                continue
+            key = self.construct_object(key_node, deep=True)
+            try:
+                first = seen.setdefault(key, key_node.start_mark.line + 1)
+            except TypeError:  # an unhashable key: the base class reports it
+                continue
+            if first != key_node.start_mark.line + 1:
+                raise yaml.constructor.ConstructorError(
+                    None, None, f"key {shown(key)} appears twice in one mapping (lines {first} and "
+                    f"{key_node.start_mark.line + 1}); keep one", key_node.start_mark)
+        return super().construct_mapping(node, deep=deep)
+
+
+_SweepYamlLoader.add_constructor(yaml.resolver.BaseResolver.DEFAULT_MAPPING_TAG, _SweepYamlLoader.construct_mapping)
+
+
+def _yaml_1_2_scalars(loader: type[yaml.SafeLoader]) -> None:
+    """Booleans and floats as YAML 1.2 reads them: only true/false are booleans (YAML 1.1 also turns yes, no,
+    on, off, y and n into booleans, so `trust_remote_code: on` would pass for true), and 1e-4 is a float
+    (YAML 1.1 wants 1.0e-4 and reads 1e-4 as a string)."""
+    resolvers = {first: [(tag, rx) for tag, rx in entries if tag not in ("tag:yaml.org,2002:bool", "tag:yaml.org,2002:float")]
+                 for first, entries in yaml.SafeLoader.yaml_implicit_resolvers.items()}
+    loader.yaml_implicit_resolvers = resolvers
+    loader.add_implicit_resolver("tag:yaml.org,2002:bool", re.compile(r"^(?:true|True|TRUE|false|False|FALSE)$"),
+                                 list("tTfF"))
+    loader.add_implicit_resolver(
+        "tag:yaml.org,2002:float",
+        re.compile(r"""^(?:[-+]?(?:\.[0-9]+|[0-9][0-9_]*(?:\.[0-9_]*)?)(?:[eE][-+]?[0-9]+)?
+                    |[-+]?\.(?:inf|Inf|INF)|\.(?:nan|NaN|NAN))$""", re.X),
+        list("-+0123456789."))
+
+
+_yaml_1_2_scalars(_SweepYamlLoader)
+
+# Values a config may hold once YAML aliases are expanded: a 1 KB "billion laughs" file expands to millions,
+# which validation, messages and config.yaml would each write out in full.
+MAX_YAML_VALUES = 100_000
+
+
+def _expanded_size_exceeds(value: Any, limit: int) -> bool:
+    count, stack = 0, [value]
+    while stack:
+        item = stack.pop()
+        count += 1
+        if count > limit:
+            return True
+        if isinstance(item, dict):
+            stack.extend(item.keys())
+            stack.extend(item.values())
+        elif isinstance(item, (list, tuple)):
+            stack.extend(item)
+    return False
+
+
+def _byte_order_mark_codec(data: bytes) -> Optional[str]:
+    for bom, codec in ((codecs.BOM_UTF32_LE, "utf-32"), (codecs.BOM_UTF32_BE, "utf-32"), (codecs.BOM_UTF8, "utf-8-sig"),
+                       (codecs.BOM_UTF16_LE, "utf-16"), (codecs.BOM_UTF16_BE, "utf-16")):
+        if data.startswith(bom):
+            return codec
+    return None
+
+
+def decode_text(data: bytes) -> str:
+    """Text of a file: UTF-8, or UTF-8/16/32 with a byte-order mark. ValueError says what else it is."""
+    codec = _byte_order_mark_codec(data)
+    try:
+        return data.decode(codec or "utf-8")
+    except UnicodeDecodeError as error:
+        raise ValueError(f"not {(codec or 'utf-8').upper()} text (byte 0x{data[error.start]:02x} at offset "
+                         f"{error.start}); save it as UTF-8") from None
+
+
+def parse_yaml_text(text: str) -> Any:
+    """YAML by the sweep's rules: safe tags only, no duplicate keys, bounded alias expansion. ValueError on any problem."""
+    if "\x00" in text:
+        raise ValueError("holds NUL characters: UTF-16 without a byte-order mark? save it as UTF-8")
+    try:
+        value = yaml.load(text, Loader=_SweepYamlLoader)  # noqa: S506 - a SafeLoader subclass
+    except yaml.YAMLError as error:
+        mark = getattr(error, "problem_mark", None)
+        where = f" at line {mark.line + 1}, column {mark.column + 1}" if mark else ""
+        problem = getattr(error, "problem", None) or str(error)
+        kind = "YAML error" if isinstance(error, yaml.constructor.ConstructorError) else "YAML syntax error"
+        raise ValueError(f"{kind}{where}: {cut(' '.join(str(problem).split()), 160)}") from None
+    if _expanded_size_exceeds(value, MAX_YAML_VALUES):
+        raise ValueError(f"expands to more than {MAX_YAML_VALUES:,} values (YAML aliases repeated into each other?); "
+                         "a sweep config is a few dozen")
+    return value
+
+
 def parse_override(text: str) -> tuple[list[str], Any]:
     """`training.learning_rate=3e-4` -> (["training", "learning_rate"], 0.0003)."""
     if "=" not in text:
-        raise ConfigError([f"override {text!r}: must look like dotted.key=value"], "command line")
+        raise ConfigError([f"override {shown(text)}: must look like dotted.key=value"], "command line")
     key, _, value = text.partition("=")
-    if not key.strip():
-        raise ConfigError([f"override {text!r}: the key before '=' is empty"], "command line")
-    return key.strip().split("."), yaml.safe_load(value) if value.strip() else None
+    path = key.strip().split(".")
+    if not all(part.strip() for part in path):
+        raise ConfigError([f"override {shown(text)}: the key before '=' must be dotted names, like training.batch_size"],
+                          "command line")
+    if not value.strip():
+        return path, None
+    try:
+        return path, parse_yaml_text(value)
+    except ValueError as error:
+        raise ConfigError([f"override {shown(text)}: the value is not valid here: {error}"], "command line") from None
 
 
 def apply_overrides(raw: dict[str, Any], overrides: list[str]) -> dict[str, Any]:
@@ -357,14 +578,12 @@ def read_yaml(path: Path, what: str = "config") -> Any:
     if path.is_dir():
         raise ConfigError([f"{what} path is a folder, not a file"], str(path))
     if not path.is_file():
-        raise ConfigError([f"{what} file not found: {path}"], str(path))
+        what_it_is = "not a regular file" if path.exists() else "not found"
+        raise ConfigError([f"{what} file {what_it_is}: {path}"], str(path))
     try:
-        with path.open(encoding="utf-8") as handle:
-            return yaml.safe_load(handle)
-    except yaml.YAMLError as error:
-        mark = getattr(error, "problem_mark", None)
-        where = f" at line {mark.line + 1}, column {mark.column + 1}" if mark else ""
-        raise ConfigError([f"YAML syntax error{where}: {getattr(error, 'problem', error)}"], str(path)) from None
+        return parse_yaml_text(decode_text(path.read_bytes()))
+    except ValueError as error:
+        raise ConfigError([str(error)], str(path)) from None
     except OSError as error:
         raise ConfigError([f"cannot read {what} file: {error.strerror}"], str(path)) from None
 

@@ -7,14 +7,13 @@ disk the sweep will use. It starts no Ray and writes nothing.
 
 from __future__ import annotations
 
-import math
 from dataclasses import asdict, dataclass
 from typing import Any, Optional
 
 import optuna.distributions as od
 import torch
 
-from sweep.config import SweepConfig
+from sweep.config import SweepConfig, asha_rung_count
 from sweep.data import tokenize_splits
 from sweep.driver import trials_that_fit
 from sweep.lora import resolve_target_modules, targeted_module_names
@@ -64,8 +63,7 @@ def asha_rungs(config: SweepConfig) -> list[int]:
     if config.scheduler.type != "asha":
         return []
     grace, factor, top = config.scheduler.grace_period, config.scheduler.reduction_factor, config.training.max_steps
-    count = int(math.log(top / grace) / math.log(factor) + 1)  # Ray's own formula, rounding included
-    return [int(grace * factor**k) for k in range(count)]
+    return [int(grace * factor**k) for k in range(asha_rung_count(grace, factor, top))]
 
 
 def expected_steps(config: SweepConfig, rungs: list[int]) -> int:

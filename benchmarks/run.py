@@ -44,7 +44,7 @@ def median(values: list[float]) -> float:
 def python(code: str, *args: str, timeout: int = 1800) -> dict:
     """Run a benchmark step in a fresh interpreter (clean imports, clean Ray) and read its JSON line."""
     out = subprocess.run([sys.executable, "-c", code, *args], capture_output=True, text=True, timeout=timeout, cwd=ROOT,
-                         env={**os.environ, "LORA_SWEEP_TUNE_VERBOSE": "0", "PYTHONPATH": str(ROOT)})
+                         env={**os.environ, "LORA_SWEEP_TEST_HOOKS": "armed", "LORA_SWEEP_TUNE_VERBOSE": "0", "PYTHONPATH": str(ROOT)})
     lines = [line for line in out.stdout.splitlines() if line.startswith("{")]
     if out.returncode != 0 or not lines:
         raise RuntimeError(f"benchmark step failed ({out.returncode}):\n{out.stdout[-3000:]}\n{out.stderr[-3000:]}")

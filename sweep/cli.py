@@ -1,13 +1,16 @@
 """The `sweep` command line.
 
 Exit codes: 0 success; 1 the sweep ran but failed (no usable trial, export
-verification failed); 2 bad input, reported before anything runs; 130 stopped
-by Ctrl-C with its state saved (continue with `sweep resume`).
+verification failed, a full disk); 2 bad input, reported before anything runs;
+130 stopped by Ctrl-C, 143 stopped by SIGTERM, each with its state saved
+(continue with `sweep resume`).
 """
 
 from __future__ import annotations
 
+import errno
 import json
+import logging
 import sys
 import time
 from dataclasses import asdict, replace
@@ -35,19 +38,51 @@ def _error_lines(error: Exception) -> str:
     return "\n".join(f"error: {line}" for line in str(error).splitlines())
 
 
+class _WarningLines(logging.Handler):
+    """The engine's warnings as `warning: ...` lines on the current stderr (looked up at each line, so a
+    test runner's captured stderr gets them too)."""
+
+    def emit(self, record: logging.LogRecord) -> None:
+        sys.stderr.write(f"{record.levelname.lower()}: {record.getMessage()}\n")
+
+
+def _show_warnings() -> None:
+    logger = logging.getLogger("sweep")
+    if not any(isinstance(handler, _WarningLines) for handler in logger.handlers):
+        handler = _WarningLines(logging.WARNING)
+        logger.addHandler(handler)
+
+
+_show_warnings()
+
+
+def _os_error_line(error: OSError) -> str:
+    where = f": {error.filename}" if error.filename else ""
+    if error.errno in (errno.ENOSPC, errno.EDQUOT):
+        return (f"error: the disk is full ({error.strerror}{where}); what was finished is kept: free some space, "
+                "then `sweep resume` (or `sweep export`) the sweep folder")
+    return f"error: {error.strerror or error}{where}"
+
+
 def _run_and_report(start: Callable[[], "SweepOutcome"]) -> None:
     from sweep.export import ExportVerificationError
     from sweep.pipeline import SweepInterrupted
     from sweep.results import NoUsableTrialError
+    from sweep.signals import stop_exit_code, stop_on_sigterm_like_ctrl_c
 
+    stop_on_sigterm_like_ctrl_c()
     try:
         outcome = start()
     except ConfigError as error:
         _fail(_error_lines(error), 2)
     except SweepInterrupted as error:
-        _fail(f"stopped: {error}", 130)
+        _fail(f"stopped: {error}", stop_exit_code())
+    except KeyboardInterrupt:  # before the sweep folder was made: nothing to resume
+        _fail("stopped before anything was written", stop_exit_code())
     except (NoUsableTrialError, ExportVerificationError) as error:
         _fail(_error_lines(error), 1)
+    except OSError as error:  # a full disk while writing a checkpoint's record or the export
+        _fail(_os_error_line(error), 1)
     final = outcome.final
     counts = {status: sum(r.status == status for r in outcome.records) for status in ("completed", "stopped early", "errored")}
     typer.echo(f"\nsweep finished: {len(outcome.records)} trials ({', '.join(f'{n} {s}' for s, n in counts.items())})")
@@ -137,8 +172,8 @@ def best(
 
     try:
         record = read_best(sweep_dir)
-    except FileNotFoundError as error:
-        _fail(f"error: {error}", 2)
+    except (FileNotFoundError, ConfigError) as error:
+        _fail(_error_lines(error), 2)
     if as_json:
         typer.echo(json.dumps(asdict(record), indent=2, default=str))
         return
@@ -195,8 +230,8 @@ def status(
 
     try:
         current = read_status(sweep_dir)
-    except FileNotFoundError as error:
-        _fail(f"error: {error}", 2)
+    except (FileNotFoundError, ConfigError) as error:
+        _fail(_error_lines(error), 2)
     if as_json:
         typer.echo(json.dumps(current.to_json(), indent=2, default=str))
         return
@@ -205,11 +240,14 @@ def status(
         console.print(render(current, max_rows=len(current.trials), width=console.width))
         return
     rows = max(3, console.height - 6)  # a live view taller than the terminal cannot be redrawn in place
-    with Live(render(current, rows, console.width), console=console, auto_refresh=False) as live:
-        while current.state in ACTIVE_STATES:
-            time.sleep(1.0)
-            current = read_status(sweep_dir)
-            live.update(render(current, rows, console.width), refresh=True)
+    try:
+        with Live(render(current, rows, console.width), console=console, auto_refresh=False) as live:
+            while current.state in ACTIVE_STATES:
+                time.sleep(1.0)
+                current = read_status(sweep_dir)
+                live.update(render(current, rows, console.width), refresh=True)
+    except (FileNotFoundError, ConfigError) as error:  # the folder went away, or was damaged, while watched
+        _fail(_error_lines(error), 2)
 
 
 @app.command()
@@ -282,8 +320,14 @@ def export(sweep_dir: Path = typer.Argument(..., help="A finished sweep folder, 
     """
     from sweep.export import ExportVerificationError
     from sweep.pipeline import export as export_sweep
+    from sweep.pipeline import load_sweep
+    from sweep.results import read_best, read_leaderboard
 
     try:
+        # Everything the export reads, checked before its evaluation loads any model.
+        load_sweep(sweep_dir, data=True)
+        read_best(sweep_dir)
+        read_leaderboard(sweep_dir)
         report = export_sweep(sweep_dir)
     except (FileNotFoundError, ConfigError) as error:
         _fail(_error_lines(error), 2)

@@ -47,7 +47,7 @@ class ConfigError(ValueError):
 
 
 # Sources of problems that are about fields of the config file rather than another file.
-CHECK_LAYERS = ("config", "model", "data", "resources", "output")
+CHECK_LAYERS = ("config", "model", "data", "resources", "output", "ray")
 
 
 def asha_rung_count(grace_period: int, reduction_factor: float, max_steps: int) -> int:

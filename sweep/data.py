@@ -7,27 +7,36 @@ sweep over the same data and tokenizer reuses it.
 
 from __future__ import annotations
 
+import codecs
 import hashlib
+import io
 import json
 import re
 import shutil
+import stat
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 import pandas as pd
+import pyarrow as pa
+import pyarrow.parquet as pq
 import torch
 import datasets
 from datasets import Dataset, DatasetDict, load_from_disk
 
-from sweep.config import ConfigError, DataConfig
+from sweep.config import ColumnMapping, ConfigError, DataConfig, cut
 from sweep.templates import Example, prompt_renderer, tokenizer_adds_special_tokens
 
 SPLITS = ("train", "val", "test")
 IGNORE_INDEX = -100  # label value the loss ignores (PyTorch's CrossEntropyLoss default)
 MODEL_COLUMNS = ["input_ids", "attention_mask", "labels"]  # what the model is fed
 _READERS = {".jsonl": "jsonl", ".csv": "csv", ".parquet": "parquet"}
+TEXT_FIELDS = ("system", "instruction", "input", "response")  # the `data.columns` fields whose values are text
+# Byte-order marks, UTF-32's first: its little-endian mark begins with UTF-16's.
+_BOMS = ((codecs.BOM_UTF32_LE, "utf-32"), (codecs.BOM_UTF32_BE, "utf-32"), (codecs.BOM_UTF8, "utf-8-sig"),
+         (codecs.BOM_UTF16_LE, "utf-16"), (codecs.BOM_UTF16_BE, "utf-16"))
 
 
 @dataclass(frozen=True)
@@ -38,47 +47,164 @@ class PreparedData:
     dropped: dict[str, int]
 
 
-def read_table(path: str | Path, required: tuple[str, ...] = ()) -> pd.DataFrame:
-    """Read one data file; JSONL rows lacking a `required` column are an error (count and first line)."""
+def read_table(path: str | Path, required: tuple[str, ...] = (), field: str = "data.files") -> pd.DataFrame:
+    """Read one data file, named by config field `field` in errors; it must hold at least one row.
+
+    JSONL rows lacking a `required` column are an error (count and first line). Values keep the
+    type they were read with (object columns), and the index is where each row is: `line` for
+    JSONL, `row` (from 1) otherwise.
+    """
     path = Path(path)
+    _check_file(path, field)
     kind = _READERS.get(path.suffix.lower())
     if kind is None:
-        raise ConfigError([f"`data.files`: {path.name} must end in .jsonl, .csv or .parquet"], "data")
-    if not path.is_file():
-        raise ConfigError([f"`data.files`: file not found: {path}"], "data")
-    if kind == "csv":
-        return pd.read_csv(path, dtype=str, keep_default_na=False)
+        raise ConfigError([f"`{field}`: {path.name} must end in .jsonl, .csv or .parquet"], "data")
+    try:
+        raw = path.read_bytes()
+    except OSError as error:  # e.g. no permission
+        raise ConfigError([f"`{field}`: cannot be read: {error.strerror}"], str(path)) from None
     if kind == "parquet":
-        return pd.read_parquet(path)
-    rows, lacking, first_lacking = [], 0, None
-    with path.open(encoding="utf-8") as handle:
-        for number, line in enumerate(handle, start=1):
-            if not line.strip():
-                continue
-            try:
-                row = json.loads(line)
-            except json.JSONDecodeError as error:
-                raise ConfigError([f"line {number}: not valid JSON ({error.msg})"], str(path)) from None
-            if not isinstance(row, dict):
-                raise ConfigError([f"line {number}: must be a JSON object, but got {type(row).__name__}"], str(path))
-            missing = [c for c in required if c not in row]
-            if missing:
-                lacking += 1
-                first_lacking = first_lacking or (number, missing)
-            rows.append(row)
+        frame = _parse_parquet(raw, path, field)
+    elif kind == "csv":
+        frame = _parse_csv(_decode(raw, path, field), path, field)
+    else:
+        frame = _parse_jsonl(_decode(raw, path, field), path, required)
+    if len(frame) == 0:
+        holds = f"column names {_show(list(frame.columns))} but no data" if len(frame.columns) else "only blank lines"
+        raise ConfigError([f"`{field}`: no rows: the file holds {holds}"], str(path))
+    return frame
+
+
+def _check_file(path: Path, field: str) -> None:
+    """Refuse what is not a regular, non-empty file before it is opened: reading a FIFO would wait forever."""
+    try:
+        info = path.stat()
+    except FileNotFoundError:  # also a symlink to nothing
+        raise ConfigError([f"`{field}`: file not found: {path}"], "data") from None
+    except OSError as error:  # e.g. a symlink loop
+        raise ConfigError([f"`{field}`: cannot be read: {error.strerror}"], str(path)) from None
+    if not stat.S_ISREG(info.st_mode):
+        what = ("a folder" if stat.S_ISDIR(info.st_mode) else "a named pipe (FIFO)" if stat.S_ISFIFO(info.st_mode)
+                else "a socket" if stat.S_ISSOCK(info.st_mode) else "a device")
+        raise ConfigError([f"`{field}`: is {what}, not a regular file; give a .jsonl, .csv or .parquet file"],
+                          str(path))
+    if info.st_size == 0:
+        raise ConfigError([f"`{field}`: no rows: the file is empty (0 bytes)"], str(path))
+
+
+def _decode(raw: bytes, path: Path, field: str) -> str:
+    """Text by its byte-order mark (UTF-8, UTF-16, UTF-32), else UTF-8; other encodings are refused, not guessed."""
+    encoding = next((name for bom, name in _BOMS if raw.startswith(bom)), "utf-8")
+    try:
+        text = raw.decode(encoding)
+    except UnicodeDecodeError as error:
+        what = ("UTF-8 text" if encoding.startswith("utf-8")
+                else f"valid {encoding.upper()} text, though it starts with its byte-order mark")
+        where = f"byte 0x{error.object[error.start]:02x} at offset {error.start}"
+        if encoding == "utf-8":
+            line = raw.count(b"\n", 0, error.start) + 1
+            where += f", line {line}"
+        raise ConfigError([f"`{field}`: not {what} ({where}); save it as UTF-8"], str(path)) from None
+    if encoding == "utf-8" and (offset := raw.find(b"\x00")) >= 0:
+        # Valid UTF-8 as bytes, but no text file holds NUL: UTF-16 without a byte-order mark, or binary data.
+        raise ConfigError([f"`{field}`: not UTF-8 text (byte 0x00 at offset {offset}: UTF-16 without a byte-order "
+                           "mark, or a binary file); save it as UTF-8"], str(path))
+    return text
+
+
+def _parse_jsonl(text: str, path: Path, required: tuple[str, ...]) -> pd.DataFrame:
+    rows, lines, lacking, first_lacking = [], [], 0, None
+    # newline=None splits lines as a file opened in text mode does: \n, \r\n or \r, never U+2028 inside a value.
+    for number, line in enumerate(io.StringIO(text, newline=None), start=1):
+        if not line.strip():
+            continue
+        try:
+            row = json.loads(line)
+        except json.JSONDecodeError as error:
+            raise ConfigError([f"line {number}: not valid JSON ({error.msg}): {_show(line.strip())}"], str(path)) from None
+        if not isinstance(row, dict):
+            raise ConfigError([f"line {number}: must be a JSON object, but got {type(row).__name__}"], str(path))
+        missing = [c for c in required if c not in row]
+        if missing:
+            lacking += 1
+            first_lacking = first_lacking or (number, missing)
+        rows.append(row)
+        lines.append(number)
     if rows and lacking and lacking < len(rows):
         number, missing = first_lacking
         raise ConfigError(
             [f"`data.columns`: {lacking} of {len(rows)} rows lack required column(s) {missing}; the first is line {number}"],
             str(path),
         )
-    return pd.DataFrame(rows)
+    # object columns keep each value as read: 1 beside a null stays 1 (not 1.0), a list stays a list.
+    return pd.DataFrame(rows, index=pd.Index(lines, name="line"), dtype=object)
+
+
+def _parse_csv(text: str, path: Path, field: str) -> pd.DataFrame:
+    try:
+        frame = pd.read_csv(io.StringIO(text), dtype=str, keep_default_na=False)
+    except pd.errors.EmptyDataError:  # only blank lines: no header either
+        return pd.DataFrame()
+    except pd.errors.ParserError as error:
+        raise ConfigError([f"`{field}`: not valid CSV: {_csv_problem(str(error))}"], str(path)) from None
+    frame.index = pd.RangeIndex(1, len(frame) + 1, name="row")
+    return frame
+
+
+def _csv_problem(message: str) -> str:
+    """pandas' parser error in the file's terms (its `line` counts the header as 1; its `row` counts from 0)."""
+    if found := re.search(r"Expected (\d+) fields in line (\d+), saw (\d+)", message):
+        return f"line {found[2]} has {found[3]} fields, but the header has {found[1]} (a value holding a comma needs quotes)"
+    if found := re.search(r"EOF inside string starting at row (\d+)", message):
+        return f"the quote opened on line {int(found[1]) + 1} is never closed"
+    return cut(message.strip().removeprefix("Error tokenizing data. C error: "))
+
+
+def _parse_parquet(raw: bytes, path: Path, field: str) -> pd.DataFrame:
+    try:
+        table = pq.read_table(pa.BufferReader(raw))
+    except (pa.ArrowException, OSError) as error:
+        reason = re.sub(r"^Could not open Parquet input source '[^']*': ", "", str(error)).split(". ")[0]
+        raise ConfigError([f"`{field}`: not a readable Parquet file ({cut(reason)}): it is damaged, cut short, "
+                           "or not Parquet"], str(path)) from None
+    # Python values rather than pandas': an int column with nulls stays int (not 1.0), a list column a list.
+    return pd.DataFrame(table.to_pydict(), index=pd.RangeIndex(1, table.num_rows + 1, name="row"), dtype=object)
+
+
+def _show(value: Any) -> str:
+    """A value as a message quotes it: lists and dicts as JSON, cut to a readable length."""
+    if isinstance(value, np.ndarray):
+        value = value.tolist()
+    return cut(json.dumps(value, ensure_ascii=False, default=str) if isinstance(value, (dict, list, tuple)) else repr(value))
+
+
+def check_text_columns(frame: pd.DataFrame, columns: ColumnMapping, source: str,
+                       fields: tuple[str, ...] = TEXT_FIELDS) -> None:
+    """A list or dict where text belongs is refused (its repr would be trained on); numbers and booleans read as text."""
+    problems = []
+    for field in fields:
+        column = getattr(columns, field)
+        if column is None or column not in frame.columns:
+            continue
+        bad = frame[column].map(lambda value: isinstance(value, (dict, list, tuple, np.ndarray))).to_numpy(dtype=bool)
+        if not bad.any():
+            continue
+        first = int(bad.argmax())
+        where = f"{frame.index.name} {frame.index[first]}" if frame.index.name else f"row {first + 1}"
+        value = frame[column].iloc[first]
+        kind = "dict" if isinstance(value, dict) else "list"
+        problems.append(f"`data.columns.{field}` (column {column!r}): {where} holds a {kind}, not text: {_show(value)} "
+                        f"({int(bad.sum())} of {len(frame)} rows hold a list or dict; text may be a string or a number)")
+    if problems:
+        raise ConfigError(problems, source)
 
 
 def normalize_text(value: Any) -> str:
-    """Unify line endings, strip trailing spaces per line and outer blank space; None/NaN -> ''."""
+    """Unify line endings, strip trailing spaces per line and outer blank space; None/NaN -> ''; a number as its text."""
     if value is None or (isinstance(value, float) and value != value):
         return ""
+    if isinstance(value, bool):  # as JSON writes it, not Python's True
+        return "true" if value else "false"
     text = str(value).replace("\r\n", "\n").replace("\r", "\n")
     text = "\n".join(line.rstrip() for line in text.split("\n"))
     return re.sub(r"\n{3,}", "\n\n", text).strip()
@@ -104,6 +230,7 @@ def to_examples(frame: pd.DataFrame, data: DataConfig, source: str) -> tuple[lis
         raise ConfigError(
             [f"`data.columns`: column(s) {missing} not in the file; it has {list(frame.columns)}"], source
         )
+    check_text_columns(frame, columns, source)
     examples, dropped = [], 0
     for row in frame.to_dict("records"):
         example = row_to_example(row, data)
@@ -160,7 +287,7 @@ def load_examples(data: DataConfig, seed: int) -> tuple[dict[str, list[Example]]
     # Earlier splits win: a prompt in train is removed from val and test (no leakage).
     for split in SPLITS:
         file = getattr(data.split_files, split)
-        found, empty = to_examples(read_table(file, _required(data)), data, file)
+        found, empty = to_examples(read_table(file, _required(data), field=f"data.split_files.{split}"), data, file)
         dropped += empty
         kept = [ex for ex in _dedupe(found) if _prompt_key(ex) not in seen]
         seen.update(_prompt_key(ex) for ex in kept)
@@ -212,8 +339,10 @@ class TokenizedData:
     dropped: dict[str, int]
 
 
-def tokenize_splits(data: DataConfig, tokenizer, seed: int) -> TokenizedData:
-    splits, empty_rows = load_examples(data, seed)
+def tokenize_splits(data: DataConfig, tokenizer, seed: int,
+                    loaded: tuple[dict[str, list[Example]], int] | None = None) -> TokenizedData:
+    """Every split tokenized in memory; `loaded` is `load_examples`' result when the caller already read the data."""
+    splits, empty_rows = loaded if loaded is not None else load_examples(data, seed)
     data_hash = _hash_inputs(splits, data, tokenizer)
     if data.template == "chat" and not getattr(tokenizer, "chat_template", None):
         raise ConfigError(["`data.template`: 'chat' uses the tokenizer's own chat template, but this model's tokenizer "

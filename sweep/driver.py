@@ -6,22 +6,29 @@ writes every checkpoint twice and fails to pickle a second Trainer).
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
+import sqlite3
 import time
 from pathlib import Path
-from typing import Any, Callable
+from typing import Any, Callable, NoReturn
 
 import optuna
 import ray
+import torch
+import yaml
+from sqlalchemy.exc import SQLAlchemyError
 from ray import tune
 from ray.tune import Callback
 from ray.tune.schedulers import ASHAScheduler, FIFOScheduler
 from ray.tune.search.optuna import OptunaSearch
 
 from sweep import faults
-from sweep.config import ConfigError, SweepConfig
+from sweep.signals import stop_on_sigterm_like_ctrl_c
+from sweep.config import CONFIG_FILE, ConfigError, SweepConfig
 from sweep.progress import ProgressCallback
+from sweep.results import cut, shown
 from sweep.storage import TUNE_DIR_NAME, open_storage
 from sweep.tensorboard_logs import TensorBoardCallback
 from trainables.lora_causal_lm import tune_trainable
@@ -29,23 +36,124 @@ from trainables.lora_causal_lm import tune_trainable
 STUDY_FILE = "optuna_study.db"
 
 
+CLUSTER_ANSWER_SECONDS = 10.0  # a cluster's head that does not accept a connection in this time is taken as down
+
+
+def cluster_head(address: str) -> tuple[str, int]:
+    """(host, port) of a cluster address as `ray.init` would resolve it: `auto` reads the address that the
+    last `ray start` on this machine recorded (or RAY_ADDRESS), HOST:PORT and ray://HOST:PORT are given."""
+    from ray._private.services import canonicalize_bootstrap_address
+
+    if address == "auto":
+        try:
+            resolved = canonicalize_bootstrap_address("auto")
+        except (ConnectionError, ValueError) as error:
+            raise ConfigError([f"`ray.address`: auto finds no Ray cluster on this machine ({error}); start one "
+                               "with `ray start --head`, or give HOST:PORT of its head"], "ray") from None
+        address = resolved or ""
+    host, _, port = address.removeprefix("ray://").rpartition(":")
+    return host.strip("[]"), int(port)
+
+
+def check_cluster_address(config: SweepConfig) -> None:
+    """Before anything is written: the cluster's head answers (a dead or mistyped address would otherwise
+    make `ray.init` retry for minutes). Without `ray.address` nothing is checked: the sweep starts its own Ray."""
+    if not config.ray.address:
+        return
+    host, port = cluster_head(config.ray.address)
+    try:
+        with socket.create_connection((host, port), timeout=CLUSTER_ANSWER_SECONDS):
+            pass
+    except OSError as error:
+        reason = error.strerror or type(error).__name__
+        raise ConfigError([f"`ray.address`: nothing answers at {host}:{port} ({reason}); is the cluster's head "
+                           f"running (`ray status --address {host}:{port}`)?"], "ray") from None
+
+
 def start_ray(config: SweepConfig) -> None:
     if ray.is_initialized():
         return
     if config.ray.address:
         ray.init(address=config.ray.address)
-        return
-    # A local Ray; the trainable's own modules must be importable in workers.
-    ray.init(
-        num_cpus=config.ray.num_cpus,
-        num_gpus=config.ray.num_gpus,
-        include_dashboard=False,
-        runtime_env={"env_vars": {"TOKENIZERS_PARALLELISM": "false"}},
+    else:
+        # address="local" always starts a new local Ray: with no address, ray.init would join the cluster
+        # named in RAY_ADDRESS or in Ray's temp folder, also a dead one left by a `ray start` that was never
+        # stopped, and retry it for minutes. The trainable's own modules must be importable in workers.
+        ray.init(
+            address="local",
+            num_cpus=config.ray.num_cpus,
+            num_gpus=config.ray.num_gpus,
+            include_dashboard=False,
+            runtime_env={"env_vars": {"TOKENIZERS_PARALLELISM": "false"}},
+        )
+    stop_on_sigterm_like_ctrl_c()  # ray.init makes SIGTERM exit the driver at once: take it back
+
+
+STUDY_BUSY_TIMEOUT_SECONDS = 60
+
+
+def study_storage(sweep_dir: Path, create_tables: bool = True) -> optuna.storages.RDBStorage:
+    """The sweep's Optuna study database. A connection that finds it locked by another (the driver while
+    `sweep report` reads, a second reader) waits up to a minute for it rather than failing at once.
+    `create_tables=False`: open a database that already holds Optuna's tables, without writing to it."""
+    return optuna.storages.RDBStorage(
+        f"sqlite:///{(Path(sweep_dir) / STUDY_FILE).resolve()}",
+        engine_kwargs={"connect_args": {"timeout": STUDY_BUSY_TIMEOUT_SECONDS}},
+        skip_table_creation=not create_tables,
     )
 
 
-def study_storage(sweep_dir: Path) -> optuna.storages.RDBStorage:
-    return optuna.storages.RDBStorage(f"sqlite:///{(sweep_dir / STUDY_FILE).resolve()}")
+def check_study(sweep_dir: Path, study_name: str | None = None) -> None:
+    """Refuse a study database Optuna cannot use as this sweep's study, before anything opens it for writing
+    (Optuna would add its tables to any SQLite file): a ConfigError naming optuna_study.db.
+
+    No database yet is fine (the sweep makes one); so is one with no study yet (the sweep adds it). With
+    `study_name` (else the name in the folder's config.yaml, when it has one), a database holding other
+    studies but not this one is refused too: it belongs to another sweep.
+    """
+    path = Path(sweep_dir) / STUDY_FILE
+    if not path.exists():
+        return
+    remedy = "restore it from a copy (without it, `sweep report` leaves out the study's figures)"
+
+    def refuse(what: str) -> NoReturn:
+        raise ConfigError([f"{what}; {remedy}"], str(path))
+
+    if not path.is_file():
+        refuse("not a file")
+    if path.stat().st_size == 0:
+        refuse("an empty file, not an Optuna study (a SQLite database)")
+    try:
+        db = sqlite3.connect(f"{path.resolve().as_uri()}?mode=ro", uri=True, timeout=STUDY_BUSY_TIMEOUT_SECONDS)
+    except sqlite3.Error as error:
+        refuse(f"cannot open it ({error})")
+    with contextlib.closing(db):
+        try:
+            tables = {row[0] for row in db.execute("SELECT name FROM sqlite_master WHERE type = 'table'")}
+        except sqlite3.DatabaseError as error:  # "file is not a database", "database disk image is malformed"
+            refuse(f"not a SQLite database ({error})")
+        missing = [table for table in ("studies", "trials", "version_info", "alembic_version") if table not in tables]
+        if missing:
+            refuse(f"a SQLite database without Optuna's tables {missing} (it has {shown(sorted(tables))})")
+        try:
+            versioned = all(db.execute(f"SELECT count(*) FROM {table}").fetchone()[0]  # noqa: S608 - fixed names
+                            for table in ("version_info", "alembic_version"))
+            names = [row[0] for row in db.execute("SELECT study_name FROM studies")]
+        except sqlite3.DatabaseError as error:
+            refuse(f"not an Optuna study database ({error})")
+    if not versioned:
+        refuse("an Optuna study database without its schema version")
+    if study_name is None:  # the sweep's own name, when its config.yaml is readable (load_config names a bad one)
+        with contextlib.suppress(OSError, ValueError, yaml.YAMLError):
+            raw = yaml.safe_load((Path(sweep_dir) / CONFIG_FILE).read_text(encoding="utf-8"))
+            study_name = raw.get("name") if isinstance(raw, dict) and isinstance(raw.get("name"), str) else None
+    if study_name and names and study_name not in names:
+        refuse(f"holds no study named {shown(study_name)} (it holds {shown(names)}): it is another sweep's study")
+    try:  # Optuna's own check that its version can use this schema; writes nothing to a database that has one
+        storage = study_storage(Path(sweep_dir), create_tables=False)
+    except (RuntimeError, SQLAlchemyError) as error:
+        refuse(f"Optuna {optuna.__version__} cannot use it ({cut(str(error), 160)})")
+    storage.engine.dispose()
 
 
 class ResumableOptunaSearch(OptunaSearch):
@@ -198,6 +306,21 @@ def trials_that_fit(config: SweepConfig, cpus: float, gpus: float) -> int:
     return max(1, min(fits, config.search.num_trials))
 
 
+def local_ray_resources(config: SweepConfig) -> tuple[float, float]:
+    """(CPUs, GPUs) the local Ray that `sweep run` starts will have: the config's, else this machine's."""
+    cpus = config.ray.num_cpus or os.cpu_count() or 1
+    gpus = config.ray.num_gpus if config.ray.num_gpus is not None else torch.cuda.device_count()
+    return cpus, gpus
+
+
+def concurrent_trials(config: SweepConfig) -> int:
+    """Trials at once, as `sweep run` will count them on a local Ray (a cluster's size is unknown before
+    connecting: then at most all of them)."""
+    if config.ray.address and not config.search.max_concurrent_trials:
+        return config.search.num_trials
+    return trials_that_fit(config, *local_ray_resources(config))
+
+
 def check_cluster_resources(config: SweepConfig) -> None:
     """On an existing cluster, the largest node must fit one trial (checked once connected, before any trial)."""
     nodes = [n for n in ray.nodes() if n.get("Alive")]
@@ -246,7 +369,7 @@ def run_sweep(config: SweepConfig, space: dict[str, Any], data_path: Path, sweep
         ProgressCallback(sweep_dir, config.name, config.search.metric, config.search.mode, config.search.num_trials,
                          config.search.max_concurrent_trials, config.training.max_steps),
     ]
-    if os.environ.get("LORA_SWEEP_STALL_AT") == "between_trials":
+    if faults.stall_point() == "between_trials":
         callbacks.append(_StallBetweenTrials(sweep_dir))
     tuner = tune.Tuner(
         trainable,
@@ -278,7 +401,7 @@ def run_sweep(config: SweepConfig, space: dict[str, Any], data_path: Path, sweep
             ),
             failure_config=tune.FailureConfig(max_failures=config.failure_retries),
             callbacks=callbacks,
-            verbose=int(os.environ.get("LORA_SWEEP_TUNE_VERBOSE", "1")),
+            verbose=faults.tune_verbosity(),
         ),
     )
     return tuner.fit()

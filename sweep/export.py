@@ -188,6 +188,18 @@ def finalize(sweep_dir: Path, config: SweepConfig, best: TrialRecord, data_path:
 
     staging = sweep_dir / f".{EXPORT_DIR}.tmp"
     shutil.rmtree(staging, ignore_errors=True)
+    try:
+        return _export(sweep_dir, config, best, trial_config, tuned_model, tokenizer, test_set, staging, gpus,
+                       base_metrics, tuned_metrics, provenance, totals)
+    except OSError:  # a full disk, say: the previous export stays as it was, and no partial one is left
+        shutil.rmtree(staging, ignore_errors=True)
+        raise
+
+
+def _export(sweep_dir: Path, config: SweepConfig, best: TrialRecord, trial_config: SweepConfig, tuned_model: Any,
+            tokenizer: Any, test_set: Any, staging: Path, gpus: int, base_metrics: EvalMetrics,
+            tuned_metrics: EvalMetrics, provenance: dict[str, Any], totals: dict[str, Any]) -> FinalReport:
+    """Write the export to `staging`, verify it from disk, then swap it in for the previous one."""
     save_adapter(tuned_model, trial_config, staging / "adapter")
     tokenizer.save_pretrained(staging / "adapter")
     # Merge, export and verify on the CPU, where every user can load it. A model spread over GPUs is not
@@ -200,7 +212,7 @@ def finalize(sweep_dir: Path, config: SweepConfig, best: TrialRecord, data_path:
 
     # Verify from disk, as a user would load them: plain transformers vs base + adapter.
     prompts = prompt_token_ids(test_set.select(range(min(VERIFY_PROMPTS, len(test_set)))))
-    merged = AutoModelForCausalLM.from_pretrained(staging / "merged").eval()
+    merged = AutoModelForCausalLM.from_pretrained(staging / "merged", trust_remote_code=config.model.trust_remote_code).eval()
     adapter = peft.PeftModel.from_pretrained(load_base_model(trial_config), staging / "adapter").eval()
     difference = max_logit_difference(merged, adapter, prompts)
     tolerance = verify_tolerance(config, merged)

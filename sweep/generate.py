@@ -30,23 +30,38 @@ def load_exported(sweep_dir: Path) -> tuple[SweepConfig, Any, Any]:
     if not (model_dir / "config.json").is_file():
         raise FileNotFoundError(f"{model_dir} not found: the sweep has no export yet (`sweep export {sweep_dir}` makes it)")
     transformers_logging.disable_progress_bar()  # the answer is the output; no loading bars around it
-    tokenizer = AutoTokenizer.from_pretrained(model_dir)
+    from safetensors import SafetensorError
+
+    from sweep.results import cut
+
+    try:  # a damaged export (a cut-off weights file, a broken config.json) is bad input, not a crash
+        tokenizer = AutoTokenizer.from_pretrained(model_dir)
+        model = AutoModelForCausalLM.from_pretrained(model_dir)
+    except (OSError, ValueError, KeyError, RuntimeError, SafetensorError) as error:
+        reason = (str(error).strip().splitlines() or [type(error).__name__])[0]
+        reason = cut(reason.replace(f"{model_dir.resolve()}/", "").replace(f"{model_dir}/", ""), 120)
+        raise ConfigError([f"cannot load the exported model ({reason}); `sweep export {sweep_dir}` makes it again"],
+                          str(model_dir)) from None
     if tokenizer.pad_token_id is None:
         tokenizer.pad_token = tokenizer.eos_token
     device = "cuda" if torch.cuda.is_available() else "cpu"
-    model = AutoModelForCausalLM.from_pretrained(model_dir).to(device).eval()
+    model = model.to(device).eval()
     return config, tokenizer, model
 
 
 def examples_from_file(path: Path, config: SweepConfig) -> list[Example]:
     """Prompts from a JSONL/CSV/Parquet file with the sweep's own column names (a response column is not needed)."""
+    from sweep.data import check_text_columns
+
     columns = config.data.columns
-    if not Path(path).is_file():
+    if not Path(path).exists():
         raise ConfigError([f"`--file`: prompts file not found: {path}"], str(path))
-    frame: pd.DataFrame = read_table(path, required=(columns.instruction,))
+    # read_table refuses a folder, a FIFO, an empty file, a file that is not UTF-8 (or UTF-16 with its BOM)
+    frame: pd.DataFrame = read_table(path, required=(columns.instruction,), field="--file")
     if columns.instruction not in frame.columns:
         raise ConfigError([f"`--file`: no `{columns.instruction}` column (the sweep's data.columns.instruction); "
                            f"the file has {list(frame.columns)}"], str(path))
+    check_text_columns(frame, columns, str(path), fields=("system", "instruction", "input"))
     # A response column, if the file has one, is not part of the prompt.
     examples = [replace(row_to_example(row, config.data), response="") for row in frame.to_dict("records")]
     empty = [i + 1 for i, e in enumerate(examples) if not e.instruction]

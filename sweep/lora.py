@@ -8,13 +8,15 @@ re.fullmatch), which stays exact where short names repeat across blocks
 from __future__ import annotations
 
 import re
-from typing import Any, Iterable
+from typing import Any, Iterable, Optional
 
+import optuna.distributions as od
 import peft
 import torch
 from torch import nn
 
-from sweep.config import ConfigError, LoraConfig
+from sweep.config import ConfigError, LoraConfig, SweepConfig
+from sweep.search_space import apply_params
 
 _ATTENTION_MARKERS = ("attn", "attention")
 _NOT_TARGETS = ("lm_head", "embed_out", "output_layer", "score", "classifier")
@@ -90,3 +92,28 @@ def torch_dtype(name: str) -> Any:
     if name == "auto":
         return "auto"
     return {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}[name]
+
+
+def _space_values(distribution: Optional[od.BaseDistribution], default: Any) -> list[Any]:
+    if isinstance(distribution, od.CategoricalDistribution):
+        return list(distribution.choices)
+    if isinstance(distribution, od.IntDistribution):
+        return [distribution.low, distribution.high]
+    return [default]
+
+
+def largest_adapter(config: SweepConfig, space: dict[str, od.BaseDistribution], skeleton: torch.nn.Module) -> int:
+    """LoRA parameters of the largest adapter the sweep can pick: rank x (in + out) per adapted layer."""
+    modules = dict(skeleton.named_modules())
+    largest = 0
+    for rank in _space_values(space.get("lora.rank"), config.lora.rank):
+        for target in _space_values(space.get("lora.target_modules"), config.lora.target_modules):
+            lora = apply_params(config, {"lora.rank": rank, "lora.target_modules": target}).lora
+            resolved = resolve_target_modules(skeleton, lora.target_modules)
+            names = targeted_module_names(skeleton, resolved)
+            total = 0
+            for name in names:
+                weight = modules[name].weight
+                total += rank * (weight.shape[0] + weight.shape[1])
+            largest = max(largest, total)
+    return largest

@@ -12,10 +12,9 @@ import contextlib
 import json
 import logging
 import os
-import shutil
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, Iterator
 
 import optuna.distributions as od
 import ray
@@ -26,15 +25,18 @@ from transformers import AutoConfig, AutoModelForCausalLM
 
 from sweep import faults
 from sweep.config import CONFIG_FILE, ConfigError, SweepConfig, config_to_yaml, load_config
-from sweep.data import TokenizedData, save_prepared, tokenize_splits
-from sweep.disk import prune_checkpoints
-from sweep.driver import STUDY_FILE, budget_spent, run_sweep
+from sweep.data import TokenizedData, load_examples, save_prepared, tokenize_splits
+from sweep.disk import check_free_space, disk_needs, prune_checkpoints
+from sweep.driver import STUDY_FILE, budget_spent, check_cluster_address, concurrent_trials, local_ray_resources, run_sweep
 from sweep.export import FinalReport, finalize
-from sweep.lora import resolve_target_modules
+from sweep.faults import check_test_hooks
+from sweep.lora import largest_adapter, resolve_target_modules
 from sweep.placement import check_placement
 from sweep.progress import SweepState, live_progress, mark_state
 from sweep.provenance import provenance
 from sweep.results import TrialRecord, promote, read_best, trial_record, write_atomically, write_best, write_leaderboard
+from sweep.safety import (LOCK_FILE, MARKER_FILE, check_state_files_are_ours, clear_sweep_folder, driver_lock,
+                          is_stored_sweep_folder, is_sweep_folder, mark_stored_sweep_folder, mark_sweep_folder)
 from sweep.search_space import build_search_space
 from sweep.storage import check_storage, fetch_trial_results, holds_files, mirror_to_storage, open_storage
 from sweep.warm_start import warm_start_points
@@ -56,43 +58,98 @@ class SweepOutcome:
 
 
 def check_model(config: SweepConfig, space: dict[str, od.BaseDistribution]) -> torch.nn.Module:
-    """The model exists, is a causal LM, and every target-module setting the sweep can pick matches it.
+    """The model exists, is a causal LM whose weights load safely, has positions for `data.max_length` tokens,
+    and every target-module setting the sweep can pick matches it.
 
     Returns the model's skeleton: its modules on the meta device, with no weights.
     """
-    if config.model.path.startswith((".", "/", "~")) and not Path(config.model.path).expanduser().is_dir():
-        raise ConfigError([f"`model.path`: folder not found: {config.model.path}"], "model")
+    import pickle
+    import re
+    import zipfile
+
+    from transformers.models.auto.modeling_auto import MODEL_FOR_MASKED_LM_MAPPING_NAMES
+    from transformers.utils import SAFE_WEIGHTS_INDEX_NAME, SAFE_WEIGHTS_NAME
+    from transformers.utils.import_utils import check_torch_load_is_safe
+
+    path = config.model.path
+    shown = repr(path if len(path) <= 80 else f"...{path[-77:]}")  # the end of a long path names the model
+    folder = Path(path).expanduser()
+    if path.startswith((".", "/", "~")) and not folder.is_dir():
+        raise ConfigError([f"`model.path`: folder not found: {path}"], "model")
     try:
-        model_config = AutoConfig.from_pretrained(config.model.path, trust_remote_code=config.model.trust_remote_code)
+        model_config = AutoConfig.from_pretrained(path, trust_remote_code=config.model.trust_remote_code)
     except (OSError, ValueError) as error:
         reason = str(error).strip().splitlines()[0]
-        raise ConfigError([f"`model.path`: cannot load a model config from {config.model.path!r} ({reason})"], "model") from None
+        raise ConfigError([f"`model.path`: cannot load a model config from {shown} ({reason})"], "model") from None
+    # An encoder is refused by what transformers knows of it, not by a list of names. transformers maps encoders
+    # (BERT, RoBERTa, ELECTRA, XLM-R, ...) to a *ForCausalLM class too, but that class attends both ways unless the
+    # config sets `is_decoder: true`, so each token would see the very token it is trained to predict. The model
+    # types that transformers also gives a masked-LM head are exactly these encoders and the encoder-decoders
+    # (BART, mBART, ...), whose causal class is the decoder half alone, without the encoder it was trained with.
+    model_type = getattr(model_config, "model_type", None)
+    if getattr(model_config, "is_encoder_decoder", False):
+        raise ConfigError([f"`model.path`: {shown} is an encoder-decoder (model_type {model_type}), not a causal LM; "
+                           "LoRA here trains decoder-only models"], "model")
+    if model_type in MODEL_FOR_MASKED_LM_MAPPING_NAMES and not getattr(model_config, "is_decoder", False):
+        raise ConfigError([f"`model.path`: {shown} is an encoder (model_type {model_type}), not a causal LM: its "
+                           "attention sees every token unless its config sets is_decoder: true"], "model")
     try:
         with init_empty_weights():  # module names only: no memory, no weights read
             skeleton = AutoModelForCausalLM.from_config(model_config, trust_remote_code=config.model.trust_remote_code)
     except ValueError as error:
         reason = str(error).strip().splitlines()[0]
-        raise ConfigError([f"`model.path`: {config.model.path!r} is not a causal LM ({reason})"], "model") from None
+        raise ConfigError([f"`model.path`: {shown} is not a causal LM ({reason})"], "model") from None
+    problems = []
+    if folder.is_dir():  # a hub id is read from the local cache by transformers itself
+        pickles = sorted(folder.glob("pytorch_model*.bin"))
+        if not ((folder / SAFE_WEIGHTS_NAME).is_file() or (folder / SAFE_WEIGHTS_INDEX_NAME).is_file() or pickles):
+            problems.append(f"`model.path`: no weights in {shown} (model.safetensors, model.safetensors.index.json "
+                            "or pytorch_model.bin)")
+        elif not (folder / SAFE_WEIGHTS_NAME).is_file() and not (folder / SAFE_WEIGHTS_INDEX_NAME).is_file():
+            # Pickled weights are accepted because transformers 5 reads them only with torch.load(weights_only=True)
+            # (nothing here passes weights_only=False), which unpickles tensors and plain containers and refuses
+            # any other object, so a pickle cannot run code. transformers refuses pickles on torch < 2.6 (CVE-2025-
+            # 32434); both refusals are made here, once, instead of in every trial. map_location="meta" (and mmap
+            # where the format allows) reads the pickle's structure, not its tensors.
+            try:
+                check_torch_load_is_safe()
+            except ValueError:
+                problems.append(f"`model.path`: {shown} holds its weights only as a pickle (pytorch_model.bin), which "
+                                f"transformers loads only with torch >= 2.6, but this is {torch.__version__}; upgrade "
+                                "torch, or save the weights as safetensors")
+                pickles = []
+            for weights in pickles:
+                try:
+                    torch.load(weights, map_location="meta", weights_only=True, mmap=zipfile.is_zipfile(weights))
+                except (pickle.UnpicklingError, RuntimeError, EOFError, OSError, ValueError) as error:
+                    found = re.search(r"WeightsUnpickler error:\s*(.+?)(?: Please use|\n|$)", str(error))
+                    reason = (found.group(1) if found else (str(error).strip().splitlines() or [""])[0])[:120]
+                    problems.append(f"`model.path`: {weights.name} in {shown} is not a plain tensor pickle; pickles are "
+                                    f"only loaded with torch.load(weights_only=True), which refuses it ({reason})")
+                    break
+    # Positions past the model's own are out of its embedding table (learned positions: an index error in the
+    # trial) or where it was never trained (rotary): neither trains what the user means. The name differs by model.
+    text_config = model_config.get_text_config()
+    written = text_config.to_dict()  # the names config.json uses, not their aliases (GPT-2's n_positions)
+    key = next((k for k in ("max_position_embeddings", "n_positions", "max_sequence_length") if k in written), None)
+    positions = written.get(key)
+    if isinstance(positions, int) and not isinstance(positions, bool) and 0 < positions < config.data.max_length:
+        problems.append(f"`data.max_length`: {config.data.max_length} is more than the model's {positions} "
+                        f"positions ({key} in its config); lower data.max_length to {positions} or less")
     targets = [config.lora.target_modules]
     choice = space.get("lora.target_modules")
     if isinstance(choice, od.CategoricalDistribution):
         targets.extend(choice.choices)
-    problems = []
+    target_problems = []
     for target in targets:
         try:
             resolve_target_modules(skeleton, target)
         except ConfigError as error:
-            problems.extend(error.problems)
+            target_problems.extend(error.problems)
+    problems.extend(sorted(set(target_problems)))
     if problems:
-        raise ConfigError(sorted(set(problems)), "model")
+        raise ConfigError(problems, "model")
     return skeleton
-
-
-def local_ray_resources(config: SweepConfig) -> tuple[float, float]:
-    """(CPUs, GPUs) the local Ray that `sweep run` starts will have: the config's, else this machine's."""
-    cpus = config.ray.num_cpus or os.cpu_count() or 1
-    gpus = config.ray.num_gpus if config.ray.num_gpus is not None else torch.cuda.device_count()
-    return cpus, gpus
 
 
 def check_resources(config: SweepConfig) -> None:
@@ -122,18 +179,48 @@ def check_output_dir(config: SweepConfig) -> None:
         raise ConfigError([f"`output_dir`: {existing} is not writable, so {config.sweep_dir} cannot be created"], "output")
 
 
-def preflight(config: SweepConfig) -> tuple[dict[str, od.BaseDistribution], Any, TokenizedData]:
-    """Every check, then the data tokenized in memory; nothing is written."""
+@dataclass(frozen=True)
+class Checked:
+    """What the checks found, before anything is written: `sweep run` goes on with it, `sweep plan` shows it."""
+
+    space: dict[str, od.BaseDistribution]
+    tokenizer: Any
+    tokenized: TokenizedData
+    skeleton: torch.nn.Module  # the model's modules on the meta device
+    concurrent: int  # trials at once
+    disk: dict[str, int]  # bytes, as `disk_needs` counts them
+
+
+def preflight(config: SweepConfig, probe_storage: bool = True) -> Checked:
+    """Every check, then the data tokenized in memory; nothing is written (but a storage probe, when asked).
+
+    The model's own code (`trust_remote_code`) is imported only after every check that does not need the
+    model passed: the config, search space, resources, output, storage, cluster address and the data files.
+    """
     if config.model.trust_remote_code:
-        log.warning("model.trust_remote_code is on: the model's own Python code from %s will run", config.model.path)
+        log.warning("model.trust_remote_code is on: the Python code in %s will run on this machine and in every "
+                    "trial; use it only for a model whose code you trust", config.model.path)
+    check_test_hooks()
     space = build_search_space(config)
     check_resources(config)
     check_placement(config)
     check_output_dir(config)
-    check_storage(config)
-    check_model(config, space)
+    if probe_storage:
+        check_storage(config)
+    else:
+        open_storage(config)  # the URI opens; a plan writes nothing, so it does not probe
+    check_cluster_address(config)
+    examples = load_examples(config.data, config.seed)
+    skeleton = check_model(config, space)
     tokenizer = load_tokenizer(config)
-    return space, tokenizer, tokenize_splits(config.data, tokenizer, config.seed)
+    tokenized = tokenize_splits(config.data, tokenizer, config.seed, examples)
+    concurrent = concurrent_trials(config)
+    disk = disk_needs(config, largest_adapter(config, space, skeleton),
+                      sum(p.numel() for p in skeleton.parameters()), concurrent)
+    short_of_space = check_free_space(config, disk, concurrent)
+    if short_of_space:
+        log.warning(short_of_space)
+    return Checked(space, tokenizer, tokenized, skeleton, concurrent, disk)
 
 
 def warm_start_seeds(config: SweepConfig, space: dict[str, od.BaseDistribution]) -> list[dict[str, Any]]:
@@ -146,25 +233,43 @@ def warm_start_seeds(config: SweepConfig, space: dict[str, od.BaseDistribution])
     return warm.points
 
 
-def prepare_sweep_dir(config: SweepConfig, overwrite: bool) -> Path:
-    """An empty local sweep folder, and nothing of an earlier sweep of this name in its storage.
-
-    Finished work is only replaced on --overwrite: trials left in storage would otherwise mix into
-    this sweep's report and never be pruned.
-    """
+def check_sweep_dir_free(config: SweepConfig, overwrite: bool) -> None:
+    """Before anything is written: the sweep folder (and its storage) is empty, or --overwrite replaces a folder
+    the engine made. Finished work is only replaced on --overwrite: trials left in storage would otherwise mix
+    into this sweep's report and never be pruned. A folder without the engine's marker is never deleted."""
     sweep_dir = config.sweep_dir
     storage = open_storage(config)
-    local_taken = sweep_dir.exists() and any(sweep_dir.iterdir())
+    local_taken = sweep_dir.is_dir() and any(entry.name != LOCK_FILE for entry in sweep_dir.iterdir())
     stored_taken = storage is not None and holds_files(storage)
+    if local_taken and not is_sweep_folder(sweep_dir):
+        raise ConfigError([f"`name`: {sweep_dir} exists and was not created by lora-sweep (no {MARKER_FILE} in it): "
+                           "it is never replaced or deleted; pick another `name` or `output_dir`"], "output")
+    if stored_taken and not is_stored_sweep_folder(storage.filesystem, storage.root):
+        raise ConfigError([f"`name`: {storage.path()} in storage holds files that lora-sweep did not write (no "
+                           f"{MARKER_FILE}): they are never replaced or deleted; pick another `name` or `storage`"], "output")
     if (local_taken or stored_taken) and not overwrite:
         where = (f"the sweep folder {sweep_dir} already exists; continue it with `sweep resume {sweep_dir}` "
                  "(or --resume), " if local_taken else f"storage already holds a sweep at {storage.path()}; ")
         raise ConfigError([f"`name`: {where}replace it with --overwrite, or pick another name"], "output")
-    if local_taken:
-        shutil.rmtree(sweep_dir)
-    if stored_taken:
-        storage.filesystem.delete_dir(storage.root)
+
+
+def prepare_sweep_dir(config: SweepConfig, overwrite: bool) -> Path:
+    """An empty, marked local sweep folder, and nothing of an earlier sweep of this name in its storage.
+
+    Called with the driver lock held, after `check_sweep_dir_free`: each delete re-checks the marker.
+    """
+    check_sweep_dir_free(config, overwrite)
+    sweep_dir = config.sweep_dir
+    storage = open_storage(config)
+    if overwrite:
+        if is_sweep_folder(sweep_dir):
+            clear_sweep_folder(sweep_dir)
+        if storage is not None and holds_files(storage):
+            storage.filesystem.delete_dir_contents(storage.root)  # the marker was checked just above
     sweep_dir.mkdir(parents=True, exist_ok=True)
+    mark_sweep_folder(sweep_dir, config.name)
+    if storage is not None:
+        mark_stored_sweep_folder(storage.filesystem, storage.root, config.name)
     return sweep_dir
 
 
@@ -181,12 +286,26 @@ def _write_data_and_provenance(config: SweepConfig, tokenized: TokenizedData, sw
 
 def run(config: SweepConfig, overwrite: bool = False, live: bool = False) -> SweepOutcome:
     """Start a sweep. `live`: draw the progress table in the terminal and send Ray's output to logs/ray.log."""
-    space, _, tokenized = preflight(config)
+    checked = preflight(config)
+    space, tokenized = checked.space, checked.tokenized
     seeds = warm_start_seeds(config, space)
-    sweep_dir = prepare_sweep_dir(config, overwrite)
-    write_atomically(sweep_dir / CONFIG_FILE, config_to_yaml(config))
-    record = _write_data_and_provenance(config, tokenized, sweep_dir)
-    return _tune_and_finish(config, space, sweep_dir, record, resume=False, live=live, seeds=seeds)
+    check_sweep_dir_free(config, overwrite)
+    with driver_lock(config.sweep_dir, "sweep run --overwrite" if overwrite else "sweep run"), stopped_as(config.sweep_dir):
+        sweep_dir = prepare_sweep_dir(config, overwrite)
+        write_atomically(sweep_dir / CONFIG_FILE, config_to_yaml(config))
+        record = _write_data_and_provenance(config, tokenized, sweep_dir)
+        return _tune_and_finish(config, space, sweep_dir, record, resume=False, live=live, seeds=seeds)
+
+
+@contextlib.contextmanager
+def stopped_as(sweep_dir: Path) -> Iterator[None]:
+    """A Ctrl-C or SIGTERM outside Tune (data preparation, export) ends as a stop with the resume command."""
+    try:
+        yield
+    except KeyboardInterrupt:
+        saved = (sweep_dir / CONFIG_FILE).is_file()
+        raise SweepInterrupted(f"its state is saved: continue with `sweep resume {sweep_dir}`" if saved
+                               else "before anything of the sweep was written") from None
 
 
 def resume(sweep_dir: Path, live: bool = False) -> SweepOutcome:
@@ -194,8 +313,15 @@ def resume(sweep_dir: Path, live: bool = False) -> SweepOutcome:
     sweep_dir = Path(sweep_dir).resolve()
     if not (sweep_dir / CONFIG_FILE).is_file():
         raise ConfigError([f"{sweep_dir} is not a sweep folder (no {CONFIG_FILE}); start one with `sweep run`"], "resume")
+    check_state_files_are_ours(sweep_dir)
     config = load_config(sweep_dir / CONFIG_FILE)
-    space, _, tokenized = preflight(config)
+    checked = preflight(config)
+    with driver_lock(sweep_dir, "sweep resume"), stopped_as(sweep_dir):
+        return _resume_locked(config, checked.space, checked.tokenized, sweep_dir, live)
+
+
+def _resume_locked(config: SweepConfig, space: dict[str, od.BaseDistribution], tokenized: TokenizedData,
+                   sweep_dir: Path, live: bool) -> SweepOutcome:
     # Once the study exists its warm start is enqueued there; the earlier sweep is not needed again (it may be gone).
     seeds = [] if (sweep_dir / STUDY_FILE).is_file() else warm_start_seeds(config, space)
     provenance_file = sweep_dir / PROVENANCE_FILE
@@ -273,19 +399,40 @@ def _tune_and_export(config: SweepConfig, space: dict[str, od.BaseDistribution],
     return SweepOutcome(sweep_dir, records, final)
 
 
-def load_sweep(sweep_dir: Path) -> tuple[SweepConfig, dict[str, Any]]:
-    sweep_dir = Path(sweep_dir)
-    if not (sweep_dir / CONFIG_FILE).is_file():
-        raise FileNotFoundError(f"{sweep_dir} is not a sweep folder (no {CONFIG_FILE})")
-    config = load_config(sweep_dir / CONFIG_FILE)
-    record = json.loads((sweep_dir / PROVENANCE_FILE).read_text(encoding="utf-8"))
+def load_sweep(sweep_dir: Path, data: bool = False) -> tuple[SweepConfig, dict[str, Any]]:
+    """A sweep folder's config and provenance record, for the commands that read one; a damaged file is a
+    ConfigError naming it. `data`: the prepared data the record points at must be there too (export's test split)."""
+    from sweep.results import cut, read_json, require_sweep_folder, shown, sweep_folder
+
+    sweep_dir = sweep_folder(sweep_dir)
+    require_sweep_folder(sweep_dir)
+    try:
+        config = load_config(sweep_dir / CONFIG_FILE)
+    except ConfigError as error:  # a few short lines: what is wrong with the file, not a screen of it
+        problems = [cut(problem, 200) for problem in error.problems]
+        if len(problems) > 3:
+            problems = problems[:2] + [f"... and {len(problems) - 2} more problems"]
+        raise ConfigError(problems, error.source) from None
+    path = sweep_dir / PROVENANCE_FILE
+    if not path.exists():
+        raise FileNotFoundError(f"{path} not found: the sweep stopped while preparing its data "
+                                f"(`sweep resume {sweep_dir}` prepares it)")
+    remedy = f"delete it, and `sweep resume {sweep_dir}` prepares the data again and rewrites it"
+    record = read_json(path, remedy)
+    if not isinstance(record.get("data_path"), str):
+        problem = "required field is missing" if "data_path" not in record else \
+            f"must be a path, but got {shown(record['data_path'])}"
+        raise ConfigError([f"`data_path`: {problem}; {remedy}"], str(path))
+    if data and not (Path(record["data_path"]) / "dataset_dict.json").is_file():
+        raise ConfigError([f"`data_path`: the prepared data is gone ({record['data_path']}); {remedy}"], str(path))
     return config, record
 
 
 def export(sweep_dir: Path) -> FinalReport:
     """Re-run the final evaluation and export of a finished sweep."""
     config, record = load_sweep(sweep_dir)
-    final = finalize(Path(sweep_dir), config, read_best(sweep_dir), Path(record["data_path"]), record)
+    with driver_lock(Path(sweep_dir), "sweep export"):
+        final = finalize(Path(sweep_dir), config, read_best(sweep_dir), Path(record["data_path"]), record)
     storage = open_storage(config)
     if storage is not None:  # storage gets the new export too
         mirror_to_storage(Path(sweep_dir), storage)

@@ -25,7 +25,8 @@ from rich.console import Console
 from rich.live import Live
 from rich.text import Text
 
-from sweep.results import ended_status, write_atomically
+from sweep.results import (ended_status, parse_shape, read_json, require_sweep_folder, sweep_folder,
+                           write_atomically)
 
 STATUS_FILE = "status.json"
 # "exporting": every trial has ended; the best checkpoint is being evaluated on the test split and exported.
@@ -106,9 +107,11 @@ class SweepStatus:
         return (running_left + max(not_started, 0) * mean) / slots
 
     def driver_alive(self) -> bool:
+        if self.driver_pid <= 0:  # 0 and -N would ask about a whole process group, not the driver
+            return False
         try:
             os.kill(self.driver_pid, 0)
-        except ProcessLookupError:
+        except (ProcessLookupError, OverflowError):
             return False
         except PermissionError:  # alive, owned by another user
             return True
@@ -127,17 +130,23 @@ class SweepStatus:
         return data
 
     @classmethod
-    def from_json(cls, data: dict[str, Any]) -> "SweepStatus":
-        fields = {k: v for k, v in data.items() if k in cls.__dataclass_fields__}
-        fields["trials"] = [TrialProgress(**t) for t in data.get("trials", [])]
-        return cls(**fields)
+    def from_json(cls, data: dict[str, Any], source: str = STATUS_FILE) -> "SweepStatus":
+        """The status in `data` (status.json's object); a missing field or one of the wrong type is a
+        ConfigError naming `source` and the field. Keys it does not know (to_json's summaries) are ignored."""
+        return parse_shape(cls, data, Path(source), STATUS_REMEDY)
+
+
+# What to do about a damaged status.json: a running driver rewrites all of it at its next trial event.
+STATUS_REMEDY = "a running sweep rewrites it at its next trial event; an ended sweep's trials are in leaderboard.csv"
 
 
 def read_status(sweep_dir: Path) -> SweepStatus:
-    path = Path(sweep_dir) / STATUS_FILE
-    if not path.is_file():
+    folder = sweep_folder(sweep_dir, missing="no sweep has started there (start one with `sweep run`, or check the path)")
+    path = folder / STATUS_FILE
+    if not path.exists():
+        require_sweep_folder(folder)
         raise FileNotFoundError(f"{path} not found: no sweep has started in {sweep_dir} (start one with `sweep run`)")
-    status = SweepStatus.from_json(json.loads(path.read_text(encoding="utf-8")))
+    status = SweepStatus.from_json(read_json(path, STATUS_REMEDY), str(path))
     same_host = status.driver_host in ("", socket.gethostname())
     if status.state in ACTIVE_STATES and same_host and not status.driver_alive():
         status.state = "stopped"  # killed without a chance to say so; `sweep resume` continues it

@@ -12,6 +12,7 @@ import html
 import json
 import logging
 import math
+import shutil
 import warnings
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -24,10 +25,12 @@ matplotlib.use("Agg")  # files only: no display needed
 import matplotlib.pyplot as plt  # noqa: E402
 import optuna  # noqa: E402
 import pandas as pd  # noqa: E402
+from pydantic import BaseModel  # noqa: E402
 
-from sweep.driver import STUDY_FILE, TUNE_DIR_NAME, study_storage  # noqa: E402
+from sweep.config import ConfigError, SweepConfig  # noqa: E402
+from sweep.driver import STUDY_FILE, TUNE_DIR_NAME, check_study, study_storage  # noqa: E402
 from sweep.pipeline import load_sweep  # noqa: E402
-from sweep.results import LEADERBOARD_FILE, write_atomically  # noqa: E402
+from sweep.results import parse_shape, read_json, read_leaderboard, rewritten_by_resume, write_atomically  # noqa: E402
 
 REPORT_DIR = "report"
 log = logging.getLogger(__name__)
@@ -47,11 +50,69 @@ class ReportResult:
     skipped: dict[str, str] = field(default_factory=dict)  # figure title -> why it could not be drawn
 
 
+FINAL_METRICS_FILE = "final_metrics.json"
+
+
+class _Scores(BaseModel):
+    loss: float
+    exact_match: float
+    examples: int
+
+
+class _TestSplit(BaseModel):
+    base: _Scores
+    tuned: _Scores
+
+
+class _FinalMetrics(BaseModel):
+    """What the report reads of final_metrics.json (the export writes more, which is not checked here)."""
+
+    test: _TestSplit
+    params: dict[str, Any] = {}
+
+
+def read_final_metrics(sweep_dir: Path) -> dict[str, Any] | None:
+    """final_metrics.json (None before the final evaluation has run); a damaged one is a ConfigError naming it."""
+    path = Path(sweep_dir) / FINAL_METRICS_FILE
+    if not path.exists():
+        return None
+    remedy = rewritten_by_resume(sweep_dir)
+    final = read_json(path, remedy)
+    parse_shape(_FinalMetrics, final, path, remedy)
+    return final
+
+
+def _result_rows(path: Path) -> list[dict[str, Any]]:
+    """One trial's reports from Tune's result.json, one JSON object per line. A last line without its newline
+    is one Tune is writing (or was, when it was killed): it is left out, not refused."""
+    remedy = "it is Ray Tune's log of one trial's reports: fix or delete that line"
+    try:
+        text = path.read_text(encoding="utf-8")
+    except (OSError, UnicodeDecodeError) as error:
+        reason = error.reason if isinstance(error, UnicodeDecodeError) else error.strerror
+        raise ConfigError([f"cannot read it ({reason}); restore it from a copy"], str(path)) from None
+    lines = text.splitlines()
+    rows = []
+    for number, line in enumerate(lines, 1):
+        if not line.strip():
+            continue
+        try:
+            row = json.loads(line)
+        except json.JSONDecodeError as error:
+            if number == len(lines) and not text.endswith("\n"):
+                break
+            raise ConfigError([f"line {number}: not valid JSON ({error.msg}); {remedy}"], str(path)) from None
+        if not isinstance(row, dict) or "trial_id" not in row:
+            raise ConfigError([f"line {number}: must be a JSON object with a `trial_id`; {remedy}"], str(path))
+        rows.append(row)
+    return rows
+
+
 def trial_histories(sweep_dir: Path) -> dict[str, pd.DataFrame]:
     """Every report of every trial, by trial id, from Tune's result.json files (one JSON object per line)."""
     histories = {}
-    for path in sorted((sweep_dir / TUNE_DIR_NAME).glob("*/result.json")):
-        rows = [json.loads(line) for line in path.read_text(encoding="utf-8").splitlines() if line.strip()]
+    for path in sorted((Path(sweep_dir) / TUNE_DIR_NAME).glob("*/result.json")):
+        rows = _result_rows(path)
         if rows:
             histories[str(rows[0]["trial_id"])] = pd.DataFrame(rows)
     return histories
@@ -75,6 +136,8 @@ def learning_curves(histories: dict[str, pd.DataFrame], board: pd.DataFrame, met
     figure, axes = plt.subplots()
     colours = {"completed": "tab:blue", "stopped early": "tab:gray", "errored": "tab:red"}
     for trial_id, history in histories.items():
+        if metric not in history or "step" not in history:  # e.g. a trial that failed before its first evaluation
+            continue
         usable = history[history[metric].map(lambda v: isinstance(v, (int, float)) and math.isfinite(v))]
         if usable.empty:
             continue
@@ -133,22 +196,58 @@ def best_vs_base(final: dict[str, Any]) -> Any:
     return figure
 
 
+def _read_study(sweep_dir: Path, name: str) -> optuna.Study | None:
+    """The sweep's Optuna study, checked first and opened without writing; None before the sweep made it."""
+    if not (sweep_dir / STUDY_FILE).exists():
+        return None
+    check_study(sweep_dir, name)
+    optuna.logging.set_verbosity(optuna.logging.ERROR)
+    try:
+        return optuna.load_study(study_name=name, storage=study_storage(sweep_dir, create_tables=False))
+    except KeyError:  # the database is there, the study not yet: the sweep stopped before its searcher started
+        return None
+
+
 def write_report(sweep_dir: Path) -> ReportResult:
-    """Draw every figure the sweep has data for into SWEEP_DIR/report/ and write index.html next to them."""
+    """Draw every figure the sweep has data for into SWEEP_DIR/report/ and write index.html next to them.
+
+    Every input is read and checked before anything is written, and the page is built in a hidden staging
+    folder that replaces report/ only once complete: a refused or failed report leaves no files behind.
+    """
     sweep_dir = Path(sweep_dir)
     config, _ = load_sweep(sweep_dir)
     metric = config.search.metric
-    out = sweep_dir / REPORT_DIR
-    out.mkdir(parents=True, exist_ok=True)
-    result = ReportResult(index=out / "index.html")
-    board = pd.read_csv(sweep_dir / LEADERBOARD_FILE) if (sweep_dir / LEADERBOARD_FILE).is_file() else pd.DataFrame()
+    board = read_leaderboard(sweep_dir, required=("trial_id", "status", f"best_{metric}"))
     histories = trial_histories(sweep_dir)
-    study = None
-    if (sweep_dir / STUDY_FILE).is_file():
-        optuna.logging.set_verbosity(optuna.logging.ERROR)
-        study = optuna.load_study(study_name=config.name, storage=study_storage(sweep_dir))
-    final_path = sweep_dir / "final_metrics.json"
-    final = json.loads(final_path.read_text(encoding="utf-8")) if final_path.is_file() else None
+    final = read_final_metrics(sweep_dir)
+    study = _read_study(sweep_dir, config.name)
+    out, staging = sweep_dir / REPORT_DIR, sweep_dir / f".{REPORT_DIR}.tmp"
+    try:
+        shutil.rmtree(staging, ignore_errors=True)
+        staging.mkdir()
+    except OSError as error:
+        raise ConfigError([f"cannot write {REPORT_DIR}/ here ({error.strerror or error}); make the folder writable, "
+                           "or report a copy of it"], str(sweep_dir)) from None
+    try:
+        result = _draw(config, board, histories, final, study, staging)
+        write_atomically(staging / "index.html", _page(config.name, result, board, final, metric))
+        previous = sweep_dir / f".{REPORT_DIR}.old"
+        shutil.rmtree(previous, ignore_errors=True)
+        if out.exists():
+            out.rename(previous)
+        staging.rename(out)
+        shutil.rmtree(previous, ignore_errors=True)
+    finally:
+        shutil.rmtree(staging, ignore_errors=True)
+    result.index = out / "index.html"
+    return result
+
+
+def _draw(config: SweepConfig, board: pd.DataFrame, histories: dict[str, pd.DataFrame], final: dict[str, Any] | None,
+          study: optuna.Study | None, out: Path) -> ReportResult:
+    """Every figure the inputs allow, as PNG files in `out`; the ones that cannot be drawn, with the reason."""
+    metric = config.search.metric
+    result = ReportResult(index=out / "index.html")
     completed = [t for t in study.trials if t.state == optuna.trial.TrialState.COMPLETE] if study else []
     cost = config.search.also_minimize
     # A two-objective study: Optuna's single-value plots are drawn for the metric, its first objective.
@@ -177,7 +276,8 @@ def write_report(sweep_dir: Path) -> ReportResult:
             f"Each trial's best validation {metric} against its {cost}; the promoted trial is ringed: the lowest "
             f"{cost} within {config.search.pareto_tolerance:g} (relative) of the best {metric}.",
             lambda: pareto_figure(board, metric, cost, final.get("trial_id") if final else None),
-            "" if len(board) and "pareto" in board else "no trial has ended")] if cost else []),
+            "" if len(board) and {"pareto", f"best_step_{cost}"} <= set(board.columns) else "no trial has ended")]
+          if cost else []),
         ("best_vs_base.png", "Best vs base on the test split",
          "The promoted checkpoint against the untuned base model on the held-out test split.",
          lambda: best_vs_base(final), "" if final else "the sweep has not finished its final evaluation"),
@@ -188,12 +288,11 @@ def write_report(sweep_dir: Path) -> ReportResult:
             continue
         try:
             _save(draw(), out / file, width=14 if file.startswith("parallel") else 9)
-        except (ValueError, RuntimeError) as error:  # e.g. importances when every trial scored the same
+        except (ValueError, RuntimeError, TypeError) as error:  # e.g. importances when every trial scored the same
             result.skipped[title] = f"could not be drawn: {error}"
             log.warning("report: %s could not be drawn: %s", title, error)
             continue
         result.figures.append(Figure(file, title, caption))
-    write_atomically(result.index, _page(config.name, result, board, final, metric))
     return result
 
 

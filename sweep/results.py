@@ -6,16 +6,19 @@ a trial that peaked at step 120 and then overfit is promoted at step 120.
 
 from __future__ import annotations
 
+import io
 import json
 import math
 import os
 from dataclasses import asdict, dataclass, field
+from functools import lru_cache
 from pathlib import Path
-from typing import Any, Literal, Optional
+from typing import Any, Literal, NoReturn, Optional, TypeVar
 
 import pandas as pd
+from pydantic import TypeAdapter, ValidationError
 
-from sweep.config import COST_METRICS, SweepConfig
+from sweep.config import COST_METRICS, ConfigError, SweepConfig
 from sweep.storage import is_directory, tree_bytes
 
 TrialStatus = Literal["completed", "stopped early", "errored"]
@@ -111,9 +114,34 @@ def _column_max(history: pd.DataFrame, name: str) -> int:
 
 
 def write_atomically(path: Path, text: str) -> None:
+    """Replace `path` with `text` all at once: readers see the old file or the new one, never a part, even
+    across a power cut (the data and the rename are fsync'd). On any failure (a full disk) the old file is
+    untouched and no temporary file is left."""
     tmp = path.with_name(f".{path.name}.tmp")
-    tmp.write_text(text, encoding="utf-8")
-    os.replace(tmp, path)
+    try:
+        with open(tmp, "w", encoding="utf-8") as handle:
+            handle.write(text)
+            handle.flush()
+            os.fsync(handle.fileno())
+        os.replace(tmp, path)
+    except BaseException:
+        tmp.unlink(missing_ok=True)
+        raise
+    fsync_folder(path.parent)
+
+
+def fsync_folder(folder: Path) -> None:
+    """Make a rename in `folder` durable (POSIX: the directory entry is data of the folder)."""
+    try:
+        fd = os.open(folder, os.O_RDONLY | os.O_DIRECTORY)
+    except OSError:  # not on every platform or filesystem: the rename itself is still atomic
+        return
+    try:
+        os.fsync(fd)
+    except OSError:
+        pass
+    finally:
+        os.close(fd)
 
 
 def write_leaderboard(records: list[TrialRecord], sweep_dir: Path, config: SweepConfig) -> Path:
@@ -205,16 +233,165 @@ def write_best(best: TrialRecord, sweep_dir: Path) -> Path:
 
 
 def read_best(sweep_dir: Path) -> TrialRecord:
-    path = Path(sweep_dir) / BEST_FILE
-    if not path.is_file():
+    folder = sweep_folder(sweep_dir)
+    path = folder / BEST_FILE
+    if not path.exists():
+        require_sweep_folder(folder)
         raise FileNotFoundError(f"{path} not found: the sweep has not finished promotion (run `sweep run` first)")
-    return TrialRecord(**json.loads(path.read_text(encoding="utf-8")))
+    return read_shape(TrialRecord, path, rewritten_by_resume(folder))
 
 
 def sweep_totals(sweep_dir: Path) -> dict[str, Any]:
     """What the whole sweep spent, from its leaderboard: trials, device-seconds, training tokens."""
-    path = Path(sweep_dir) / LEADERBOARD_FILE
-    board = pd.read_csv(path) if path.is_file() else pd.DataFrame()
-    column = lambda name: float(board[name].fillna(0).sum()) if name in board else 0.0  # noqa: E731
+    board = read_leaderboard(sweep_dir)
+
+    def column(name: str) -> float:  # a cell that is not a number counts as 0, as an empty one does
+        return float(pd.to_numeric(board[name], errors="coerce").fillna(0).sum()) if name in board else 0.0
+
     return {"trials": int(len(board)), "device_seconds": round(column("device_seconds"), 1),
             "tokens_seen": int(column("tokens_seen"))}
+
+
+# Reading a sweep folder. The read commands (status, best, report, export, generate) get every file of the
+# folder through these, so that a damaged file is refused in one form: `FILE: what is wrong; what to do`
+# (a ConfigError, exit 2), never a traceback.
+
+SHOWN_CHARS = 80
+T = TypeVar("T")
+
+
+def cut(text: str, limit: int = SHOWN_CHARS) -> str:
+    """Text for a message, on one line and cut to `limit` characters."""
+    text = " ".join(str(text).split())
+    return text if len(text) <= limit else f"{text[:limit]}... ({len(text):,} characters)"
+
+
+def shown(value: Any, limit: int = SHOWN_CHARS) -> str:
+    """A value from a file, for a message: its repr, cut to `limit` characters."""
+    return cut(repr(value), limit)
+
+
+def rewritten_by_resume(sweep_dir: Path) -> str:
+    """What to do about a damaged file that `sweep resume` writes again (promotion, export, leaderboard)."""
+    return f"`sweep resume {sweep_dir}` writes it again"
+
+
+def sweep_folder(sweep_dir: Path, missing: str = "give the folder `sweep run` made, e.g. results/<name>") -> Path:
+    """The folder a read command was given, refused unless it is a folder; `missing` is what to do when there
+    is none."""
+    path = Path(sweep_dir)
+    if path.is_dir():
+        return path
+    if path.exists():
+        raise ConfigError(["a file, not a sweep folder; give the folder `sweep run` made, e.g. results/<name>"], str(path))
+    raise ConfigError([f"folder not found: {missing}"], str(path))
+
+
+def require_sweep_folder(sweep_dir: Path) -> None:
+    """A folder `sweep run` made holds config.yaml from its start (the message docs/errors.md lists)."""
+    if not (Path(sweep_dir) / "config.yaml").exists():
+        raise FileNotFoundError(f"{sweep_dir} is not a sweep folder (no config.yaml)")
+
+
+def _json_kind(value: Any) -> str:
+    kinds = {list: "a list", str: "a string", bool: "true/false", int: "a number", float: "a number"}
+    return "null" if value is None else kinds.get(type(value), type(value).__name__)
+
+
+def read_json(path: Path, remedy: str) -> dict[str, Any]:
+    """The JSON object in a file of a sweep folder; a file that is unreadable, not JSON or not an object is a
+    ConfigError naming it and ending with `remedy` (what to do about it)."""
+    path = Path(path)
+
+    def refuse(what: str) -> NoReturn:
+        raise ConfigError([f"{what}; {remedy}"], str(path))
+
+    if path.is_dir():
+        refuse("a folder, not a file")
+    try:
+        raw = path.read_bytes()
+    except OSError as error:
+        refuse(f"cannot read it ({error.strerror or error})")
+    if not raw.strip():
+        refuse("empty file")
+    try:
+        text = raw.decode("utf-8")
+    except UnicodeDecodeError as error:
+        refuse(f"not a text file (byte 0x{raw[error.start]:02x} at offset {error.start} is not UTF-8)")
+    try:
+        data = json.loads(text)
+    except json.JSONDecodeError as error:
+        refuse(f"not valid JSON ({error.msg.removesuffix(' at')} at line {error.lineno}, column {error.colno})")
+    except RecursionError:
+        refuse("not valid JSON (nested too deeply)")
+    if not isinstance(data, dict):
+        refuse(f"must be a JSON object, but got {_json_kind(data)}")
+    return data
+
+
+@lru_cache(maxsize=None)
+def _adapter(kind: Any) -> TypeAdapter:
+    return TypeAdapter(kind)
+
+
+def shape_problem(error: ValidationError) -> str:
+    """The first thing wrong in a file's JSON, as `field`: what is wrong (got value), and how many more."""
+    problems = error.errors()
+    first = problems[0]
+    location = ".".join(str(part) for part in first["loc"]) or "(top level)"
+    if first["type"] == "missing":
+        what = "required field is missing"
+    else:
+        what = f"{first['msg']} (got {shown(first.get('input'))})"
+    more = f" (and {len(problems) - 1} more problem{'s' if len(problems) > 2 else ''})" if len(problems) > 1 else ""
+    return f"`{location}`: {what}{more}"
+
+
+def parse_shape(kind: type[T], data: dict[str, Any], path: Path, remedy: str) -> T:
+    """`data` (a file's JSON object) checked against the dataclass or model `kind`; a ConfigError naming the
+    file and the first field that does not fit, else the typed value. Keys `kind` does not know are ignored."""
+    try:
+        return _adapter(kind).validate_python(data)
+    except ValidationError as error:
+        raise ConfigError([f"{shape_problem(error)}; {remedy}"], str(path)) from None
+
+
+def read_shape(kind: type[T], path: Path, remedy: str) -> T:
+    """A file of a sweep folder read with `read_json` and checked with `parse_shape`."""
+    return parse_shape(kind, read_json(path, remedy), path, remedy)
+
+
+def read_leaderboard(sweep_dir: Path, required: tuple[str, ...] = ("trial_id", "status")) -> pd.DataFrame:
+    """leaderboard.csv (an empty table when the sweep has not written one); a file that is not a CSV table
+    with the `required` columns is a ConfigError naming it."""
+    folder = Path(sweep_dir)
+    path = folder / LEADERBOARD_FILE
+    if not path.exists():
+        return pd.DataFrame()
+    remedy = rewritten_by_resume(folder)
+
+    def refuse(what: str) -> NoReturn:
+        raise ConfigError([f"{what}; {remedy}"], str(path))
+
+    if path.is_dir():
+        refuse("a folder, not a file")
+    try:
+        raw = path.read_bytes()
+    except OSError as error:
+        refuse(f"cannot read it ({error.strerror or error})")
+    try:
+        text = raw.decode("utf-8")
+    except UnicodeDecodeError as error:
+        refuse(f"not a CSV text file (byte 0x{raw[error.start]:02x} at offset {error.start} is not UTF-8)")
+    if "\x00" in text:
+        refuse("not a CSV text file (it holds NUL bytes)")
+    try:
+        board = pd.read_csv(io.StringIO(text))
+    except pd.errors.EmptyDataError:  # a sweep whose trials all vanished writes a header-less empty table
+        return pd.DataFrame()
+    except (pd.errors.ParserError, ValueError) as error:
+        refuse(f"not a CSV table ({cut(str(error), 120)})")
+    missing = [column for column in required if column not in board.columns]
+    if missing:
+        refuse(f"no column(s) {missing}; it has {shown(list(board.columns))}")
+    return board

@@ -6,6 +6,8 @@ config fields to one of four distribution types. No I/O happens when sampling.
 
 from __future__ import annotations
 
+import math
+from decimal import Decimal
 from pathlib import Path
 from typing import Any
 
@@ -66,47 +68,77 @@ def load_space_file(name_or_path: str) -> dict[str, dict[str, Any]]:
 
 def _distribution(name: str, spec: Any) -> tuple[od.BaseDistribution | None, list[str]]:
     """One entry -> (distribution, problems). Problems name the parameter, value and rule."""
-    where = f"`{name}`"
+    where = f"`{str(name)[:80]}`"
     if name not in TUNABLE_FIELDS:
         return None, [f"{where}: not a tunable field; tunable: {', '.join(TUNABLE_FIELDS)}"]
     if not isinstance(spec, dict):
-        return None, [f"{where}: must be a mapping like {{type: uniform, low: 0, high: 1}}, but got {spec!r}"]
+        return None, [f"{where}: must be a mapping like {{type: uniform, low: 0, high: 1}}, but got {_shown(spec)}"]
     kind = spec.get("type")
     if kind not in DISTRIBUTION_TYPES:
-        return None, [f"{where}.type: must be one of {', '.join(DISTRIBUTION_TYPES)}, but got {kind!r}"]
+        return None, [f"{where}.type: must be one of {', '.join(DISTRIBUTION_TYPES)}, but got {_shown(kind)}"]
     allowed = {"type", "values"} if kind == "choice" else {"type", "low", "high", "step"}
     extra = set(spec) - allowed
     if extra:
-        return None, [f"{where}: unknown key(s) {sorted(extra)} for type {kind}; allowed: {sorted(allowed)}"]
+        return None, [f"{where}: unknown key(s) {_shown(sorted(map(str, extra)))} for type {kind}; allowed: {sorted(allowed)}"]
+    wanted = TUNABLE_FIELDS[name]
     if kind == "choice":
         values = spec.get("values")
         if not isinstance(values, list) or not values:
-            return None, [f"{where}.values: must be a non-empty list, but got {values!r}"]
-        wanted = TUNABLE_FIELDS[name]
+            return None, [f"{where}.values: must be a non-empty list, but got {_shown(values)}"]
         wrong = [v for v in values if not _fits(v, wanted)]
         if wrong:
-            return None, [f"{where}.values: every value must be {wanted.__name__}, but got {wrong!r}"]
+            return None, [f"{where}.values: every value must be {wanted.__name__}, but got {_shown(wrong)}"]
         return od.CategoricalDistribution(values), []
-    low, high = spec.get("low"), spec.get("high")
+    if kind == "int" and wanted is not int:
+        return None, [f"{where}.type: int is only for integer fields, but {name} is {wanted.__name__}"]
+    if kind != "int" and wanted is not float:
+        return None, [f"{where}.type: {kind} is only for float fields; use int or choice for {name}"]
+    low, high, step = spec.get("low"), spec.get("high"), spec.get("step")
     problems = []
     for key, value in (("low", low), ("high", high)):
-        if isinstance(value, bool) or not isinstance(value, (int, float)):
-            problems.append(f"{where}.{key}: must be a number, but got {value!r}")
+        if not _fits(value, float):
+            problems.append(f"{where}.{key}: must be a number, but got {_shown(value)}")
+        elif isinstance(value, float) and not math.isfinite(value):
+            problems.append(f"{where}.{key}: must be a finite number, but got {value}")
+        elif kind == "int" and isinstance(value, float) and not value.is_integer():
+            # int() would truncate 1.5 to 1 without a word: a range the user did not write.
+            problems.append(f"{where}.{key}: an int distribution needs whole-number bounds, but got {value}")
+    if step is not None:
+        if kind == "loguniform":
+            # Optuna forbids log=True with a step: a log scale has no evenly spaced grid.
+            problems.append(f"{where}.step: a loguniform distribution takes no step (Optuna forbids log with step), "
+                            f"but got {_shown(step)}; drop it, or use uniform with a step")
+        elif not _fits(step, float) or (isinstance(step, float) and not math.isfinite(step)) or step <= 0:
+            problems.append(f"{where}.step: must be a finite number > 0, but got {_shown(step)}")
+        elif kind == "int" and isinstance(step, float) and not step.is_integer():
+            problems.append(f"{where}.step: an int distribution needs a whole-number step, but got {step}")
     if problems:
         return None, problems
+    if kind == "int":
+        low, high, step = int(low), int(high), int(step if step is not None else 1)
     if low > high:
         return None, [f"{where}: low must be <= high, but got low={low}, high={high}"]
     if kind == "loguniform" and low <= 0:
         return None, [f"{where}.low: log-uniform needs low > 0, but got {low}"]
+    if step is not None:
+        # Optuna only warns and lowers `high` to the last multiple of step: the space would silently differ from
+        # the file. Decimal, as Optuna's own check uses, so that 0.1 - 0.0 is a multiple of 0.01.
+        span, d_low, d_step = Decimal(str(high)) - Decimal(str(low)), Decimal(str(low)), Decimal(str(step))
+        if span % d_step != 0:
+            below = d_low + (span // d_step) * d_step
+            return None, [f"{where}: (high - low) = {span} is not a multiple of step {step}, so high={high} could "
+                          f"never be sampled; make high {below} or {below + d_step}"]
     if kind == "int":
-        if TUNABLE_FIELDS[name] is not int:
-            return None, [f"{where}.type: int is only for integer fields, but {name} is {TUNABLE_FIELDS[name].__name__}"]
-        return od.IntDistribution(int(low), int(high), step=int(spec.get("step", 1))), []
-    if TUNABLE_FIELDS[name] is not float:
-        return None, [f"{where}.type: {kind} is only for float fields; use int or choice for {name}"]
+        return od.IntDistribution(low, high, step=step), []
     if kind == "loguniform":
         return od.FloatDistribution(float(low), float(high), log=True), []
-    return od.FloatDistribution(float(low), float(high), step=spec.get("step")), []
+    return od.FloatDistribution(float(low), float(high), step=None if step is None else float(step)), []
+
+
+def _shown(value: Any, limit: int = 80) -> str:
+    """A value as it appears in a message: its repr, cut to `limit` characters so one problem stays one line."""
+    text = repr(value)
+    return text if len(text) <= limit else f"{text[:limit - 3]}..."
 
 
 def describe(distribution: od.BaseDistribution) -> str:

@@ -23,11 +23,12 @@ from sweep.progress import read_status
 
 pytestmark = pytest.mark.integration
 NUM_TRIALS = 3
+QUIET = {"LORA_SWEEP_TEST_HOOKS": "armed", "LORA_SWEEP_TUNE_VERBOSE": "0"}  # test hooks act only when armed
 EVAL_STEPS = 10
 
 
 def start_sweep(config_path: Path, tmp_path: Path, stall_at: str | None = None) -> subprocess.Popen:
-    env = {**os.environ, "LORA_SWEEP_TUNE_VERBOSE": "0"}
+    env = {**os.environ, **QUIET}
     if stall_at:
         env["LORA_SWEEP_STALL_AT"] = stall_at
     log = (tmp_path / "run.log").open("w")
@@ -54,7 +55,7 @@ def kill(process: subprocess.Popen, sig: int = signal.SIGKILL) -> int:
 
 def resume(sweep_dir: Path, tmp_path: Path) -> subprocess.CompletedProcess:
     return subprocess.run([sys.executable, "-m", "sweep.cli", "resume", str(sweep_dir)], cwd=tmp_path,
-                          env={**os.environ, "LORA_SWEEP_TUNE_VERBOSE": "0"}, capture_output=True, text=True, timeout=600)
+                          env={**os.environ, **QUIET}, capture_output=True, text=True, timeout=600)
 
 
 def trial_histories(sweep_dir: Path) -> dict[str, list[int]]:

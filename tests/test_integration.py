@@ -136,14 +136,6 @@ def test_bad_config_exits_2_before_anything_is_written(raw_config, write_config,
     assert not (tmp_path / "results").exists()
 
 
-def test_existing_sweep_folder_needs_overwrite(raw_config, write_config, tmp_path):
-    (tmp_path / "results" / "tiny").mkdir(parents=True)
-    (tmp_path / "results" / "tiny" / "leaderboard.csv").write_text("finished work")
-    result = CliRunner().invoke(app, ["run", str(write_config(raw_config))])
-    assert result.exit_code == 2 and "--overwrite" in result.output
-    assert (tmp_path / "results" / "tiny" / "leaderboard.csv").read_text() == "finished work"
-
-
 @pytest.mark.parametrize("init", ["pissa", "olora"])
 def test_pissa_and_olora_export_a_plain_lora_that_applies_to_the_original_base(raw_config, write_config, ray_session,
                                                                                tiny_model_dir, init):

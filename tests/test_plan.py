@@ -8,6 +8,7 @@ from ray.tune.schedulers import ASHAScheduler
 from typer.testing import CliRunner
 
 from sweep.cli import app
+from sweep.safety import mark_sweep_folder
 from sweep.config import load_config
 from sweep.plan import asha_rungs, expected_steps
 
@@ -35,7 +36,10 @@ def test_plan_prints_space_trials_steps_disk_and_resources(raw_config, write_con
     for expected in ("lora.rank: choice of [2, 4]", "trials: 2, 2 at a time", "at most 180", "1 CPU and 0 GPU", "disk:"):
         assert expected in text
     (tmp_path / "results" / "tiny").mkdir(parents=True)
-    (tmp_path / "results" / "tiny" / "leaderboard.csv").write_text("finished work")
+    (tmp_path / "results" / "tiny" / "leaderboard.csv").write_text("someone's own work")
+    text = CliRunner().invoke(app, ["plan", str(write_config(raw_config))]).output
+    assert "was not made by lora-sweep: `sweep run` refuses to write there, --overwrite included" in text
+    mark_sweep_folder(tmp_path / "results" / "tiny", "tiny")  # as `sweep run` marks the folders it makes
     text = CliRunner().invoke(app, ["plan", str(write_config(raw_config))]).output
     assert "exists: `sweep run` needs --resume (continue it) or --overwrite" in text
 

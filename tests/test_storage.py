@@ -152,18 +152,30 @@ def test_a_sweep_with_s3_storage_keeps_checkpoints_there_and_mirrors_its_folder(
 
 
 def test_a_new_sweep_refuses_a_name_storage_already_holds(raw_config, write_config, s3):
+    import shutil
+
     from sweep.pipeline import prepare_sweep_dir
 
     raw_config["storage"] = uri(s3)
     config = load_config(write_config(raw_config))
     storage = open_storage(config)
     check_storage(config)  # leaves the (empty) folder: not an earlier sweep
+    # Files that lora-sweep did not write are never replaced, --overwrite included, and survive.
+    with storage.filesystem.open_output_stream(storage.path("someone-elses.csv")) as handle:
+        handle.write(b"precious")
+    for overwrite in (False, True):
+        with pytest.raises(ConfigError, match=r"holds files that lora-sweep did not write .* never replaced or deleted"):
+            prepare_sweep_dir(config, overwrite=overwrite)
+    assert listing(storage) == {"someone-elses.csv"}
+    storage.filesystem.delete_file(storage.path("someone-elses.csv"))
+
     assert prepare_sweep_dir(config, overwrite=False) == config.sweep_dir
-    config.sweep_dir.rmdir()
+    assert listing(storage) == {".lora-sweep"}  # the marker: this folder is the engine's own
+    shutil.rmtree(config.sweep_dir)
     with storage.filesystem.open_output_stream(storage.path("tune", "trial_old", "result.json")) as handle:
         handle.write(b"{}")
     with pytest.raises(ConfigError, match=r"`name`: storage already holds a sweep at sweeps/team/tiny; replace it "
                                           r"with --overwrite"):
         prepare_sweep_dir(config, overwrite=False)
     prepare_sweep_dir(config, overwrite=True)
-    assert listing(storage) == set()
+    assert listing(storage) == {".lora-sweep"}

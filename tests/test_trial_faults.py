@@ -36,6 +36,7 @@ def fresh_ray():
 )
 def test_a_failing_trial_is_marked_errored_with_its_reason_and_the_sweep_goes_on(fault_config, monkeypatch, fault, reason):
     raw, write = fault_config
+    monkeypatch.setenv("LORA_SWEEP_TEST_HOOKS", "armed")
     monkeypatch.setenv("LORA_SWEEP_INJECT_FAULT", fault)
     outcome = run(load_config(write(raw)))
     board = pd.read_csv(outcome.sweep_dir / "leaderboard.csv")
@@ -50,6 +51,7 @@ def test_a_failing_trial_is_marked_errored_with_its_reason_and_the_sweep_goes_on
 def test_a_transient_failure_is_retried_from_the_last_checkpoint(fault_config, monkeypatch, tmp_path):
     raw, write = fault_config
     raw["failure_retries"] = 1
+    monkeypatch.setenv("LORA_SWEEP_TEST_HOOKS", "armed")
     monkeypatch.setenv("LORA_SWEEP_INJECT_FAULT", "exception@4")
     monkeypatch.setenv("LORA_SWEEP_FAULT_ONCE_DIR", str(tmp_path / "failed-once"))
     outcome = run(load_config(write(raw)))

@@ -1,0 +1,196 @@
+"""What the engine may touch: sweep folders it made, one driver per folder, state files the user owns.
+
+- A sweep folder the engine creates holds a marker file (`MARKER_FILE`), locally and in storage.
+  `--overwrite` (and `sweep demo`) delete only a folder with that marker: a mistyped `output_dir`
+  or `name` can never delete a user's own folder.
+- A driver holds `LOCK_FILE` in the sweep folder for its lifetime (an exclusive `flock`, released by
+  the kernel when the process dies, plus the host and PID for messages), so a second `run --resume`,
+  `resume`, `--overwrite` or `export` on a live sweep is refused. Read-only commands take no lock.
+- On resume Ray Tune unpickles its own state files, which runs code: a local folder whose state files
+  another user owns (or anyone may write) is refused.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import fcntl
+import json
+import os
+import pwd
+import socket
+import time
+from pathlib import Path
+from typing import Any, Iterator, Optional
+
+import pyarrow as pa
+import pyarrow.fs as pafs
+
+from sweep.config import ConfigError
+
+MARKER_FILE = ".lora-sweep"
+LOCK_FILE = ".driver.lock"
+_MARKER_CONTENT = {"created_by": "lora-sweep", "what": "a sweep folder; `sweep run --overwrite` may replace it"}
+
+
+def marker_text(name: str) -> str:
+    return json.dumps({**_MARKER_CONTENT, "name": name, "created_at": time.time()})
+
+
+def _is_marker(text: str) -> bool:
+    try:
+        content = json.loads(text)
+    except ValueError:
+        return False
+    return isinstance(content, dict) and content.get("created_by") == _MARKER_CONTENT["created_by"]
+
+
+def is_sweep_folder(folder: Path) -> bool:
+    """Whether the engine created this local folder as a sweep folder (its marker is there)."""
+    marker = Path(folder) / MARKER_FILE
+    try:
+        return marker.is_file() and not marker.is_symlink() and _is_marker(marker.read_text(encoding="utf-8"))
+    except (OSError, UnicodeDecodeError):
+        return False
+
+
+def mark_sweep_folder(folder: Path, name: str) -> None:
+    (Path(folder) / MARKER_FILE).write_text(marker_text(name), encoding="utf-8")
+
+
+def is_stored_sweep_folder(filesystem: pafs.FileSystem, root: str) -> bool:
+    """Whether the engine created this folder in storage (its marker is there)."""
+    try:
+        with filesystem.open_input_stream(f"{root}/{MARKER_FILE}") as handle:
+            return _is_marker(handle.read(4096).decode("utf-8", errors="replace"))
+    except (OSError, pa.ArrowException):
+        return False
+
+
+def mark_stored_sweep_folder(filesystem: pafs.FileSystem, root: str, name: str) -> None:
+    filesystem.create_dir(root, recursive=True)
+    with filesystem.open_output_stream(f"{root}/{MARKER_FILE}") as handle:
+        handle.write(marker_text(name).encode("utf-8"))
+
+
+def clear_sweep_folder(folder: Path) -> None:
+    """Delete what a marked sweep folder holds, except the lock of the driver that is replacing it."""
+    import shutil
+
+    if not is_sweep_folder(folder):  # checked again right before deleting: the one place that deletes
+        raise ConfigError([f"`name`: {folder} was not created by lora-sweep (no {MARKER_FILE} in it); "
+                           "nothing was deleted"], "output")
+    for entry in Path(folder).iterdir():
+        if entry.name == LOCK_FILE:
+            continue
+        if entry.is_dir() and not entry.is_symlink():
+            shutil.rmtree(entry)
+        else:
+            entry.unlink()
+
+
+def _describe_holder(holder: dict[str, Any]) -> str:
+    since = time.strftime("%Y-%m-%d %H:%M:%S", time.localtime(holder.get("started_at", 0)))
+    return f"pid {holder.get('pid', '?')} on host {holder.get('host', '?')}, since {since}"
+
+
+def _pid_alive(pid: Any) -> bool:
+    if not isinstance(pid, int) or pid <= 0:
+        return False
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True
+    return True
+
+
+@contextlib.contextmanager
+def driver_lock(folder: Path, command: str = "this command") -> Iterator[None]:
+    """Hold the sweep folder's driver lock for the block; refuse (ConfigError) if a live driver holds it.
+
+    The kernel's `flock` decides on this host (a killed driver's lock is free at once). A lock recorded by
+    another host cannot be checked from here: it is refused, saying how to clear it if that driver is gone.
+    """
+    folder = Path(folder)
+    folder.mkdir(parents=True, exist_ok=True)
+    path = folder / LOCK_FILE
+    fd = os.open(path, os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o644)
+    try:
+        holder = _read_holder(fd)
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            raise ConfigError([f"another driver is running this sweep ({_describe_holder(holder)}): {command} would "
+                               f"race it; wait for it to end or stop it (`sweep status {folder}` shows it); "
+                               "status, best and report work meanwhile"], str(folder)) from None
+        holder = _read_holder(fd)  # what the last holder left, now that no one holds it here
+        if holder and holder.get("host") != socket.gethostname():
+            fcntl.flock(fd, fcntl.LOCK_UN)
+            raise ConfigError([f"the sweep is locked by a driver on another host ({_describe_holder(holder)}), which "
+                               f"cannot be checked from here; if that driver is gone, delete {path} and run again"],
+                              str(folder))
+        os.ftruncate(fd, 0)
+        os.pwrite(fd, json.dumps({"host": socket.gethostname(), "pid": os.getpid(), "started_at": time.time(),
+                                  "command": command}).encode(), 0)
+        os.fsync(fd)
+        try:
+            yield
+        finally:
+            os.ftruncate(fd, 0)  # an empty lock is a free one, also for a driver on another host
+            fcntl.flock(fd, fcntl.LOCK_UN)
+    finally:
+        os.close(fd)
+
+
+def _read_holder(fd: int) -> dict[str, Any]:
+    try:
+        content = json.loads(os.pread(fd, 4096, 0) or b"{}")
+    except ValueError:
+        return {}
+    return content if isinstance(content, dict) else {}
+
+
+def lock_holder(folder: Path) -> Optional[dict[str, Any]]:
+    """The live driver recorded in a sweep folder's lock on this host, if any (for messages and tests)."""
+    try:
+        holder = json.loads((Path(folder) / LOCK_FILE).read_text(encoding="utf-8") or "{}")
+    except (OSError, ValueError):
+        return None
+    if not holder or (holder.get("host") == socket.gethostname() and not _pid_alive(holder.get("pid"))):
+        return None
+    return holder
+
+
+# Ray Tune's state files that a resume unpickles (tuner.pkl, the searcher's and the trials' state).
+_UNPICKLED_SUFFIXES = (".pkl", ".pickle")
+
+
+def _owner(uid: int) -> str:
+    try:
+        return pwd.getpwuid(uid).pw_name
+    except KeyError:
+        return f"uid {uid}"
+
+
+def check_state_files_are_ours(sweep_dir: Path) -> None:
+    """Before a resume: every file Ray Tune will unpickle is owned by this user and writable by no one else."""
+    me = os.geteuid()
+    problems = []
+    tune_dir = Path(sweep_dir) / "tune"
+    candidates = [p for p in tune_dir.rglob("*") if p.name.endswith(_UNPICKLED_SUFFIXES) or p.name.startswith(
+        ("searcher-state", "experiment_state"))] if tune_dir.is_dir() else []
+    for path in [tune_dir, *candidates]:
+        try:
+            info = path.lstat()
+        except FileNotFoundError:
+            continue
+        if info.st_uid != me:
+            problems.append(f"{path} is owned by {_owner(info.st_uid)}, not by you ({_owner(me)})")
+        elif info.st_mode & 0o002:
+            problems.append(f"{path} can be written by any user")
+        if len(problems) >= 2:
+            break
+    if problems:
+        raise ConfigError([f"{problem}: resuming unpickles Ray Tune's state files, which runs their code; resume only "
+                           "sweep folders that you alone can write" for problem in problems], str(sweep_dir))

@@ -68,6 +68,8 @@ Int = Annotated[int, Strict()]
 Float = Annotated[float, BeforeValidator(_not_a_bool)]
 SEED_MAX = 2**32 - 1  # numpy's and Optuna's seeds are 32-bit
 NAME_MAX_LENGTH = 200
+# pyarrow's filesystems for shared storage (its `file://` is `output_dir`, and `mock://` a test double).
+STORAGE_SCHEMES = ("s3", "gs", "gcs", "hdfs", "viewfs", "abfs", "abfss")
 MAX_ASHA_RUNGS = 100  # a reduction factor near 1 makes millions of rungs (and Ray builds each one)
 
 
@@ -311,6 +313,10 @@ class SweepConfig(_Strict):
         if value is not None and "://" not in value:
             raise ValueError("must be a URI such as s3://bucket/prefix or gs://bucket/prefix "
                              "(a local or shared folder is `output_dir`)")
+        scheme = value.partition("://")[0].lower() if value else ""
+        if value is not None and scheme not in STORAGE_SCHEMES:
+            raise ValueError(f"must be a URI of one of the schemes {', '.join(STORAGE_SCHEMES)}, but its scheme is "
+                             f"{shown(scheme)} (a local or shared folder is `output_dir`)")
         found = uri_credentials(value) if value else []
         if found:
             # The config is saved in the sweep folder (and its storage), and the URI shows in messages.
@@ -334,7 +340,7 @@ class SweepConfig(_Strict):
             rungs = asha_rung_count(self.scheduler.grace_period, self.scheduler.reduction_factor, t.max_steps)
             if rungs > MAX_ASHA_RUNGS:
                 problems.append(
-                    f"scheduler.reduction_factor {self.scheduler.reduction_factor:g} with grace_period "
+                    f"scheduler.reduction_factor {self.scheduler.reduction_factor} with grace_period "
                     f"{self.scheduler.grace_period} and max_steps {t.max_steps} makes {rungs:,} ASHA rungs, but at most "
                     f"{MAX_ASHA_RUNGS} are allowed: raise the factor (2 to 4 is usual)")
         if self.model.quantization != "none":

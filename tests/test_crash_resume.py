@@ -175,3 +175,27 @@ def test_ctrl_c_stops_with_state_saved_and_resume_finishes(crash_config, tmp_pat
     assert f"sweep resume {sweep_dir}" in output
     assert read_status(sweep_dir).state == "stopped"
     check_finished(sweep_dir, trial_histories(sweep_dir), resume(sweep_dir, tmp_path))
+
+
+def test_sigterm_stops_like_ctrl_c_a_second_driver_is_refused_and_resume_loses_nothing(raw_config, write_config,
+                                                                                          tmp_path):
+    # Trials long enough that a second driver's start-up (about 10 s) fits inside the second one.
+    raw_config["training"].update({"max_steps": 400, "eval_steps": EVAL_STEPS})
+    raw_config["scheduler"] = {"type": "none"}
+    raw_config["search"].update({"num_trials": NUM_TRIALS, "max_concurrent_trials": 1})
+    sweep_dir = sweep_dir_of(tmp_path)
+    process = start_sweep(write_config(raw_config), tmp_path)
+    wait_for(lambda: len(trial_histories(sweep_dir)) >= 2, process)
+    # While the driver lives, a second one on the same folder is refused, and `sweep status` still reads it.
+    second = resume(sweep_dir, tmp_path)
+    assert second.returncode == 2, second.stdout + second.stderr
+    assert f"another driver is running this sweep (pid {process.pid} on host" in second.stderr
+    assert read_status(sweep_dir).state == "running"
+    code = kill(process, signal.SIGTERM)  # what Slurm, Kubernetes and `timeout` send first
+    output = (tmp_path / "run.log").read_text()
+    assert code == 143, output[-2000:]
+    assert f"sweep resume {sweep_dir}" in output and "Traceback" not in output
+    assert read_status(sweep_dir).state == "stopped"
+    before = trial_histories(sweep_dir)
+    assert sorted(steps[-1] for steps in before.values())[-1] == 400 and len(before) == 2, before
+    check_finished(sweep_dir, before, resume(sweep_dir, tmp_path))

@@ -1,0 +1,161 @@
+"""Bad configs, overrides and environment are refused by `sweep run` and `sweep plan` before anything runs or is
+written: exit 2, one to three `error:` lines naming the field, the value and the rule, no traceback."""
+
+from __future__ import annotations
+
+import socket
+
+import pytest
+import yaml
+from typer.testing import CliRunner
+
+from conftest import assert_refused, listing
+from sweep.cli import app
+
+
+def _set(section: str, **values):
+    def change(raw: dict, tmp) -> None:
+        if section:
+            raw.setdefault(section, {}).update(values)
+        else:
+            raw.update(values)
+    return change
+
+
+def _free_port() -> int:
+    with socket.socket() as probe:
+        probe.bind(("127.0.0.1", 0))
+        return probe.getsockname()[1]
+
+
+# (what to change in the config dict, expected text in the output)
+CASES = {
+    "trust_remote_code 'yes'": (_set("model", trust_remote_code="yes"), "`model.trust_remote_code`: Input should be a valid boolean (got 'yes')"),
+    "trust_remote_code 1": (_set("model", trust_remote_code=1), "`model.trust_remote_code`: Input should be a valid boolean (got 1)"),
+    "trust_remote_code 'on'": (_set("model", trust_remote_code="on"), "`model.trust_remote_code`: Input should be a valid boolean (got 'on')"),
+    "use_dora 'true' as a string": (_set("lora", use_dora="true"), "`lora.use_dora`: Input should be a valid boolean"),
+    "batch_size true": (_set("training", batch_size=True), "`training.batch_size`: Input should be a valid integer (got True)"),
+    "max_steps 6.5": (_set("training", max_steps=6.5), "`training.max_steps`: Input should be a valid integer (got 6.5)"),
+    "learning_rate true": (_set("training", learning_rate=True), "`training.learning_rate`: Input should be a number, not a boolean"),
+    "learning_rate inf": (_set("training", learning_rate=float("inf")), "`training.learning_rate`: Input should be a finite number (got inf)"),
+    "dropout nan": (_set("lora", dropout=float("nan")), "`lora.dropout`: Input should be a finite number (got nan)"),
+    "resources.gpu inf": (_set("resources", gpu=float("inf")), "`resources.gpu`: Input should be a finite number (got inf)"),
+    "ray.num_gpus inf": (_set("ray", num_gpus=float("inf")), "`ray.num_gpus`: Input should be a finite number (got inf)"),
+    "budget nan": (_set("budget", wall_hours=float("nan")), "`budget.wall_hours`: Input should be a finite number"),
+    "seed negative": (_set("", seed=-1), "`seed`: Input should be greater than or equal to 0 (got -1)"),
+    "seed above 2^32-1": (_set("", seed=2**32), "`seed`: Input should be less than or equal to 4294967295 (got 4294967296)"),
+    "reduction_factor near 1": (_set("scheduler", reduction_factor=1.0000001), "scheduler.reduction_factor 1.0000001 with grace_period 3 and max_steps 6 makes 6,931,473 ASHA rungs, but at most 100"),
+    "name with a slash": (_set("", name="a/b"), "`name`: String should match pattern"),
+    "name '..'": (_set("", name=".."), "`name`: String should match pattern"),
+    "name empty": (_set("", name=""), "`name`: String should match pattern"),
+    "name of 201 characters": (_set("", name="a" * 201), "`name`: String should have at most 200 characters"),
+    "storage with user info": (_set("", storage="s3://AKIAXXXX:s3cr3t@bucket/prefix"), "`storage`: must not carry credentials (user info before '@')"),
+    "storage with a secret in the query": (_set("", storage="s3://bucket/p?region=x&secret_key=s3cr3t"), "`storage`: must not carry credentials (secret_key)"),
+    "storage with a presigned signature": (_set("", storage="s3://bucket/p?X-Amz-Signature=s3cr3t"), "must not carry credentials (X-Amz-Signature)"),
+    "storage of an unknown scheme": (_set("", storage="mock://bucket/prefix"), "`storage`: must be a URI of one of the schemes s3, gs"),
+    "storage a plain path": (_set("", storage="/tmp/x"), "`storage`: must be a URI"),
+    "ray.address without a port": (_set("ray", address="nohost"), "`ray.address`: must be `auto`, HOST:PORT"),
+    "ray.address port 0": (_set("ray", address="127.0.0.1:0"), "`ray.address`: must be `auto`, HOST:PORT"),
+    "ray.address port too big": (_set("ray", address="127.0.0.1:99999"), "`ray.address`: must be `auto`, HOST:PORT"),
+    "ray.address with a path": (_set("ray", address="127.0.0.1:6379/x"), "`ray.address`: must be `auto`, HOST:PORT"),
+    "ray.address nothing answers": (lambda raw, tmp: raw["ray"].update(address=f"127.0.0.1:{_free_port()}"), "`ray.address`: nothing answers at 127.0.0.1:"),
+    "search.metric unknown": (_set("search", metric="accuracy"), "`search.metric`: must be one the trainable reports"),
+    "a long bad value is cut short": (_set("training", batch_size="x" * 5000), "... (5,002 characters)"),
+}
+
+
+@pytest.mark.parametrize("command", ["run", "plan"])
+@pytest.mark.parametrize("case", list(CASES))
+def test_bad_config_is_refused_cleanly_and_nothing_is_written(case, command, raw_config, write_config, tmp_path):
+    change, expected = CASES[case]
+    change(raw_config, tmp_path)
+    config_path = write_config(raw_config)
+    before = listing(tmp_path)
+    result = CliRunner().invoke(app, [command, str(config_path)])
+    assert_refused(result, expected, before, tmp_path)
+    assert "s3cr3t" not in result.output  # a credential is never printed, even by the error that refuses it
+
+
+# Whole files and overrides: (config text or bytes, overrides, expected)
+FILES = {
+    "a key given twice": ("name: a\nseed: 1\nseed: 2\n", [], "key 'seed' appears twice in one mapping (lines 2 and 3)"),
+    "a nested key given twice": ("training:\n  max_steps: 6\n  max_steps: 7\n", [], "key 'max_steps' appears twice"),
+    "an alias bomb": ("a: &a [x,x,x,x,x,x,x,x,x,x]\nb: &b [*a,*a,*a,*a,*a,*a,*a,*a,*a,*a]\nc: &c [*b,*b,*b,*b,*b,*b,*b,*b,*b,*b]\n"
+                      "d: &d [*c,*c,*c,*c,*c,*c,*c,*c,*c,*c]\ne: &e [*d,*d,*d,*d,*d,*d,*d,*d,*d,*d]\n", [],
+                      "expands to more than 100,000 values"),
+    "a recursive alias": ("a: &a [*a]\n", [], "YAML"),
+    "a Python tag": ("name: !!python/object/apply:os.system ['echo hacked']\n", [], "could not determine a constructor"),
+    "latin-1 bytes": (b"name: caf\xe9\n", [], "not UTF-8 text (byte 0xe9 at offset 9); save it as UTF-8"),
+    "UTF-16 without a BOM": ("name: x\n".encode("utf-16-le"), [], "holds NUL characters: UTF-16 without a byte-order mark?"),
+    "a list at the top": ("- a\n- b\n", [], "the top level must be a mapping of keys, but got list"),
+    "an override of broken YAML": (None, ["seed=[1"], "override 'seed=[1': the value is not valid here: YAML syntax error"),
+    "an override with a Python tag": (None, ["seed=!!python/object/apply:os.system ['echo hacked']"], "could not determine a constructor"),
+    "an override with an empty key part": (None, ["training..max_steps=3"], "the key before '=' must be dotted names"),
+    "an override without '='": (None, ["seed"], "must look like dotted.key=value"),
+    "an override of 'yes' for a bool": (None, ["model.trust_remote_code=yes"], "`model.trust_remote_code`: Input should be a valid boolean (got 'yes')"),
+    "an override of .inf": (None, ["resources.gpu=.inf"], "`resources.gpu`: Input should be a finite number (got inf)"),
+}
+
+
+@pytest.mark.parametrize("case", list(FILES))
+def test_bad_config_file_or_override_is_refused_cleanly(case, raw_config, write_config, tmp_path):
+    content, overrides, expected = FILES[case]
+    config_path = write_config(raw_config)
+    if isinstance(content, bytes):
+        config_path.write_bytes(content)
+    elif content is not None:
+        config_path.write_text(content)
+    before = listing(tmp_path)
+    result = CliRunner().invoke(app, ["run", str(config_path), *overrides])
+    assert_refused(result, expected, before, tmp_path)
+    assert "hacked" not in result.output.replace("echo hacked", "")  # the tag was never run
+
+
+def test_a_config_in_utf16_or_utf8_with_a_bom_is_read(raw_config, write_config, tmp_path):
+    text = yaml.safe_dump(raw_config)
+    for codec in ("utf-16", "utf-8-sig", "utf-32"):
+        path = write_config(raw_config)
+        path.write_bytes(text.encode(codec))
+        result = CliRunner().invoke(app, ["plan", str(path), "--json"])
+        assert result.exit_code == 0, (codec, result.output)
+
+
+def test_yaml_1_1_words_are_text_and_1e_4_is_a_number(raw_config, write_config):
+    from sweep.config import load_config
+
+    raw_config["training"]["learning_rate"] = "1e-4"
+    path = write_config(raw_config)
+    path.write_text(path.read_text().replace("'1e-4'", "1e-4"))
+    assert load_config(path).training.learning_rate == pytest.approx(1e-4)
+    assert load_config(path, ["data.default_system=no"]).data.default_system == "no"  # YAML 1.1 made it False
+
+
+@pytest.mark.parametrize("variable, value, expected", [
+    ("LORA_SWEEP_STALL_AT", "nowhere", "`LORA_SWEEP_STALL_AT`: must be one of data_preparation, between_trials, export"),
+    ("LORA_SWEEP_INJECT_FAULT", "boom", "`LORA_SWEEP_INJECT_FAULT`: must look like KIND@STEP"),
+    ("LORA_SWEEP_TUNE_VERBOSE", "loud", "`LORA_SWEEP_TUNE_VERBOSE`: must be 0, 1, 2 or 3"),
+])
+def test_armed_test_hooks_with_malformed_values_are_refused(variable, value, expected, raw_config, write_config, tmp_path,
+                                                            monkeypatch):
+    monkeypatch.setenv("LORA_SWEEP_TEST_HOOKS", "armed")
+    monkeypatch.setenv(variable, value)
+    config_path = write_config(raw_config)
+    before = listing(tmp_path)
+    assert_refused(CliRunner().invoke(app, ["run", str(config_path)]), expected, before, tmp_path)
+
+
+def test_test_hooks_are_inert_unless_armed(raw_config, write_config, monkeypatch):
+    from sweep import faults
+
+    monkeypatch.setenv("LORA_SWEEP_STALL_AT", "export")
+    monkeypatch.setenv("LORA_SWEEP_INJECT_FAULT", "exception@1")
+    monkeypatch.delenv("LORA_SWEEP_TEST_HOOKS", raising=False)
+    assert faults.stall_point() is None and faults.planned_fault() is None
+    result = CliRunner().invoke(app, ["plan", str(write_config(raw_config))])
+    assert result.exit_code == 0
+    assert "warning: ignored: LORA_SWEEP_INJECT_FAULT, LORA_SWEEP_STALL_AT set" in result.output
+    monkeypatch.setenv("LORA_SWEEP_TEST_HOOKS", "yes")
+    assert_refused(CliRunner().invoke(app, ["plan", str(write_config(raw_config))]),
+                   "`LORA_SWEEP_TEST_HOOKS`: must be 'armed' (tests only) or unset, but got 'yes'")
+    monkeypatch.setenv("LORA_SWEEP_TEST_HOOKS", "armed")
+    assert faults.stall_point() == "export" and faults.planned_fault() == ("exception", 1)

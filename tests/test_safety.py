@@ -1,0 +1,144 @@
+"""The engine never endangers the user's files: --overwrite deletes only folders it made, one driver per sweep
+folder, Ray Tune's pickles are unpickled only when the user alone can write them."""
+
+from __future__ import annotations
+
+import json
+import os
+import socket
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+from typer.testing import CliRunner
+
+from conftest import assert_refused, listing
+from sweep.cli import app
+from sweep.config import ConfigError, load_config
+from sweep.pipeline import check_sweep_dir_free, prepare_sweep_dir
+from sweep.safety import (LOCK_FILE, MARKER_FILE, check_state_files_are_ours, driver_lock, is_sweep_folder,
+                          lock_holder)
+
+
+def _someone_elses_folder(root: Path) -> Path:
+    folder = root / "results" / "tiny"
+    (folder / "thesis").mkdir(parents=True)
+    (folder / "thesis" / "chapter1.tex").write_text("years of work")
+    (folder / "notes.txt").write_text("mine")
+    return folder
+
+
+@pytest.mark.parametrize("flags", [[], ["--overwrite"], ["--resume"]])
+def test_a_folder_lora_sweep_did_not_make_is_never_replaced(flags, raw_config, write_config, tmp_path):
+    folder = _someone_elses_folder(tmp_path)
+    before = listing(tmp_path / "results")
+    config_path = write_config(raw_config)
+    result = CliRunner().invoke(app, ["run", str(config_path), *flags])
+    if flags == ["--resume"]:  # a folder without config.yaml is no sweep to resume
+        assert_refused(result, "is not a sweep folder (no config.yaml)")
+    else:
+        assert_refused(result, f"`name`: {folder} exists and was not created by lora-sweep (no {MARKER_FILE} in it): "
+                               "it is never replaced or deleted")
+    assert listing(tmp_path / "results") == before
+    assert (folder / "thesis" / "chapter1.tex").read_text() == "years of work"
+
+
+def test_output_dir_root_and_name_etc_is_refused_and_plan_says_so(raw_config, write_config):
+    raw_config.update(output_dir="/", name="etc")
+    config = load_config(write_config(raw_config))
+    assert config.sweep_dir == Path("/etc")
+    for overwrite in (False, True):  # checked without deleting anything: prepare_sweep_dir is never reached
+        with pytest.raises(ConfigError, match="/etc exists and was not created by lora-sweep"):
+            check_sweep_dir_free(config, overwrite)
+    text = CliRunner().invoke(app, ["plan", str(write_config(raw_config))]).output
+    assert "/etc exists and was not made by lora-sweep: `sweep run` refuses to write there, --overwrite included" in text
+
+
+def test_overwrite_replaces_a_folder_the_engine_made_and_only_that(raw_config, write_config):
+    config = load_config(write_config(raw_config))
+    with driver_lock(config.sweep_dir):
+        folder = prepare_sweep_dir(config, overwrite=False)
+    assert is_sweep_folder(folder)
+    (folder / "leaderboard.csv").write_text("an earlier sweep")
+    with pytest.raises(ConfigError, match="already exists; continue it with `sweep resume"):
+        check_sweep_dir_free(config, overwrite=False)
+    with driver_lock(config.sweep_dir):
+        prepare_sweep_dir(config, overwrite=True)
+    assert sorted(p.name for p in folder.iterdir()) == sorted([MARKER_FILE, LOCK_FILE])
+    # A forged or damaged marker is not the engine's.
+    (folder / MARKER_FILE).write_text('{"created_by": "me"}')
+    (folder / "leaderboard.csv").write_text("x")
+    with pytest.raises(ConfigError, match="was not created by lora-sweep"):
+        check_sweep_dir_free(config, overwrite=True)
+
+
+def test_credentials_are_never_printed_or_saved(raw_config, write_config, tmp_path):
+    raw_config["storage"] = "s3://AKIAEXAMPLE:wJalrXUtnFEMI@bucket/prefix?region=us-east-1"
+    for command in ("plan", "run"):
+        result = CliRunner().invoke(app, [command, str(write_config(raw_config))])
+        assert result.exit_code == 2 and "wJalrXUtnFEMI" not in result.output and "AKIAEXAMPLE" not in result.output
+    assert not (tmp_path / "results").exists()
+
+
+HOLD_LOCK = """
+import sys, time
+from sweep.safety import driver_lock
+with driver_lock(sys.argv[1], "a test driver"):
+    print("locked", flush=True)
+    time.sleep(120)
+"""
+
+
+def test_a_second_driver_on_a_live_sweep_is_refused_and_a_dead_ones_lock_is_taken_over(raw_config, write_config,
+                                                                                          tmp_path):
+    config = load_config(write_config(raw_config))
+    with driver_lock(config.sweep_dir):
+        prepare_sweep_dir(config, overwrite=False)
+    (config.sweep_dir / "config.yaml").write_text(write_config(raw_config).read_text())
+    holder = subprocess.Popen([sys.executable, "-c", HOLD_LOCK, str(config.sweep_dir)], stdout=subprocess.PIPE, text=True,
+                              cwd=Path(__file__).parent.parent)
+    try:
+        assert holder.stdout.readline().strip() == "locked"
+        assert lock_holder(config.sweep_dir)["pid"] == holder.pid
+        refusal = f"another driver is running this sweep (pid {holder.pid} on host {socket.gethostname()}"
+        for command in (["resume", str(config.sweep_dir)], ["run", str(write_config(raw_config)), "--resume"],
+                        ["run", str(write_config(raw_config)), "--overwrite"]):
+            before = listing(config.sweep_dir)
+            assert_refused(CliRunner().invoke(app, command), refusal, before, config.sweep_dir)
+        with pytest.raises(ConfigError, match="another driver is running this sweep"):
+            with driver_lock(config.sweep_dir):
+                pass
+    finally:
+        holder.kill()
+        holder.wait()
+    # The kernel released the dead driver's lock: the next driver takes it over.
+    assert lock_holder(config.sweep_dir) is None
+    with driver_lock(config.sweep_dir, "sweep resume"):
+        assert lock_holder(config.sweep_dir)["pid"] == os.getpid()
+    assert (config.sweep_dir / LOCK_FILE).read_text() == ""  # released: free for a driver on any host
+
+
+def test_a_lock_left_by_another_host_is_refused_with_how_to_clear_it(tmp_path):
+    (tmp_path / LOCK_FILE).write_text(json.dumps({"host": "node-7", "pid": 4242, "started_at": time.time()}))
+    with pytest.raises(ConfigError, match=r"locked by a driver on another host \(pid 4242 on host node-7.*delete "):
+        with driver_lock(tmp_path):
+            pass
+
+
+@pytest.mark.skipif(os.geteuid() != 0, reason="giving a file to another user needs root")
+def test_resume_refuses_ray_state_files_another_user_owns(tmp_path, raw_config, write_config):
+    state = tmp_path / "tune" / "searcher-state-2026.pkl"
+    state.parent.mkdir()
+    state.write_bytes(b"not really a pickle")
+    check_state_files_are_ours(tmp_path)  # ours: fine
+    os.chown(state, 12345, 12345)
+    with pytest.raises(ConfigError, match=r"searcher-state-2026.pkl is owned by uid 12345, not by you .*unpickles"):
+        check_state_files_are_ours(tmp_path)
+    os.chown(state, 0, 0)
+    state.chmod(0o666)
+    with pytest.raises(ConfigError, match="can be written by any user"):
+        check_state_files_are_ours(tmp_path)
+    (tmp_path / "config.yaml").write_text(write_config(raw_config).read_text())
+    assert_refused(CliRunner().invoke(app, ["resume", str(tmp_path)]), "can be written by any user")

@@ -54,3 +54,43 @@ def test_export_on_a_machine_with_two_gpus_merges_a_fresh_cpu_copy(trained, monk
     assert final.max_logit_difference <= 1e-4
     assert torch.allclose(exported_logits(config), plain, atol=1e-5)
     assert json.loads((config.sweep_dir / "final_metrics.json").read_text())["trial_id"] == "t0"
+
+
+def test_a_full_disk_during_export_leaves_the_previous_export_and_no_partial_one(trained, monkeypatch):
+    import errno
+
+    config, best, data_path = trained
+    export.finalize(config.sweep_dir, config, best, data_path, {})
+    before = {p.relative_to(config.sweep_dir): p.read_bytes() for p in (config.sweep_dir / "export").rglob("*")
+              if p.is_file()}
+
+    def disk_full(*args, **kwargs):
+        raise OSError(errno.ENOSPC, "No space left on device", str(config.sweep_dir / ".export.tmp" / "merged"))
+
+    monkeypatch.setattr(export, "config_to_yaml", disk_full)  # the last file the export writes
+    with pytest.raises(OSError) as caught:
+        export.finalize(config.sweep_dir, config, best, data_path, {})
+    assert caught.value.errno == errno.ENOSPC
+    after = {p.relative_to(config.sweep_dir): p.read_bytes() for p in (config.sweep_dir / "export").rglob("*")
+             if p.is_file()}
+    assert after == before  # the previous export, byte for byte
+    assert not [p for p in config.sweep_dir.iterdir() if p.name.endswith((".tmp", ".old"))]
+
+
+def test_a_full_disk_ends_in_one_line_and_exit_1(monkeypatch, raw_config, write_config):
+    import errno
+
+    from typer.testing import CliRunner
+
+    from sweep import pipeline
+    from sweep.cli import app
+
+    def disk_full(*args, **kwargs):
+        raise OSError(errno.ENOSPC, "No space left on device", "/results/tiny/export")
+
+    monkeypatch.setattr(pipeline, "run", disk_full)
+    result = CliRunner().invoke(app, ["run", str(write_config(raw_config))])
+    assert result.exit_code == 1
+    assert result.output.strip().splitlines() == [
+        "error: the disk is full (No space left on device: /results/tiny/export); what was finished is kept: free "
+        "some space, then `sweep resume` (or `sweep export`) the sweep folder"]

@@ -142,3 +142,29 @@ def test_resume_refuses_ray_state_files_another_user_owns(tmp_path, raw_config, 
         check_state_files_are_ours(tmp_path)
     (tmp_path / "config.yaml").write_text(write_config(raw_config).read_text())
     assert_refused(CliRunner().invoke(app, ["resume", str(tmp_path)]), "can be written by any user")
+
+
+def test_free_disk_is_compared_with_the_plan_before_anything_is_written(raw_config, write_config, tmp_path,
+                                                                        monkeypatch):
+    import shutil as real_shutil
+
+    from sweep import disk
+
+    config_path = write_config(raw_config)
+    plan = json.loads(CliRunner().invoke(app, ["plan", str(config_path), "--json"]).output)
+    needs = plan["disk_bytes"]
+    least = needs["export"] + plan["max_concurrent_trials"] * needs["checkpoint"]
+    most = needs["export"] + needs["during_sweep_at_most"]
+
+    def free(amount):
+        usage = real_shutil.disk_usage(tmp_path)
+        return lambda path: usage._replace(free=amount)
+
+    monkeypatch.setattr(disk.shutil, "disk_usage", free(least - 1))
+    before = listing(tmp_path)
+    assert_refused(CliRunner().invoke(app, ["run", str(config_path)]), "free, but the sweep needs at least", before,
+                   tmp_path)
+    monkeypatch.setattr(disk.shutil, "disk_usage", free(most - 1))
+    result = CliRunner().invoke(app, ["plan", str(config_path)])
+    assert result.exit_code == 0
+    assert "warning: " in result.output and "the sweep may write up to" in result.output

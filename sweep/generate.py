@@ -35,8 +35,9 @@ def load_exported(sweep_dir: Path) -> tuple[SweepConfig, Any, Any]:
     from sweep.results import cut
 
     try:  # a damaged export (a cut-off weights file, a broken config.json) is bad input, not a crash
-        tokenizer = AutoTokenizer.from_pretrained(model_dir)
-        model = AutoModelForCausalLM.from_pretrained(model_dir)
+        # The flag as the sweep's config gives it, as everywhere else a model or tokenizer is loaded.
+        tokenizer = AutoTokenizer.from_pretrained(model_dir, trust_remote_code=config.model.trust_remote_code)
+        model = AutoModelForCausalLM.from_pretrained(model_dir, trust_remote_code=config.model.trust_remote_code)
     except (OSError, ValueError, KeyError, RuntimeError, SafetensorError) as error:
         reason = (str(error).strip().splitlines() or [type(error).__name__])[0]
         reason = cut(reason.replace(f"{model_dir.resolve()}/", "").replace(f"{model_dir}/", ""), 120)

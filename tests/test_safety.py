@@ -168,3 +168,35 @@ def test_free_disk_is_compared_with_the_plan_before_anything_is_written(raw_conf
     result = CliRunner().invoke(app, ["plan", str(config_path)])
     assert result.exit_code == 0
     assert "warning: " in result.output and "the sweep may write up to" in result.output
+
+
+def _model_with_its_own_code(folder: Path, proof: Path) -> Path:
+    """A model folder whose config names its own Python code (`auto_map`): importing it writes `proof`."""
+    folder.mkdir()
+    (folder / "configuration_custom.py").write_text(
+        "from pathlib import Path\n"
+        f"Path({str(proof)!r}).write_text('the model folder code ran')\n"
+        "from transformers import LlamaConfig\n"
+        "class CustomConfig(LlamaConfig):\n    model_type = 'custom-llama'\n")
+    (folder / "config.json").write_text(json.dumps({
+        "model_type": "custom-llama", "auto_map": {"AutoConfig": "configuration_custom.CustomConfig"},
+        "hidden_size": 16, "num_hidden_layers": 1, "num_attention_heads": 2, "intermediate_size": 32,
+        "vocab_size": 300}))
+    return folder
+
+
+def test_model_code_runs_only_after_every_other_check_and_after_a_warning(raw_config, write_config, tmp_path):
+    proof = tmp_path / "code-ran.txt"
+    raw_config["model"].update(path=str(_model_with_its_own_code(tmp_path / "custom", proof)), trust_remote_code=True)
+    bad_data = tmp_path / "bad.jsonl"
+    bad_data.write_text('{"instruction": "a", "response": }\n')
+    raw_config["data"]["files"] = [str(bad_data)]
+    for command in ("plan", "run"):
+        result = CliRunner().invoke(app, [command, str(write_config(raw_config))])
+        assert_refused(result, "bad.jsonl: line 1: not valid JSON")
+        assert result.output.startswith("warning: model.trust_remote_code is on: the Python code in")
+        assert not proof.exists()  # the data check came first: the model's code never ran
+    raw_config["data"]["files"] = [str(Path(__file__).parent / "assets" / "instructions.jsonl")]
+    result = CliRunner().invoke(app, ["plan", str(write_config(raw_config))])
+    assert result.output.startswith("warning: model.trust_remote_code is on"), result.output
+    assert proof.exists()  # with every other check passed, the code the user allowed does run

@@ -27,9 +27,8 @@ from ray.tune.search.optuna import OptunaSearch
 
 from sweep import faults
 from sweep.signals import stop_on_sigterm_like_ctrl_c
-from sweep.config import CONFIG_FILE, ConfigError, SweepConfig
+from sweep.config import CONFIG_FILE, ConfigError, SweepConfig, cut, shown
 from sweep.progress import ProgressCallback
-from sweep.results import cut, shown
 from sweep.storage import TUNE_DIR_NAME, open_storage
 from sweep.tensorboard_logs import TensorBoardCallback
 from trainables.lora_causal_lm import tune_trainable
@@ -153,7 +152,7 @@ def check_study(sweep_dir: Path, study_name: str | None = None) -> None:
     try:  # Optuna's own check that its version can use this schema; writes nothing to a database that has one
         storage = study_storage(Path(sweep_dir), create_tables=False)
     except (RuntimeError, SQLAlchemyError) as error:
-        refuse(f"Optuna {optuna.__version__} cannot use it ({cut(str(error), 160)})")
+        refuse(f"Optuna {optuna.__version__} cannot use it ({cut(' '.join(str(error).split()), 160)})")
     storage.engine.dispose()
 
 

@@ -32,7 +32,7 @@ def load_exported(sweep_dir: Path) -> tuple[SweepConfig, Any, Any]:
     transformers_logging.disable_progress_bar()  # the answer is the output; no loading bars around it
     from safetensors import SafetensorError
 
-    from sweep.results import cut
+    from sweep.config import cut
 
     try:  # a damaged export (a cut-off weights file, a broken config.json) is bad input, not a crash
         # The flag as the sweep's config gives it, as everywhere else a model or tokenizer is loaded.

@@ -402,7 +402,8 @@ def _tune_and_export(config: SweepConfig, space: dict[str, od.BaseDistribution],
 def load_sweep(sweep_dir: Path, data: bool = False) -> tuple[SweepConfig, dict[str, Any]]:
     """A sweep folder's config and provenance record, for the commands that read one; a damaged file is a
     ConfigError naming it. `data`: the prepared data the record points at must be there too (export's test split)."""
-    from sweep.results import cut, read_json, require_sweep_folder, shown, sweep_folder
+    from sweep.config import cut, shown
+    from sweep.results import read_json, require_sweep_folder, sweep_folder
 
     sweep_dir = sweep_folder(sweep_dir)
     require_sweep_folder(sweep_dir)

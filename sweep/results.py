@@ -18,7 +18,7 @@ from typing import Any, Literal, NoReturn, Optional, TypeVar
 import pandas as pd
 from pydantic import TypeAdapter, ValidationError
 
-from sweep.config import COST_METRICS, ConfigError, SweepConfig
+from sweep.config import COST_METRICS, ConfigError, SweepConfig, cut, shown
 from sweep.storage import is_directory, tree_bytes
 
 TrialStatus = Literal["completed", "stopped early", "errored"]
@@ -256,19 +256,7 @@ def sweep_totals(sweep_dir: Path) -> dict[str, Any]:
 # folder through these, so that a damaged file is refused in one form: `FILE: what is wrong; what to do`
 # (a ConfigError, exit 2), never a traceback.
 
-SHOWN_CHARS = 80
 T = TypeVar("T")
-
-
-def cut(text: str, limit: int = SHOWN_CHARS) -> str:
-    """Text for a message, on one line and cut to `limit` characters."""
-    text = " ".join(str(text).split())
-    return text if len(text) <= limit else f"{text[:limit]}... ({len(text):,} characters)"
-
-
-def shown(value: Any, limit: int = SHOWN_CHARS) -> str:
-    """A value from a file, for a message: its repr, cut to `limit` characters."""
-    return cut(repr(value), limit)
 
 
 def rewritten_by_resume(sweep_dir: Path) -> str:
@@ -390,7 +378,7 @@ def read_leaderboard(sweep_dir: Path, required: tuple[str, ...] = ("trial_id", "
     except pd.errors.EmptyDataError:  # a sweep whose trials all vanished writes a header-less empty table
         return pd.DataFrame()
     except (pd.errors.ParserError, ValueError) as error:
-        refuse(f"not a CSV table ({cut(str(error), 120)})")
+        refuse(f"not a CSV table ({cut(' '.join(str(error).split()), 120)})")
     missing = [column for column in required if column not in board.columns]
     if missing:
         refuse(f"no column(s) {missing}; it has {shown(list(board.columns))}")

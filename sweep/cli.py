@@ -318,6 +318,7 @@ def export(sweep_dir: Path = typer.Argument(..., help="A finished sweep folder, 
 
     Example: sweep export results/demo
     """
+    from sweep.driver import budget_spent
     from sweep.export import ExportVerificationError
     from sweep.pipeline import export as export_sweep
     from sweep.pipeline import load_sweep
@@ -328,11 +329,14 @@ def export(sweep_dir: Path = typer.Argument(..., help="A finished sweep folder, 
         load_sweep(sweep_dir, data=True)
         read_best(sweep_dir)
         read_leaderboard(sweep_dir)
+        budget_spent(sweep_dir)
         report = export_sweep(sweep_dir)
     except (FileNotFoundError, ConfigError) as error:
         _fail(_error_lines(error), 2)
     except ExportVerificationError as error:
         _fail(_error_lines(error), 1)
+    except OSError as error:  # a full disk: the previous export stays as it was
+        _fail(_os_error_line(error), 1)
     typer.echo(f"exported to {report.export_dir} (max logit difference {report.max_logit_difference:.2e})")
     typer.echo(f"test loss base {report.base.loss:.4f} -> tuned {report.tuned.loss:.4f}")
 

@@ -282,8 +282,16 @@ class BudgetStopper(tune.Stopper):
 
 def budget_spent(sweep_dir: Path) -> str | None:
     """Why a budget ended the tuning, if one did."""
+    from sweep.results import read_json
+
     path = Path(sweep_dir) / BUDGET_FILE
-    return json.loads(path.read_text(encoding="utf-8"))["reason"] if path.is_file() else None
+    if not path.exists():
+        return None
+    reason = read_json(path, "delete it if no budget ended this sweep").get("reason")
+    if not isinstance(reason, str):
+        raise ConfigError([f"`reason`: must be text, but got {reason!r}; delete it if no budget ended this sweep"],
+                          str(path))
+    return reason
 
 
 class _StallBetweenTrials(Callback):

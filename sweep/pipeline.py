@@ -27,7 +27,7 @@ from sweep import faults
 from sweep.config import CONFIG_FILE, ConfigError, SweepConfig, config_to_yaml, load_config
 from sweep.data import TokenizedData, load_examples, save_prepared, tokenize_splits
 from sweep.disk import check_free_space, disk_needs, prune_checkpoints
-from sweep.driver import STUDY_FILE, budget_spent, check_cluster_address, concurrent_trials, local_ray_resources, run_sweep
+from sweep.driver import STUDY_FILE, budget_spent, check_cluster_address, check_study, concurrent_trials, local_ray_resources, run_sweep
 from sweep.export import FinalReport, finalize
 from sweep.faults import check_test_hooks
 from sweep.lora import largest_adapter, resolve_target_modules
@@ -315,6 +315,7 @@ def resume(sweep_dir: Path, live: bool = False) -> SweepOutcome:
         raise ConfigError([f"{sweep_dir} is not a sweep folder (no {CONFIG_FILE}); start one with `sweep run`"], "resume")
     check_state_files_are_ours(sweep_dir)
     config = load_config(sweep_dir / CONFIG_FILE)
+    check_study(sweep_dir, config.name)  # before Optuna opens it for writing (it adds its tables to any SQLite file)
     checked = preflight(config)
     with driver_lock(sweep_dir, "sweep resume"), stopped_as(sweep_dir):
         return _resume_locked(config, checked.space, checked.tokenized, sweep_dir, live)
@@ -354,7 +355,7 @@ def _tune_and_finish(config: SweepConfig, space: dict[str, od.BaseDistribution],
         finally:
             try:  # inside the live view, so that its last table says how the sweep ended
                 mark_state(sweep_dir, state)
-            except OSError as error:  # never hide the sweep's own error behind this one
+            except (OSError, ValueError) as error:  # never hide the sweep's own error behind this one (a damaged file)
                 log.warning("could not record the sweep's state in status.json: %s", error)
             if storage is not None:  # however the sweep ended, storage gets what the driver has
                 try:

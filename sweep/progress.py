@@ -10,6 +10,7 @@ from __future__ import annotations
 import contextlib
 import io
 import json
+import logging
 import math
 import os
 import socket
@@ -29,6 +30,7 @@ from sweep.results import (ended_status, parse_shape, read_json, require_sweep_f
                            write_atomically)
 
 STATUS_FILE = "status.json"
+log = logging.getLogger(__name__)
 # "exporting": every trial has ended; the best checkpoint is being evaluated on the test split and exported.
 SweepState = Literal["running", "exporting", "finished", "stopped", "failed"]
 ACTIVE_STATES = ("running", "exporting")
@@ -243,11 +245,24 @@ class ProgressCallback(Callback):
         self._dirty = True
         self._diverged: set[str] = set()
 
+    @staticmethod
+    def _previous_status(path: Path) -> Optional[SweepStatus]:
+        """The status a stopped sweep left, or None: none yet, or damaged (it is rebuilt from Tune's events,
+        which the view only needs; the trials themselves are in Tune's state)."""
+        if not path.is_file():
+            return None
+        try:
+            return SweepStatus.from_json(json.loads(path.read_text(encoding="utf-8")))
+        except (OSError, ValueError) as error:
+            log.warning("status.json was damaged (%s): it starts again from this run's events", str(error)[:200])
+            return None
+
     def setup(self, **info: Any) -> None:
         now = time.time()
         path = self.sweep_dir / STATUS_FILE
-        if path.is_file():  # a resumed sweep: ended trials keep their rows, elapsed time counts on
-            self.status = SweepStatus.from_json(json.loads(path.read_text(encoding="utf-8")))
+        previous = self._previous_status(path)
+        if previous is not None:  # a resumed sweep: ended trials keep their rows, elapsed time counts on
+            self.status = previous
             for trial in self.status.trials:
                 if trial.status == "running":
                     # Until Tune restarts it; its clock restarts too, so the time the driver was

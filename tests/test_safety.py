@@ -200,3 +200,16 @@ def test_model_code_runs_only_after_every_other_check_and_after_a_warning(raw_co
     result = CliRunner().invoke(app, ["plan", str(write_config(raw_config))])
     assert result.output.startswith("warning: model.trust_remote_code is on"), result.output
     assert proof.exists()  # with every other check passed, the code the user allowed does run
+
+
+def test_resume_refuses_a_corrupt_study_before_ray_starts(raw_config, write_config, tmp_path):
+    import ray
+
+    folder = tmp_path / "stopped"
+    folder.mkdir()
+    (folder / "config.yaml").write_text(write_config(raw_config).read_text())
+    (folder / "optuna_study.db").write_bytes(b"\x00garbage" * 64)
+    before = listing(folder)
+    assert_refused(CliRunner().invoke(app, ["resume", str(folder)]), "optuna_study.db: not a SQLite database", before,
+                   folder)
+    assert not ray.is_initialized()

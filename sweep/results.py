@@ -13,7 +13,7 @@ import os
 from dataclasses import asdict, dataclass, field
 from functools import lru_cache
 from pathlib import Path
-from typing import Any, Literal, NoReturn, Optional, TypeVar
+from typing import Any, Callable, Literal, NoReturn, Optional, TypeVar
 
 import pandas as pd
 from pydantic import TypeAdapter, ValidationError
@@ -286,6 +286,20 @@ def _json_kind(value: Any) -> str:
     return "null" if value is None else kinds.get(type(value), type(value).__name__)
 
 
+def _read_text(path: Path, refuse: Callable[[str], NoReturn], kind: str) -> str:
+    """A sweep folder's file as UTF-8 text; anything else goes to `refuse` with what it is."""
+    if path.is_dir():
+        refuse("a folder, not a file")
+    try:
+        raw = path.read_bytes()
+    except OSError as error:
+        refuse(f"cannot read it ({error.strerror or error})")
+    try:
+        return raw.decode("utf-8")
+    except UnicodeDecodeError as error:
+        refuse(f"not a {kind} (byte 0x{raw[error.start]:02x} at offset {error.start} is not UTF-8)")
+
+
 def read_json(path: Path, remedy: str) -> dict[str, Any]:
     """The JSON object in a file of a sweep folder; a file that is unreadable, not JSON or not an object is a
     ConfigError naming it and ending with `remedy` (what to do about it)."""
@@ -294,18 +308,9 @@ def read_json(path: Path, remedy: str) -> dict[str, Any]:
     def refuse(what: str) -> NoReturn:
         raise ConfigError([f"{what}; {remedy}"], str(path))
 
-    if path.is_dir():
-        refuse("a folder, not a file")
-    try:
-        raw = path.read_bytes()
-    except OSError as error:
-        refuse(f"cannot read it ({error.strerror or error})")
-    if not raw.strip():
+    text = _read_text(path, refuse, "text file")
+    if not text.strip():
         refuse("empty file")
-    try:
-        text = raw.decode("utf-8")
-    except UnicodeDecodeError as error:
-        refuse(f"not a text file (byte 0x{raw[error.start]:02x} at offset {error.start} is not UTF-8)")
     try:
         data = json.loads(text)
     except json.JSONDecodeError as error:
@@ -361,16 +366,7 @@ def read_leaderboard(sweep_dir: Path, required: tuple[str, ...] = ("trial_id", "
     def refuse(what: str) -> NoReturn:
         raise ConfigError([f"{what}; {remedy}"], str(path))
 
-    if path.is_dir():
-        refuse("a folder, not a file")
-    try:
-        raw = path.read_bytes()
-    except OSError as error:
-        refuse(f"cannot read it ({error.strerror or error})")
-    try:
-        text = raw.decode("utf-8")
-    except UnicodeDecodeError as error:
-        refuse(f"not a CSV text file (byte 0x{raw[error.start]:02x} at offset {error.start} is not UTF-8)")
+    text = _read_text(path, refuse, "CSV text file")
     if "\x00" in text:
         refuse("not a CSV text file (it holds NUL bytes)")
     try:

@@ -14,7 +14,7 @@ from typing import Any
 import optuna.distributions as od
 from pydantic import ValidationError
 
-from sweep.config import ConfigError, SweepConfig, format_errors, read_yaml
+from sweep.config import ConfigError, SweepConfig, format_errors, read_yaml, shown
 
 SHIPPED_SPACES_DIR = Path(__file__).resolve().parent.parent / "search_spaces"
 
@@ -72,22 +72,22 @@ def _distribution(name: str, spec: Any) -> tuple[od.BaseDistribution | None, lis
     if name not in TUNABLE_FIELDS:
         return None, [f"{where}: not a tunable field; tunable: {', '.join(TUNABLE_FIELDS)}"]
     if not isinstance(spec, dict):
-        return None, [f"{where}: must be a mapping like {{type: uniform, low: 0, high: 1}}, but got {_shown(spec)}"]
+        return None, [f"{where}: must be a mapping like {{type: uniform, low: 0, high: 1}}, but got {shown(spec)}"]
     kind = spec.get("type")
     if kind not in DISTRIBUTION_TYPES:
-        return None, [f"{where}.type: must be one of {', '.join(DISTRIBUTION_TYPES)}, but got {_shown(kind)}"]
+        return None, [f"{where}.type: must be one of {', '.join(DISTRIBUTION_TYPES)}, but got {shown(kind)}"]
     allowed = {"type", "values"} if kind == "choice" else {"type", "low", "high", "step"}
     extra = set(spec) - allowed
     if extra:
-        return None, [f"{where}: unknown key(s) {_shown(sorted(map(str, extra)))} for type {kind}; allowed: {sorted(allowed)}"]
+        return None, [f"{where}: unknown key(s) {shown(sorted(map(str, extra)))} for type {kind}; allowed: {sorted(allowed)}"]
     wanted = TUNABLE_FIELDS[name]
     if kind == "choice":
         values = spec.get("values")
         if not isinstance(values, list) or not values:
-            return None, [f"{where}.values: must be a non-empty list, but got {_shown(values)}"]
+            return None, [f"{where}.values: must be a non-empty list, but got {shown(values)}"]
         wrong = [v for v in values if not _fits(v, wanted)]
         if wrong:
-            return None, [f"{where}.values: every value must be {wanted.__name__}, but got {_shown(wrong)}"]
+            return None, [f"{where}.values: every value must be {wanted.__name__}, but got {shown(wrong)}"]
         return od.CategoricalDistribution(values), []
     if kind == "int" and wanted is not int:
         return None, [f"{where}.type: int is only for integer fields, but {name} is {wanted.__name__}"]
@@ -97,7 +97,7 @@ def _distribution(name: str, spec: Any) -> tuple[od.BaseDistribution | None, lis
     problems = []
     for key, value in (("low", low), ("high", high)):
         if not _fits(value, float):
-            problems.append(f"{where}.{key}: must be a number, but got {_shown(value)}")
+            problems.append(f"{where}.{key}: must be a number, but got {shown(value)}")
         elif isinstance(value, float) and not math.isfinite(value):
             problems.append(f"{where}.{key}: must be a finite number, but got {value}")
         elif kind == "int" and isinstance(value, float) and not value.is_integer():
@@ -107,9 +107,9 @@ def _distribution(name: str, spec: Any) -> tuple[od.BaseDistribution | None, lis
         if kind == "loguniform":
             # Optuna forbids log=True with a step: a log scale has no evenly spaced grid.
             problems.append(f"{where}.step: a loguniform distribution takes no step (Optuna forbids log with step), "
-                            f"but got {_shown(step)}; drop it, or use uniform with a step")
+                            f"but got {shown(step)}; drop it, or use uniform with a step")
         elif not _fits(step, float) or (isinstance(step, float) and not math.isfinite(step)) or step <= 0:
-            problems.append(f"{where}.step: must be a finite number > 0, but got {_shown(step)}")
+            problems.append(f"{where}.step: must be a finite number > 0, but got {shown(step)}")
         elif kind == "int" and isinstance(step, float) and not step.is_integer():
             problems.append(f"{where}.step: an int distribution needs a whole-number step, but got {step}")
     if problems:
@@ -133,12 +133,6 @@ def _distribution(name: str, spec: Any) -> tuple[od.BaseDistribution | None, lis
     if kind == "loguniform":
         return od.FloatDistribution(float(low), float(high), log=True), []
     return od.FloatDistribution(float(low), float(high), step=None if step is None else float(step)), []
-
-
-def _shown(value: Any, limit: int = 80) -> str:
-    """A value as it appears in a message: its repr, cut to `limit` characters so one problem stays one line."""
-    text = repr(value)
-    return text if len(text) <= limit else f"{text[:limit - 3]}..."
 
 
 def describe(distribution: od.BaseDistribution) -> str:

@@ -78,6 +78,21 @@ def assert_refused(result, expected: str, before: set[str] | None = None, root: 
         assert listing(root) == before, "something was written"
 
 
+def refused_case(command: str, change, expected: str, raw_config: dict, write_config, tmp_path: Path):
+    """One row of a bad-input table: `change` the valid config, run `sweep COMMAND` on it, and check a clean
+    refusal that wrote nothing and names the config file. Returns the CLI result for further checks."""
+    from typer.testing import CliRunner
+
+    from sweep.cli import app
+
+    change(raw_config, tmp_path)
+    config_path = write_config(raw_config)
+    before = listing(tmp_path)
+    result = CliRunner().invoke(app, [command, str(config_path)])
+    assert_refused(result, expected, before, tmp_path)
+    return result
+
+
 def listing(root: Path) -> set[str]:
     """Every path under `root`, relative to it (to check that a refused command wrote nothing)."""
     return {str(p.relative_to(root)) for p in Path(root).rglob("*")}

@@ -5,6 +5,7 @@ import json
 import pytest
 from typer.testing import CliRunner
 
+from conftest import refused_case
 from sweep.cli import app
 
 
@@ -56,17 +57,9 @@ CASES = {
 
 @pytest.mark.parametrize("case", list(CASES))
 def test_bad_input_exits_2_with_one_line_naming_it_and_writes_nothing(case, raw_config, write_config, tmp_path):
-    change, expected = CASES[case]
-    change(raw_config, tmp_path)
-    config_path = write_config(raw_config)
-    before = sorted(p.name for p in tmp_path.iterdir())
-    result = CliRunner().invoke(app, ["run", str(config_path)])
-    assert result.exit_code == 2, result.output
-    lines = result.output.strip().splitlines()
-    assert len(lines) == 1, lines
-    assert lines[0].startswith("error: ") and expected in lines[0], lines[0]
-    assert str(config_path) in lines[0] or "bad.jsonl" in lines[0] or "rows.jsonl" in lines[0], lines[0]  # names its file
-    assert sorted(p.name for p in tmp_path.iterdir()) == before  # nothing written
+    result = refused_case("run", *CASES[case], raw_config, write_config, tmp_path)
+    (line,) = result.output.strip().splitlines()
+    assert str(tmp_path / "sweep.yaml") in line or "bad.jsonl" in line or "rows.jsonl" in line, line  # names its file
     assert not (tmp_path / "results").exists()
 
 

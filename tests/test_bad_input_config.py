@@ -9,7 +9,7 @@ import pytest
 import yaml
 from typer.testing import CliRunner
 
-from conftest import assert_refused, listing
+from conftest import assert_refused, listing, refused_case
 from sweep.cli import app
 
 
@@ -67,12 +67,7 @@ CASES = {
 @pytest.mark.parametrize("command", ["run", "plan"])
 @pytest.mark.parametrize("case", list(CASES))
 def test_bad_config_is_refused_cleanly_and_nothing_is_written(case, command, raw_config, write_config, tmp_path):
-    change, expected = CASES[case]
-    change(raw_config, tmp_path)
-    config_path = write_config(raw_config)
-    before = listing(tmp_path)
-    result = CliRunner().invoke(app, [command, str(config_path)])
-    assert_refused(result, expected, before, tmp_path)
+    result = refused_case(command, *CASES[case], raw_config, write_config, tmp_path)
     assert "s3cr3t" not in result.output  # a credential is never printed, even by the error that refuses it
 
 

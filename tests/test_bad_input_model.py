@@ -14,7 +14,7 @@ import pytest
 import torch
 from typer.testing import CliRunner
 
-from conftest import assert_refused, listing
+from conftest import assert_refused, listing, refused_case
 from sweep.cli import app
 
 
@@ -156,13 +156,8 @@ CASES = {
 @pytest.mark.parametrize("command", ["run", "plan"])
 @pytest.mark.parametrize("case", list(CASES))
 def test_bad_space_or_model_is_refused_and_nothing_is_written(case, command, raw_config, write_config, tmp_path):
-    change, expected = CASES[case]
-    change(raw_config, tmp_path)
-    config_path = write_config(raw_config)
-    before = listing(tmp_path)
-    result = CliRunner().invoke(app, [command, str(config_path)])
-    assert_refused(result, expected, before, tmp_path)
-    assert str(config_path) in result.output
+    result = refused_case(command, *CASES[case], raw_config, write_config, tmp_path)
+    assert str(tmp_path / "sweep.yaml") in result.output
 
 
 def test_pickled_weights_are_accepted_and_load_safely(raw_config, write_config, tmp_path):

@@ -405,6 +405,11 @@ def cut(text: str, limit: int = VALUE_SHOWN_CHARS) -> str:
     return text if len(text) <= limit else f"{text[:limit]}... ({len(text):,} characters)"
 
 
+def shown_path(path: str, limit: int = VALUE_SHOWN_CHARS) -> str:
+    """A path for a message, quoted; a long one keeps its end, which names the file or model."""
+    return repr(path if len(path) <= limit else f"...{path[-(limit - 3):]}")
+
+
 def shown(value: Any, limit: int = VALUE_SHOWN_CHARS) -> str:
     """A value for a message: its repr, cut to `limit` characters."""
     return cut(repr(value), limit)

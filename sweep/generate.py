@@ -16,8 +16,10 @@ import torch
 from transformers import AutoModelForCausalLM, AutoTokenizer, TextIteratorStreamer
 from transformers.utils import logging as transformers_logging
 
-from sweep.config import ConfigError, SweepConfig
-from sweep.data import read_table, row_to_example
+from safetensors import SafetensorError
+
+from sweep.config import ConfigError, SweepConfig, cut
+from sweep.data import check_text_columns, read_table, row_to_example
 from sweep.pipeline import load_sweep
 from sweep.templates import Example, prompt_renderer, tokenizer_adds_special_tokens
 
@@ -30,10 +32,6 @@ def load_exported(sweep_dir: Path) -> tuple[SweepConfig, Any, Any]:
     if not (model_dir / "config.json").is_file():
         raise FileNotFoundError(f"{model_dir} not found: the sweep has no export yet (`sweep export {sweep_dir}` makes it)")
     transformers_logging.disable_progress_bar()  # the answer is the output; no loading bars around it
-    from safetensors import SafetensorError
-
-    from sweep.config import cut
-
     try:  # a damaged export (a cut-off weights file, a broken config.json) is bad input, not a crash
         # The flag as the sweep's config gives it, as everywhere else a model or tokenizer is loaded.
         tokenizer = AutoTokenizer.from_pretrained(model_dir, trust_remote_code=config.model.trust_remote_code)
@@ -52,7 +50,6 @@ def load_exported(sweep_dir: Path) -> tuple[SweepConfig, Any, Any]:
 
 def examples_from_file(path: Path, config: SweepConfig) -> list[Example]:
     """Prompts from a JSONL/CSV/Parquet file with the sweep's own column names (a response column is not needed)."""
-    from sweep.data import check_text_columns
 
     columns = config.data.columns
     if not Path(path).exists():

@@ -12,6 +12,9 @@ import contextlib
 import json
 import logging
 import os
+import pickle
+import re
+import zipfile
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Iterator
@@ -22,9 +25,12 @@ import torch
 from pyarrow import ArrowException
 from accelerate import init_empty_weights
 from transformers import AutoConfig, AutoModelForCausalLM
+from transformers.models.auto.modeling_auto import MODEL_FOR_MASKED_LM_MAPPING_NAMES
+from transformers.utils import SAFE_WEIGHTS_INDEX_NAME, SAFE_WEIGHTS_NAME
+from transformers.utils.import_utils import check_torch_load_is_safe
 
 from sweep import faults
-from sweep.config import CONFIG_FILE, ConfigError, SweepConfig, config_to_yaml, load_config
+from sweep.config import CONFIG_FILE, ConfigError, SweepConfig, config_to_yaml, cut, load_config, shown, shown_path
 from sweep.data import TokenizedData, load_examples, save_prepared, tokenize_splits
 from sweep.disk import check_free_space, disk_needs, prune_checkpoints
 from sweep.driver import STUDY_FILE, budget_spent, check_cluster_address, check_study, concurrent_trials, local_ray_resources, run_sweep
@@ -34,7 +40,8 @@ from sweep.lora import largest_adapter, resolve_target_modules
 from sweep.placement import check_placement
 from sweep.progress import SweepState, live_progress, mark_state
 from sweep.provenance import provenance
-from sweep.results import TrialRecord, promote, read_best, trial_record, write_atomically, write_best, write_leaderboard
+from sweep.results import (TrialRecord, promote, read_best, read_json, require_sweep_folder, sweep_folder, trial_record,
+                           write_atomically, write_best, write_leaderboard)
 from sweep.safety import (LOCK_FILE, MARKER_FILE, check_state_files_are_ours, clear_sweep_folder, driver_lock,
                           is_stored_sweep_folder, is_sweep_folder, mark_stored_sweep_folder, mark_sweep_folder)
 from sweep.search_space import build_search_space
@@ -63,16 +70,8 @@ def check_model(config: SweepConfig, space: dict[str, od.BaseDistribution]) -> t
 
     Returns the model's skeleton: its modules on the meta device, with no weights.
     """
-    import pickle
-    import re
-    import zipfile
-
-    from transformers.models.auto.modeling_auto import MODEL_FOR_MASKED_LM_MAPPING_NAMES
-    from transformers.utils import SAFE_WEIGHTS_INDEX_NAME, SAFE_WEIGHTS_NAME
-    from transformers.utils.import_utils import check_torch_load_is_safe
-
     path = config.model.path
-    shown = repr(path if len(path) <= 80 else f"...{path[-77:]}")  # the end of a long path names the model
+    named = shown_path(path)
     folder = Path(path).expanduser()
     if path.startswith((".", "/", "~")) and not folder.is_dir():
         raise ConfigError([f"`model.path`: folder not found: {path}"], "model")
@@ -80,7 +79,7 @@ def check_model(config: SweepConfig, space: dict[str, od.BaseDistribution]) -> t
         model_config = AutoConfig.from_pretrained(path, trust_remote_code=config.model.trust_remote_code)
     except (OSError, ValueError) as error:
         reason = str(error).strip().splitlines()[0]
-        raise ConfigError([f"`model.path`: cannot load a model config from {shown} ({reason})"], "model") from None
+        raise ConfigError([f"`model.path`: cannot load a model config from {named} ({reason})"], "model") from None
     # An encoder is refused by what transformers knows of it, not by a list of names. transformers maps encoders
     # (BERT, RoBERTa, ELECTRA, XLM-R, ...) to a *ForCausalLM class too, but that class attends both ways unless the
     # config sets `is_decoder: true`, so each token would see the very token it is trained to predict. The model
@@ -88,22 +87,22 @@ def check_model(config: SweepConfig, space: dict[str, od.BaseDistribution]) -> t
     # (BART, mBART, ...), whose causal class is the decoder half alone, without the encoder it was trained with.
     model_type = getattr(model_config, "model_type", None)
     if getattr(model_config, "is_encoder_decoder", False):
-        raise ConfigError([f"`model.path`: {shown} is an encoder-decoder (model_type {model_type}), not a causal LM; "
+        raise ConfigError([f"`model.path`: {named} is an encoder-decoder (model_type {model_type}), not a causal LM; "
                            "LoRA here trains decoder-only models"], "model")
     if model_type in MODEL_FOR_MASKED_LM_MAPPING_NAMES and not getattr(model_config, "is_decoder", False):
-        raise ConfigError([f"`model.path`: {shown} is an encoder (model_type {model_type}), not a causal LM: its "
+        raise ConfigError([f"`model.path`: {named} is an encoder (model_type {model_type}), not a causal LM: its "
                            "attention sees every token unless its config sets is_decoder: true"], "model")
     try:
         with init_empty_weights():  # module names only: no memory, no weights read
             skeleton = AutoModelForCausalLM.from_config(model_config, trust_remote_code=config.model.trust_remote_code)
     except ValueError as error:
         reason = str(error).strip().splitlines()[0]
-        raise ConfigError([f"`model.path`: {shown} is not a causal LM ({reason})"], "model") from None
+        raise ConfigError([f"`model.path`: {named} is not a causal LM ({reason})"], "model") from None
     problems = []
     if folder.is_dir():  # a hub id is read from the local cache by transformers itself
         pickles = sorted(folder.glob("pytorch_model*.bin"))
         if not ((folder / SAFE_WEIGHTS_NAME).is_file() or (folder / SAFE_WEIGHTS_INDEX_NAME).is_file() or pickles):
-            problems.append(f"`model.path`: no weights in {shown} (model.safetensors, model.safetensors.index.json "
+            problems.append(f"`model.path`: no weights in {named} (model.safetensors, model.safetensors.index.json "
                             "or pytorch_model.bin)")
         elif not (folder / SAFE_WEIGHTS_NAME).is_file() and not (folder / SAFE_WEIGHTS_INDEX_NAME).is_file():
             # Pickled weights are accepted because transformers 5 reads them only with torch.load(weights_only=True)
@@ -114,7 +113,7 @@ def check_model(config: SweepConfig, space: dict[str, od.BaseDistribution]) -> t
             try:
                 check_torch_load_is_safe()
             except ValueError:
-                problems.append(f"`model.path`: {shown} holds its weights only as a pickle (pytorch_model.bin), which "
+                problems.append(f"`model.path`: {named} holds its weights only as a pickle (pytorch_model.bin), which "
                                 f"transformers loads only with torch >= 2.6, but this is {torch.__version__}; upgrade "
                                 "torch, or save the weights as safetensors")
                 pickles = []
@@ -124,7 +123,7 @@ def check_model(config: SweepConfig, space: dict[str, od.BaseDistribution]) -> t
                 except (pickle.UnpicklingError, RuntimeError, EOFError, OSError, ValueError) as error:
                     found = re.search(r"WeightsUnpickler error:\s*(.+?)(?: Please use|\n|$)", str(error))
                     reason = (found.group(1) if found else (str(error).strip().splitlines() or [""])[0])[:120]
-                    problems.append(f"`model.path`: {weights.name} in {shown} is not a plain tensor pickle; pickles are "
+                    problems.append(f"`model.path`: {weights.name} in {named} is not a plain tensor pickle; pickles are "
                                     f"only loaded with torch.load(weights_only=True), which refuses it ({reason})")
                     break
     # Positions past the model's own are out of its embedding table (learned positions: an index error in the
@@ -403,8 +402,6 @@ def _tune_and_export(config: SweepConfig, space: dict[str, od.BaseDistribution],
 def load_sweep(sweep_dir: Path, data: bool = False) -> tuple[SweepConfig, dict[str, Any]]:
     """A sweep folder's config and provenance record, for the commands that read one; a damaged file is a
     ConfigError naming it. `data`: the prepared data the record points at must be there too (export's test split)."""
-    from sweep.config import cut, shown
-    from sweep.results import read_json, require_sweep_folder, sweep_folder
 
     sweep_dir = sweep_folder(sweep_dir)
     require_sweep_folder(sweep_dir)

@@ -34,7 +34,7 @@ from transformers import (
 )
 
 from sweep import faults
-from sweep.config import REWRITES_BASE_WEIGHTS, SweepConfig
+from sweep.config import REWRITES_BASE_WEIGHTS, ConfigError, SweepConfig, shown_path
 from sweep.data import MODEL_COLUMNS, PaddingCollator, load_prepared
 from sweep.lora import lora_settings, targeted_module_names
 from sweep.placement import cuda_devices_for_trial, loading_kwargs, trial_loading_kwargs
@@ -315,27 +315,26 @@ def load_tokenizer(config: SweepConfig) -> Any:
     Refuses (a `model` ConfigError, so `sweep run` reports it before anything is written) a model folder without
     a tokenizer, a tokenizer that does not load, and one without an EOS: every response ends with it.
     """
-    from sweep.config import ConfigError
 
     path = config.model.path
-    shown = repr(path if len(path) <= 80 else f"...{path[-77:]}")  # the end of a long path names the model
+    named = shown_path(path)
     folder = Path(path).expanduser()
     # Files that make a tokenizer to transformers. With none of them it fails with a message about converting a
     # sentencepiece tokenizer, which does not say that the tokenizer was never saved beside the model.
     tokenizer_files = ("tokenizer.json", "tokenizer_config.json", "tokenizer.model", "spiece.model", "vocab.json",
                        "vocab.txt", "sentencepiece.bpe.model")
     if folder.is_dir() and not any((folder / name).is_file() for name in tokenizer_files):
-        raise ConfigError([f"`model.path`: no tokenizer in {shown} (tokenizer.json / tokenizer_config.json / "
+        raise ConfigError([f"`model.path`: no tokenizer in {named} (tokenizer.json / tokenizer_config.json / "
                            "tokenizer.model ...); save it beside the model with tokenizer.save_pretrained"], "model")
     try:
         tokenizer = AutoTokenizer.from_pretrained(path, trust_remote_code=config.model.trust_remote_code)
     except Exception as error:  # a damaged file fails as a KeyError, a bare Exception from tokenizers, ...
         reason = (str(error).strip().splitlines() or [""])[0][:120]
-        raise ConfigError([f"`model.path`: cannot load the tokenizer in {shown} ({type(error).__name__}: {reason})"],
+        raise ConfigError([f"`model.path`: cannot load the tokenizer in {named} ({type(error).__name__}: {reason})"],
                           "model") from None
     if tokenizer.eos_token_id is None:
         lacks = "neither an EOS nor a pad token" if tokenizer.pad_token_id is None else "no EOS token"
-        raise ConfigError([f"`model.path`: the tokenizer in {shown} has {lacks}; training needs an EOS to end "
+        raise ConfigError([f"`model.path`: the tokenizer in {named} has {lacks}; training needs an EOS to end "
                            "responses (set eos_token in its tokenizer_config.json)"], "model")
     if tokenizer.pad_token_id is None:
         tokenizer.pad_token = tokenizer.eos_token

@@ -19,7 +19,7 @@ from typing import TYPE_CHECKING, Callable, List, Optional
 
 import typer
 
-from sweep.config import ConfigError, load_config
+from sweep.config import CONFIG_FILE, ConfigError, load_config
 
 if TYPE_CHECKING:
     from sweep.pipeline import SweepOutcome
@@ -120,7 +120,7 @@ def _run_config(config_path: Path, overrides: list[str], overwrite: bool, resume
     def start():
         config = load_config(config_path, overrides)
         try:
-            if resume and config.sweep_dir.exists():
+            if resume and (config.sweep_dir / CONFIG_FILE).is_file():
                 return resume_sweep(config.sweep_dir, live=True)
             return run_sweep(config, overwrite=overwrite, live=True)
         except ConfigError as error:
@@ -136,7 +136,6 @@ def resume(sweep_dir: Path = typer.Argument(..., help="The folder of a stopped o
 
     Example: sweep resume results/demo
     """
-    from sweep.pipeline import CONFIG_FILE
     from sweep.pipeline import resume as resume_sweep
 
     def start():

@@ -42,7 +42,7 @@ from sweep.progress import SweepState, live_progress, mark_state
 from sweep.provenance import provenance
 from sweep.results import (TrialRecord, promote, read_best, read_json, require_sweep_folder, sweep_folder, trial_record,
                            write_atomically, write_best, write_leaderboard)
-from sweep.safety import (LOCK_FILE, MARKER_FILE, check_state_files_are_ours, clear_sweep_folder, driver_lock,
+from sweep.safety import (MARKER_FILE, check_state_files_are_ours, clear_sweep_folder, driver_lock, holds_anything,
                           is_stored_sweep_folder, is_sweep_folder, mark_stored_sweep_folder, mark_sweep_folder)
 from sweep.search_space import build_search_space
 from sweep.storage import check_storage, fetch_trial_results, holds_files, mirror_to_storage, open_storage
@@ -238,7 +238,7 @@ def check_sweep_dir_free(config: SweepConfig, overwrite: bool) -> None:
     into this sweep's report and never be pruned. A folder without the engine's marker is never deleted."""
     sweep_dir = config.sweep_dir
     storage = open_storage(config)
-    local_taken = sweep_dir.is_dir() and any(entry.name != LOCK_FILE for entry in sweep_dir.iterdir())
+    local_taken = holds_anything(sweep_dir)
     stored_taken = storage is not None and holds_files(storage)
     if local_taken and not is_sweep_folder(sweep_dir):
         raise ConfigError([f"`name`: {sweep_dir} exists and was not created by lora-sweep (no {MARKER_FILE} in it): "

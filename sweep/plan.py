@@ -14,7 +14,7 @@ from sweep.config import SweepConfig, asha_rung_count, redact_uri
 from sweep.disk import human_bytes
 from sweep.lora import largest_adapter
 from sweep.pipeline import preflight
-from sweep.safety import LOCK_FILE, is_sweep_folder
+from sweep.safety import holds_anything, is_sweep_folder
 from sweep.search_space import describe
 from sweep.storage import open_storage
 from sweep.warm_start import warm_start_points
@@ -79,7 +79,7 @@ def make_plan(config: SweepConfig) -> SweepPlan:
         if config.scheduler.type == "asha" else "none: every trial runs to max_steps"
     )
     sweep_dir = config.sweep_dir
-    taken = sweep_dir.is_dir() and any(entry.name != LOCK_FILE for entry in sweep_dir.iterdir())
+    taken = holds_anything(sweep_dir)
     return SweepPlan(
         name=config.name,
         sweep_dir=str(sweep_dir),

@@ -72,6 +72,13 @@ def mark_stored_sweep_folder(filesystem: pafs.FileSystem, root: str, name: str) 
         handle.write(marker_text(name).encode("utf-8"))
 
 
+def holds_anything(folder: Path) -> bool:
+    """Whether a folder holds more than the engine's own marker and lock (a folder made and then left before
+    anything was written holds nothing to keep or resume)."""
+    folder = Path(folder)
+    return folder.is_dir() and any(entry.name not in (MARKER_FILE, LOCK_FILE) for entry in folder.iterdir())
+
+
 def clear_sweep_folder(folder: Path) -> None:
     """Delete what a marked sweep folder holds, except the lock of the driver that is replacing it."""
     import shutil

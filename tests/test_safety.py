@@ -36,11 +36,9 @@ def test_a_folder_lora_sweep_did_not_make_is_never_replaced(flags, raw_config, w
     before = listing(tmp_path / "results")
     config_path = write_config(raw_config)
     result = CliRunner().invoke(app, ["run", str(config_path), *flags])
-    if flags == ["--resume"]:  # a folder without config.yaml is no sweep to resume
-        assert_refused(result, "is not a sweep folder (no config.yaml)")
-    else:
-        assert_refused(result, f"`name`: {folder} exists and was not created by lora-sweep (no {MARKER_FILE} in it): "
-                               "it is never replaced or deleted")
+    # (--resume: a folder without config.yaml is no sweep to resume, so it would start one there: refused too)
+    assert_refused(result, f"`name`: {folder} exists and was not created by lora-sweep (no {MARKER_FILE} in it): "
+                           "it is never replaced or deleted")
     assert listing(tmp_path / "results") == before
     assert (folder / "thesis" / "chapter1.tex").read_text() == "years of work"
 

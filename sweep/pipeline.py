@@ -430,6 +430,9 @@ def load_sweep(sweep_dir: Path, data: bool = False) -> tuple[SweepConfig, dict[s
 def export(sweep_dir: Path) -> FinalReport:
     """Re-run the final evaluation and export of a finished sweep."""
     config, record = load_sweep(sweep_dir)
+    if config.model.path.startswith((".", "/", "~")) and not Path(config.model.path).expanduser().is_dir():
+        raise ConfigError([f"`model.path`: the base model {shown_path(config.model.path)} is gone; the export "
+                           "merges the adapter into it: restore it there"], str(Path(sweep_dir) / CONFIG_FILE))
     with driver_lock(Path(sweep_dir), "sweep export"):
         final = finalize(Path(sweep_dir), config, read_best(sweep_dir), Path(record["data_path"]), record)
     storage = open_storage(config)

@@ -208,6 +208,8 @@ CASES: dict[str, tuple[list[str], Callable[[Path], Path], str]] = {
                                              "config.yaml: `model`: required field is missing"),
     "export: config.yaml a list": (["export", DIR], _write("config.yaml", "- a\n- b\n"),
                                    "config.yaml: the top level must be a mapping of keys"),
+    "export: the base model is gone": (["export", DIR], _edit_yaml(lambda c: c["model"].update(path="/no/such/base")),
+                                       "config.yaml: `model.path`: the base model '/no/such/base' is gone"),
     "report: study random bytes": (["report", DIR], _write(STUDY_FILE, NOISE), "optuna_study.db: not a SQLite database"),
     "report: study empty file": (["report", DIR], _write(STUDY_FILE, b""), "optuna_study.db: an empty file"),
     "report: study of another program": (["report", DIR], _foreign_sqlite, "optuna_study.db: a SQLite database without Optuna's tables"),

@@ -318,6 +318,8 @@ class SweepConfig(_Strict):
             raise ValueError(f"must be a URI of one of the schemes {', '.join(STORAGE_SCHEMES)}, but its scheme is "
                              f"{shown(scheme)} (a local or shared folder is `output_dir`)")
         found = uri_credentials(value) if value else []
+        if found == [UNPARSEABLE_URI]:
+            raise ValueError("cannot be parsed as a URI (check the host, port and brackets)")
         if found:
             # The config is saved in the sweep folder (and its storage), and the URI shows in messages.
             raise ValueError(f"must not carry credentials ({', '.join(found)}): they would be saved in config.yaml "
@@ -374,27 +376,41 @@ def _is_secret_key(key: str) -> bool:
     return bool(_SECRET_KEY_PARTS & set(re.split(r"[_\-.]", lowered))) or any(w in lowered for w in _SECRET_KEY_WORDS)
 
 
+UNPARSEABLE_URI = "a URI that cannot be parsed"
+# Schemes whose user info names a place, not a secret: Azure's container@account, HDFS's user@namenode.
+_USER_INFO_IS_A_NAME = ("abfs", "abfss", "hdfs", "viewfs")
+
+
 def uri_credentials(uri: str) -> list[str]:
-    """What in a URI looks like a credential: user info before '@', and query keys naming a secret."""
+    """What in a URI looks like a credential: a password (or, for S3 and GCS, any user info) before '@',
+    and query keys naming a secret. A URI that cannot be parsed is reported as such: it cannot be checked."""
     try:
         parts = urlsplit(uri)
+        parts.port  # noqa: B018 - raises on a malformed host or port
     except ValueError:
-        return []
-    found = ["user info before '@'"] if "@" in parts.netloc else []
+        return [UNPARSEABLE_URI]
+    user_info = parts.netloc.rpartition("@")[0] if "@" in parts.netloc else None
+    found = []
+    if user_info is not None and (":" in user_info or parts.scheme.lower() not in _USER_INFO_IS_A_NAME):
+        found.append("user info before '@'")
     return found + [key for key, _ in parse_qsl(parts.query, keep_blank_values=True) if _is_secret_key(key)]
 
 
 def redact_uri(uri: str) -> str:
-    """The URI with user info and secret query values replaced by ***: safe to print or save."""
-    try:
-        parts = urlsplit(uri)
-    except ValueError:
-        return "<a URI that cannot be parsed>"
-    netloc = parts.netloc.rpartition("@")[2]
-    netloc = f"***@{netloc}" if "@" in parts.netloc else netloc
-    secret = set(uri_credentials(uri))
-    query = "&".join(f"{k}=***" if k in secret else f"{k}={v}" for k, v in parse_qsl(parts.query, keep_blank_values=True))
-    return parts._replace(netloc=netloc, query=query).geturl()
+    """The URI with user info and secret query values replaced by ***: safe to print or save, also when it is
+    malformed or lacks its scheme (everything before the last '@' of its first part goes)."""
+    scheme, separator, rest = uri.partition("://")
+    if not separator:
+        scheme, rest = "", uri
+    location, slash, path = rest.partition("/")
+    if "@" in location:
+        location = "***@" + location.rpartition("@")[2]
+    path, question, query = path.partition("?") if slash else ("", *location.partition("?")[1:])
+    if not slash and question:
+        location = location.partition("?")[0]
+    pairs = [pair.partition("=") for pair in query.split("&")] if question else []
+    query = "&".join(f"{k}=***" if _is_secret_key(k) else f"{k}{eq}{v}" for k, eq, v in pairs)
+    return f"{scheme}{separator}{location}{slash}{path}{question}{query}"
 
 
 VALUE_SHOWN_CHARS = 80
@@ -461,32 +477,56 @@ class _SweepYamlLoader(yaml.SafeLoader):
     last-one-wins would silently drop the first value, usually a typo or a bad merge."""
 
     def construct_mapping(self, node: yaml.MappingNode, deep: bool = False) -> dict:
-        seen: dict[Any, int] = {}
+        lines: dict[Any, int] = {}
         for key_node, _ in node.value:
             if key_node.tag == "tag:yaml.org,2002:merge":
                 continue
             key = self.construct_object(key_node, deep=True)
+            line = key_node.start_mark.line + 1
             try:
-                first = seen.setdefault(key, key_node.start_mark.line + 1)
+                first = lines.get(key)
             except TypeError:  # an unhashable key: the base class reports it
                 continue
-            if first != key_node.start_mark.line + 1:
+            if first is not None:
+                where = f"line {line}" if first == line else f"lines {first} and {line}"
                 raise yaml.constructor.ConstructorError(
-                    None, None, f"key {shown(key)} appears twice in one mapping (lines {first} and "
-                    f"{key_node.start_mark.line + 1}); keep one", key_node.start_mark)
+                    None, None, f"key {shown(key)} appears twice in one mapping ({where}); keep one", key_node.start_mark)
+            lines[key] = line
         return super().construct_mapping(node, deep=deep)
+
+    def flatten_mapping(self, node: yaml.MappingNode) -> None:
+        # Merge keys (`<<: [*a, *a, ...]`) copy entries into each mapping that uses them: nested ten deep, a file of
+        # 400 bytes would grow to billions of entries before the size check below could see it.
+        super().flatten_mapping(node)
+        if len(node.value) > MAX_YAML_VALUES:
+            raise yaml.constructor.ConstructorError(
+                None, None, f"a mapping expands to more than {MAX_YAML_VALUES:,} keys through merge keys (<<)",
+                node.start_mark)
 
 
 _SweepYamlLoader.add_constructor(yaml.resolver.BaseResolver.DEFAULT_MAPPING_TAG, _SweepYamlLoader.construct_mapping)
 
 
+def _yaml_1_2_int(loader: yaml.SafeLoader, node: yaml.ScalarNode) -> int:
+    text = loader.construct_scalar(node)
+    if text.startswith(("0o", "0x")):
+        return int(text[2:], 8 if text[1] == "o" else 16)
+    return int(text, 10)
+
+
 def _yaml_1_2_scalars(loader: type[yaml.SafeLoader]) -> None:
-    """Booleans and floats as YAML 1.2 reads them: only true/false are booleans (YAML 1.1 also turns yes, no,
-    on, off, y and n into booleans, so `trust_remote_code: on` would pass for true), and 1e-4 is a float
-    (YAML 1.1 wants 1.0e-4 and reads 1e-4 as a string)."""
+    """Booleans, integers and floats as YAML 1.2 reads them: only true/false are booleans (YAML 1.1 also turns
+    yes, no, on, off, y and n into booleans, so `trust_remote_code: on` would pass for true), 010 is ten, and
+    1e-4 is a float (YAML 1.1 wants 1.0e-4 and reads 1e-4 as a string)."""
     resolvers = {first: [(tag, rx) for tag, rx in entries if tag not in ("tag:yaml.org,2002:bool", "tag:yaml.org,2002:float")]
                  for first, entries in yaml.SafeLoader.yaml_implicit_resolvers.items()}
+    resolvers = {first: [(tag, rx) for tag, rx in entries if tag != "tag:yaml.org,2002:int"]
+                 for first, entries in resolvers.items()}
     loader.yaml_implicit_resolvers = resolvers
+    # Integers as YAML 1.2 writes them: 010 is ten (YAML 1.1: eight) and 1:30 is text (YAML 1.1: ninety).
+    loader.add_implicit_resolver("tag:yaml.org,2002:int", re.compile(r"^(?:[-+]?[0-9]+|0o[0-7]+|0x[0-9a-fA-F]+)$"),
+                                 list("-+0123456789"))
+    loader.add_constructor("tag:yaml.org,2002:int", _yaml_1_2_int)
     loader.add_implicit_resolver("tag:yaml.org,2002:bool", re.compile(r"^(?:true|True|TRUE|false|False|FALSE)$"),
                                  list("tTfF"))
     loader.add_implicit_resolver(

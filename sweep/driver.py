@@ -26,7 +26,8 @@ from ray.tune.schedulers import ASHAScheduler, FIFOScheduler
 from ray.tune.search.optuna import OptunaSearch
 
 from sweep import faults
-from sweep.signals import stop_on_sigterm_like_ctrl_c
+from sweep.safety import check_state_files_are_ours
+from sweep.signals import ctrl_c_handler_kept, sigterm_stops_like_ctrl_c
 from sweep.config import CONFIG_FILE, ConfigError, SweepConfig, cut, shown
 from sweep.progress import ProgressCallback
 from sweep.storage import TUNE_DIR_NAME, open_storage
@@ -37,6 +38,10 @@ STUDY_FILE = "optuna_study.db"
 
 
 CLUSTER_ANSWER_SECONDS = 10.0  # a cluster's head that does not accept a connection in this time is taken as down
+
+
+def config_address_hint(address: str) -> str:
+    return repr(address) if address else "auto (resolved through RAY_ADDRESS or Ray's temp folder)"
 
 
 def cluster_head(address: str) -> tuple[str, int]:
@@ -52,6 +57,9 @@ def cluster_head(address: str) -> tuple[str, int]:
                                "with `ray start --head`, or give HOST:PORT of its head"], "ray") from None
         address = resolved or ""
     host, _, port = address.removeprefix("ray://").rpartition(":")
+    if not host or not port.isdigit():
+        raise ConfigError([f"`ray.address`: {config_address_hint(address)} does not name a cluster's head as HOST:PORT; "
+                           "give HOST:PORT of its head"], "ray")
     return host.strip("[]"), int(port)
 
 
@@ -73,20 +81,22 @@ def check_cluster_address(config: SweepConfig) -> None:
 def start_ray(config: SweepConfig) -> None:
     if ray.is_initialized():
         return
-    if config.ray.address:
-        ray.init(address=config.ray.address)
-    else:
-        # address="local" always starts a new local Ray: with no address, ray.init would join the cluster
-        # named in RAY_ADDRESS or in Ray's temp folder, also a dead one left by a `ray start` that was never
-        # stopped, and retry it for minutes. The trainable's own modules must be importable in workers.
-        ray.init(
-            address="local",
-            num_cpus=config.ray.num_cpus,
-            num_gpus=config.ray.num_gpus,
-            include_dashboard=False,
-            runtime_env={"env_vars": {"TOKENIZERS_PARALLELISM": "false"}},
-        )
-    stop_on_sigterm_like_ctrl_c()  # ray.init makes SIGTERM exit the driver at once: take it back
+    # ray.init makes SIGTERM exit the driver at once (sys.exit(15)), from its start: such an exit is turned into
+    # the same stop as a Ctrl-C, and the engine's own handler is put back afterwards.
+    with sigterm_stops_like_ctrl_c():
+        if config.ray.address:
+            ray.init(address=config.ray.address)
+        else:
+            # address="local" always starts a new local Ray: with no address, ray.init would join the cluster
+            # named in RAY_ADDRESS or in Ray's temp folder, also a dead one left by a `ray start` that was never
+            # stopped, and retry it for minutes. The trainable's own modules must be importable in workers.
+            ray.init(
+                address="local",
+                num_cpus=config.ray.num_cpus,
+                num_gpus=config.ray.num_gpus,
+                include_dashboard=False,
+                runtime_env={"env_vars": {"TOKENIZERS_PARALLELISM": "false"}},
+            )
 
 
 STUDY_BUSY_TIMEOUT_SECONDS = 60
@@ -368,9 +378,12 @@ def run_sweep(config: SweepConfig, space: dict[str, Any], data_path: Path, sweep
     if resume and tune.Tuner.can_restore(tune_dir, storage_filesystem=filesystem):
         # Finished trials stay finished; unfinished ones restart from their last checkpoint; the
         # searcher (and through it the Optuna study) continues from its saved state.
+        if storage is None:  # again, right before Tune unpickles them (the first check ran before preflight)
+            check_state_files_are_ours(sweep_dir)
         tuner = tune.Tuner.restore(tune_dir, trainable, resume_unfinished=True, resume_errored=False,
                                    storage_filesystem=filesystem)
-        return tuner.fit()
+        with ctrl_c_handler_kept():
+            return tuner.fit()
     callbacks: list[Callback] = [
         TensorBoardCallback(sweep_dir / "tensorboard", config.search.metric, config.search.mode,
                             config.training.max_steps),
@@ -412,4 +425,5 @@ def run_sweep(config: SweepConfig, space: dict[str, Any], data_path: Path, sweep
             verbose=faults.tune_verbosity(),
         ),
     )
-    return tuner.fit()
+    with ctrl_c_handler_kept():
+        return tuner.fit()

@@ -43,7 +43,7 @@ from sweep.provenance import provenance
 from sweep.results import (TrialRecord, promote, read_best, read_json, require_sweep_folder, sweep_folder, trial_record,
                            write_atomically, write_best, write_leaderboard)
 from sweep.safety import (MARKER_FILE, check_state_files_are_ours, clear_sweep_folder, driver_lock, holds_anything,
-                          is_stored_sweep_folder, is_sweep_folder, mark_stored_sweep_folder, mark_sweep_folder)
+                          is_sweep_folder, mark_stored_sweep_folder, mark_sweep_folder, stored_sweep_id, sweep_id)
 from sweep.search_space import build_search_space
 from sweep.storage import check_storage, fetch_trial_results, holds_files, mirror_to_storage, open_storage
 from sweep.warm_start import warm_start_points
@@ -235,7 +235,9 @@ def warm_start_seeds(config: SweepConfig, space: dict[str, od.BaseDistribution])
 def check_sweep_dir_free(config: SweepConfig, overwrite: bool) -> None:
     """Before anything is written: the sweep folder (and its storage) is empty, or --overwrite replaces a folder
     the engine made. Finished work is only replaced on --overwrite: trials left in storage would otherwise mix
-    into this sweep's report and never be pruned. A folder without the engine's marker is never deleted."""
+    into this sweep's report and never be pruned. A folder without the engine's marker is never deleted, and
+    storage is replaced only when its marker is the one of this local sweep folder (not another machine's
+    sweep of the same name, which may be running)."""
     sweep_dir = config.sweep_dir
     storage = open_storage(config)
     local_taken = holds_anything(sweep_dir)
@@ -243,9 +245,16 @@ def check_sweep_dir_free(config: SweepConfig, overwrite: bool) -> None:
     if local_taken and not is_sweep_folder(sweep_dir):
         raise ConfigError([f"`name`: {sweep_dir} exists and was not created by lora-sweep (no {MARKER_FILE} in it): "
                            "it is never replaced or deleted; pick another `name` or `output_dir`"], "output")
-    if stored_taken and not is_stored_sweep_folder(storage.filesystem, storage.root):
-        raise ConfigError([f"`name`: {storage.path()} in storage holds files that lora-sweep did not write (no "
-                           f"{MARKER_FILE}): they are never replaced or deleted; pick another `name` or `storage`"], "output")
+    if stored_taken:
+        stored = stored_sweep_id(storage.filesystem, storage.root)
+        if stored is None:
+            raise ConfigError([f"`name`: {storage.path()} in storage holds files that lora-sweep did not write (no "
+                               f"{MARKER_FILE}): they are never replaced or deleted; pick another `name` or `storage`"],
+                              "output")
+        if overwrite and stored != sweep_id(sweep_dir):
+            raise ConfigError([f"`name`: {storage.path()} in storage holds another sweep of this name (made from another "
+                               "folder or machine, and maybe running): --overwrite replaces only the storage of this "
+                               f"folder's own sweep; pick another `name`, or delete {storage.path()} yourself"], "output")
     if (local_taken or stored_taken) and not overwrite:
         where = (f"the sweep folder {sweep_dir} already exists; continue it with `sweep resume {sweep_dir}` "
                  "(or --resume), " if local_taken else f"storage already holds a sweep at {storage.path()}; ")
@@ -264,11 +273,11 @@ def prepare_sweep_dir(config: SweepConfig, overwrite: bool) -> Path:
         if is_sweep_folder(sweep_dir):
             clear_sweep_folder(sweep_dir)
         if storage is not None and holds_files(storage):
-            storage.filesystem.delete_dir_contents(storage.root)  # the marker was checked just above
+            storage.filesystem.delete_dir_contents(storage.root)  # its marker is this folder's: checked above
     sweep_dir.mkdir(parents=True, exist_ok=True)
-    mark_sweep_folder(sweep_dir, config.name)
+    new_id = mark_sweep_folder(sweep_dir, config.name)
     if storage is not None:
-        mark_stored_sweep_folder(storage.filesystem, storage.root, config.name)
+        mark_stored_sweep_folder(storage.filesystem, storage.root, config.name, new_id)
     return sweep_dir
 
 

@@ -10,7 +10,7 @@ from __future__ import annotations
 from dataclasses import asdict, dataclass
 from typing import Any, Optional
 
-from sweep.config import SweepConfig, asha_rung_count, redact_uri
+from sweep.config import SweepConfig, asha_rung_count
 from sweep.disk import human_bytes
 from sweep.lora import largest_adapter
 from sweep.pipeline import preflight
@@ -83,7 +83,7 @@ def make_plan(config: SweepConfig) -> SweepPlan:
     return SweepPlan(
         name=config.name,
         sweep_dir=str(sweep_dir),
-        storage=f"{redact_uri(storage.uri).split('?')[0].rstrip('/')}/{config.name}/" if storage else None,
+        storage=f"{storage.uri.split('?')[0].rstrip('/')}/{config.name}/" if storage else None,
         search_space={name: describe(d) for name, d in space.items()},
         sampler=config.search.sampler,
         objectives=[f"{metric} ({mode})" for metric, mode in config.objectives],

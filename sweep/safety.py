@@ -17,8 +17,10 @@ import fcntl
 import json
 import os
 import pwd
+import shutil
 import socket
 import time
+import uuid
 from pathlib import Path
 from typing import Any, Iterator, Optional
 
@@ -26,50 +28,67 @@ import pyarrow as pa
 import pyarrow.fs as pafs
 
 from sweep.config import ConfigError
+from sweep.storage import MARKER_FILE
 
-MARKER_FILE = ".lora-sweep"
 LOCK_FILE = ".driver.lock"
 _MARKER_CONTENT = {"created_by": "lora-sweep", "what": "a sweep folder; `sweep run --overwrite` may replace it"}
 
 
-def marker_text(name: str) -> str:
-    return json.dumps({**_MARKER_CONTENT, "name": name, "created_at": time.time()})
-
-
-def _is_marker(text: str) -> bool:
+def _marker(text: str) -> Optional[dict[str, Any]]:
+    """The marker's content, or None when the text is not a marker the engine wrote."""
     try:
         content = json.loads(text)
     except ValueError:
-        return False
-    return isinstance(content, dict) and content.get("created_by") == _MARKER_CONTENT["created_by"]
+        return None
+    ours = isinstance(content, dict) and content.get("created_by") == _MARKER_CONTENT["created_by"]
+    return content if ours else None
+
+
+def sweep_id(folder: Path) -> Optional[str]:
+    """The id the engine wrote in a local sweep folder's marker; None when the folder is not one it made."""
+    marker = Path(folder) / MARKER_FILE
+    try:
+        if marker.is_symlink() or not marker.is_file():
+            return None
+        content = _marker(marker.read_text(encoding="utf-8"))
+    except (OSError, UnicodeDecodeError):
+        return None
+    return str(content.get("sweep_id", "")) if content is not None else None
 
 
 def is_sweep_folder(folder: Path) -> bool:
     """Whether the engine created this local folder as a sweep folder (its marker is there)."""
-    marker = Path(folder) / MARKER_FILE
-    try:
-        return marker.is_file() and not marker.is_symlink() and _is_marker(marker.read_text(encoding="utf-8"))
-    except (OSError, UnicodeDecodeError):
-        return False
+    return sweep_id(folder) is not None
 
 
-def mark_sweep_folder(folder: Path, name: str) -> None:
-    (Path(folder) / MARKER_FILE).write_text(marker_text(name), encoding="utf-8")
+def mark_sweep_folder(folder: Path, name: str) -> str:
+    """Write the marker of a new sweep folder, with a new sweep id (the same id marks its storage)."""
+    new_id = uuid.uuid4().hex
+    (Path(folder) / MARKER_FILE).write_text(json.dumps(
+        {**_MARKER_CONTENT, "name": name, "sweep_id": new_id, "created_at": time.time()}), encoding="utf-8")
+    return new_id
 
 
-def is_stored_sweep_folder(filesystem: pafs.FileSystem, root: str) -> bool:
-    """Whether the engine created this folder in storage (its marker is there)."""
+def stored_sweep_id(filesystem: pafs.FileSystem, root: str) -> Optional[str]:
+    """The id in a storage folder's marker; None when the engine did not make that folder."""
     try:
         with filesystem.open_input_stream(f"{root}/{MARKER_FILE}") as handle:
-            return _is_marker(handle.read(4096).decode("utf-8", errors="replace"))
+            content = _marker(handle.read(4096).decode("utf-8", errors="replace"))
     except (OSError, pa.ArrowException):
-        return False
+        return None
+    return str(content.get("sweep_id", "")) if content is not None else None
 
 
-def mark_stored_sweep_folder(filesystem: pafs.FileSystem, root: str, name: str) -> None:
+def mark_stored_sweep_folder(filesystem: pafs.FileSystem, root: str, name: str, new_id: str) -> None:
     filesystem.create_dir(root, recursive=True)
     with filesystem.open_output_stream(f"{root}/{MARKER_FILE}") as handle:
-        handle.write(marker_text(name).encode("utf-8"))
+        handle.write(json.dumps({**_MARKER_CONTENT, "name": name, "sweep_id": new_id,
+                                 "created_at": time.time()}).encode("utf-8"))
+
+
+def nested_sweep_folders(folder: Path) -> list[Path]:
+    """Sweep folders inside this one (another sweep whose `output_dir` lies in it): never deleted with it."""
+    return sorted(marker.parent for marker in Path(folder).rglob(MARKER_FILE) if marker.parent != Path(folder))
 
 
 def holds_anything(folder: Path) -> bool:
@@ -81,11 +100,13 @@ def holds_anything(folder: Path) -> bool:
 
 def clear_sweep_folder(folder: Path) -> None:
     """Delete what a marked sweep folder holds, except the lock of the driver that is replacing it."""
-    import shutil
-
     if not is_sweep_folder(folder):  # checked again right before deleting: the one place that deletes
         raise ConfigError([f"`name`: {folder} was not created by lora-sweep (no {MARKER_FILE} in it); "
                            "nothing was deleted"], "output")
+    nested = nested_sweep_folders(folder)
+    if nested:
+        raise ConfigError([f"`name`: {folder} holds another sweep's folder ({nested[0]}): --overwrite would delete "
+                           "it too; nothing was deleted: move that sweep out first"], "output")
     for entry in Path(folder).iterdir():
         if entry.name == LOCK_FILE:
             continue
@@ -181,23 +202,26 @@ def _owner(uid: int) -> str:
 
 
 def check_state_files_are_ours(sweep_dir: Path) -> None:
-    """Before a resume: every file Ray Tune will unpickle is owned by this user and writable by no one else."""
+    """Before a resume (and again right before Tune restores): every file Ray Tune will unpickle, and every
+    folder above it up to the sweep folder, is owned by this user and writable by no one else."""
     me = os.geteuid()
-    problems = []
-    tune_dir = Path(sweep_dir) / "tune"
+    sweep_dir = Path(sweep_dir)
+    tune_dir = sweep_dir / "tune"
     candidates = [p for p in tune_dir.rglob("*") if p.name.endswith(_UNPICKLED_SUFFIXES) or p.name.startswith(
-        ("searcher-state", "experiment_state"))] if tune_dir.is_dir() else []
-    for path in [tune_dir, *candidates]:
+        ("searcher-state", "search_gen_state", "experiment_state"))] if tune_dir.is_dir() else []
+    folders = {sweep_dir, tune_dir, *(p.parent for p in candidates)}
+    problems = []
+    for path in [*sorted(folders), *candidates]:
         try:
             info = path.lstat()
         except FileNotFoundError:
             continue
         if info.st_uid != me:
             problems.append(f"{path} is owned by {_owner(info.st_uid)}, not by you ({_owner(me)})")
-        elif info.st_mode & 0o002:
-            problems.append(f"{path} can be written by any user")
+        elif info.st_mode & 0o022:
+            problems.append(f"{path} can be written by {'any user' if info.st_mode & 0o002 else 'its group'}")
         if len(problems) >= 2:
             break
     if problems:
         raise ConfigError([f"{problem}: resuming unpickles Ray Tune's state files, which runs their code; resume only "
-                           "sweep folders that you alone can write" for problem in problems], str(sweep_dir))
+                           "sweep folders that you alone can write (chmod go-w)" for problem in problems], str(sweep_dir))

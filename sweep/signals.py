@@ -9,10 +9,11 @@ preparation, export). Either way the sweep folder is left resumable and the CLI 
 
 from __future__ import annotations
 
+import contextlib
 import signal
 import threading
 from types import FrameType
-from typing import Optional
+from typing import Iterator, Optional
 
 TERMINATED_EXIT_CODE = 143
 INTERRUPTED_EXIT_CODE = 130  # Ctrl-C (SIGINT): 128 + 2
@@ -37,3 +38,32 @@ def stop_on_sigterm_like_ctrl_c() -> None:
 def stop_exit_code() -> int:
     """The exit code of a sweep that stopped on a signal: 143 after a SIGTERM, 130 after Ctrl-C."""
     return TERMINATED_EXIT_CODE if signal.SIGTERM in _received else INTERRUPTED_EXIT_CODE
+
+
+@contextlib.contextmanager
+def sigterm_stops_like_ctrl_c() -> Iterator[None]:
+    """Around code that installs its own SIGTERM handler (`ray.init`, whose handler calls sys.exit(15)):
+    such an exit becomes a stop (KeyboardInterrupt, exit 143), and the forwarding handler is put back."""
+    try:
+        yield
+    except SystemExit as exit_:
+        if exit_.code != signal.SIGTERM:
+            raise
+        _received.add(signal.SIGTERM)
+        raise KeyboardInterrupt from None
+    finally:
+        stop_on_sigterm_like_ctrl_c()
+
+
+@contextlib.contextmanager
+def ctrl_c_handler_kept() -> Iterator[None]:
+    """Around `Tuner.fit()`: Ray Tune installs its own Ctrl-C handler and leaves it in place after a normal
+    end, where it would only note a stop that nothing reads; the handler from before is put back, so a
+    Ctrl-C or SIGTERM during promotion and export stops the sweep at once."""
+    in_main_thread = threading.current_thread() is threading.main_thread()
+    before = signal.getsignal(signal.SIGINT) if in_main_thread else None
+    try:
+        yield
+    finally:
+        if in_main_thread and before is not None:
+            signal.signal(signal.SIGINT, before)

@@ -24,9 +24,10 @@ from typing import Iterator, Optional
 import pyarrow as pa
 import pyarrow.fs as pafs
 
-from sweep.config import ConfigError, SweepConfig
+from sweep.config import ConfigError, SweepConfig, redact_uri
 
 TUNE_DIR_NAME = "tune"
+MARKER_FILE = ".lora-sweep"  # marks a folder the engine made, locally and in storage (sweep.safety writes it)
 # Tune's per-trial files the driver reads back (report, learning curves); checkpoints stay in storage.
 TRIAL_RESULT_FILES = ("result.json", "params.json", "progress.csv")
 
@@ -35,7 +36,7 @@ TRIAL_RESULT_FILES = ("result.json", "params.json", "progress.csv")
 class Storage:
     filesystem: pafs.FileSystem
     root: str  # the sweep folder's path inside `filesystem`
-    uri: str  # as the config gives it, for messages
+    uri: str  # as the config gives it, with anything secret-looking masked: for messages
 
     def path(self, *parts: str) -> str:
         return "/".join([self.root, *parts])
@@ -48,8 +49,9 @@ def open_storage(config: SweepConfig) -> Optional[Storage]:
     try:
         filesystem, base = pafs.FileSystem.from_uri(config.storage)
     except (pa.ArrowInvalid, ValueError, OSError) as error:
-        raise ConfigError([f"`storage`: cannot open {config.storage!r}: {_first_line(error)}"], "output") from None
-    return Storage(filesystem, f"{base.rstrip('/')}/{config.name}", config.storage)
+        reason = _first_line(error).replace(config.storage, redact_uri(config.storage))
+        raise ConfigError([f"`storage`: cannot open {redact_uri(config.storage)!r}: {reason}"], "output") from None
+    return Storage(filesystem, f"{base.rstrip('/')}/{config.name}", redact_uri(config.storage))
 
 
 def _first_line(error: BaseException) -> str:
@@ -80,7 +82,8 @@ def holds_files(storage: Storage) -> bool:
     """Whether the sweep's folder in storage has anything in it."""
     if not is_directory(storage.filesystem, storage.root):
         return False
-    return bool(storage.filesystem.get_file_info(pafs.FileSelector(storage.root, allow_not_found=True)))
+    entries = storage.filesystem.get_file_info(pafs.FileSelector(storage.root, allow_not_found=True))
+    return any(entry.base_name != MARKER_FILE for entry in entries)  # the engine's marker alone holds nothing
 
 
 def is_directory(filesystem: pafs.FileSystem, path: str) -> bool:

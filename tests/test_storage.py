@@ -151,7 +151,7 @@ def test_a_sweep_with_s3_storage_keeps_checkpoints_there_and_mirrors_its_folder(
     assert again.final.best.trial_id == best["trial_id"] and len(again.records) == 3
 
 
-def test_a_new_sweep_refuses_a_name_storage_already_holds(raw_config, write_config, s3):
+def test_a_new_sweep_refuses_a_name_storage_already_holds(raw_config, write_config, s3, tmp_path):
     import shutil
 
     from sweep.pipeline import prepare_sweep_dir
@@ -171,11 +171,23 @@ def test_a_new_sweep_refuses_a_name_storage_already_holds(raw_config, write_conf
 
     assert prepare_sweep_dir(config, overwrite=False) == config.sweep_dir
     assert listing(storage) == {".lora-sweep"}  # the marker: this folder is the engine's own
-    shutil.rmtree(config.sweep_dir)
     with storage.filesystem.open_output_stream(storage.path("tune", "trial_old", "result.json")) as handle:
         handle.write(b"{}")
+    shutil.rmtree(config.sweep_dir)
     with pytest.raises(ConfigError, match=r"`name`: storage already holds a sweep at sweeps/team/tiny; replace it "
                                           r"with --overwrite"):
         prepare_sweep_dir(config, overwrite=False)
+    # Without the local folder that made it, --overwrite does not replace it: another machine's sweep of this
+    # name (maybe running) looks just the same.
+    with pytest.raises(ConfigError, match=r"holds another sweep of this name .* --overwrite replaces only the storage "
+                                          r"of this folder's own sweep"):
+        prepare_sweep_dir(config, overwrite=True)
+    assert "tune/trial_old/result.json" in listing(storage)
+    # The folder that made it may replace it.
+    config = config.model_copy(update={"output_dir": str(tmp_path / "second")})
+    (config.sweep_dir).mkdir(parents=True)
+    from sweep.safety import MARKER_FILE
+    with storage.filesystem.open_input_stream(storage.path(MARKER_FILE)) as handle:
+        (config.sweep_dir / MARKER_FILE).write_bytes(handle.read())
     prepare_sweep_dir(config, overwrite=True)
     assert listing(storage) == {".lora-sweep"}

@@ -322,6 +322,9 @@ def export(sweep_dir: Path = typer.Argument(..., help="A finished sweep folder, 
     from sweep.pipeline import export as export_sweep
     from sweep.pipeline import load_sweep
     from sweep.results import read_best, read_leaderboard
+    from sweep.signals import stop_exit_code, stop_on_sigterm_like_ctrl_c
+
+    stop_on_sigterm_like_ctrl_c()
 
     try:
         # Everything the export reads, checked before its evaluation loads any model.
@@ -336,6 +339,8 @@ def export(sweep_dir: Path = typer.Argument(..., help="A finished sweep folder, 
         _fail(_error_lines(error), 1)
     except OSError as error:  # a full disk: the previous export stays as it was
         _fail(_os_error_line(error), 1)
+    except KeyboardInterrupt:  # Ctrl-C or SIGTERM
+        _fail(f"stopped: the previous export is as it was; `sweep export {sweep_dir}` makes it again", stop_exit_code())
     typer.echo(f"exported to {report.export_dir} (max logit difference {report.max_logit_difference:.2e})")
     typer.echo(f"test loss base {report.base.loss:.4f} -> tuned {report.tuned.loss:.4f}")
 

@@ -52,6 +52,13 @@ def human_bytes(value: float) -> str:
     return str(value)
 
 
+def nearest_existing(path: Path) -> Path:
+    """The folder itself, or the nearest folder above it that exists (where it would be created)."""
+    while not path.exists() and path != path.parent:
+        path = path.parent
+    return path
+
+
 def check_free_space(config: SweepConfig, needs: dict[str, int], concurrent: int) -> Optional[str]:
     """Compare what the sweep writes to the output folder's free space, before anything is written.
 
@@ -60,9 +67,7 @@ def check_free_space(config: SweepConfig, needs: dict[str, int], concurrent: int
     take (every checkpoint kept until the end): an upper bound that ASHA's stops and pruning rarely reach.
     With `storage`, checkpoints go there and only the export is counted locally.
     """
-    folder = config.sweep_dir
-    while not folder.exists():
-        folder = folder.parent
+    folder = nearest_existing(config.sweep_dir)
     free = shutil.disk_usage(folder).free
     local_checkpoints = config.storage is None
     least = needs["export"] + (concurrent * needs["checkpoint"] if local_checkpoints else 0)

@@ -30,6 +30,7 @@ from sweep.safety import check_state_files_are_ours
 from sweep.signals import ctrl_c_handler_kept, sigterm_stops_like_ctrl_c
 from sweep.config import CONFIG_FILE, ConfigError, SweepConfig, cut, shown
 from sweep.progress import ProgressCallback
+from sweep.results import read_json
 from sweep.storage import TUNE_DIR_NAME, open_storage
 from sweep.tensorboard_logs import TensorBoardCallback
 from trainables.lora_causal_lm import tune_trainable
@@ -292,8 +293,6 @@ class BudgetStopper(tune.Stopper):
 
 def budget_spent(sweep_dir: Path) -> str | None:
     """Why a budget ended the tuning, if one did."""
-    from sweep.results import read_json
-
     path = Path(sweep_dir) / BUDGET_FILE
     if not path.exists():
         return None

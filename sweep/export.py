@@ -191,7 +191,9 @@ def finalize(sweep_dir: Path, config: SweepConfig, best: TrialRecord, data_path:
     try:
         return _export(sweep_dir, config, best, trial_config, tuned_model, tokenizer, test_set, staging, gpus,
                        base_metrics, tuned_metrics, provenance, totals)
-    except OSError:  # a full disk, say: the previous export stays as it was, and no partial one is left
+    except ExportVerificationError:
+        raise  # its staging folder is left for inspection, as its message says
+    except BaseException:  # a full disk, a Ctrl-C: the previous export stays as it was, and no partial one is left
         shutil.rmtree(staging, ignore_errors=True)
         raise
 

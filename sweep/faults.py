@@ -43,7 +43,7 @@ def _hook(name: str) -> Optional[str]:
 
 def check_test_hooks() -> None:
     """Before anything runs: armed hooks have well-formed values; unarmed ones are named as ignored."""
-    arming = os.environ.get(ARMING_VARIABLE)
+    arming = os.environ.get(ARMING_VARIABLE) or None  # set but empty counts as unset
     present = [name for name in HOOK_VARIABLES if os.environ.get(name)]
     if arming is not None and arming != ARMED:
         raise ConfigError([f"`{ARMING_VARIABLE}`: must be {ARMED!r} (tests only) or unset, but got {shown(arming)}"],

@@ -32,7 +32,7 @@ from transformers.utils.import_utils import check_torch_load_is_safe
 from sweep import faults
 from sweep.config import CONFIG_FILE, ConfigError, SweepConfig, config_to_yaml, cut, load_config, shown, shown_path
 from sweep.data import TokenizedData, load_examples, save_prepared, tokenize_splits
-from sweep.disk import check_free_space, disk_needs, prune_checkpoints
+from sweep.disk import check_free_space, disk_needs, nearest_existing, prune_checkpoints
 from sweep.driver import STUDY_FILE, budget_spent, check_cluster_address, check_study, concurrent_trials, local_ray_resources, run_sweep
 from sweep.export import FinalReport, finalize
 from sweep.faults import check_test_hooks
@@ -169,9 +169,7 @@ def check_resources(config: SweepConfig) -> None:
 
 
 def check_output_dir(config: SweepConfig) -> None:
-    existing = config.sweep_dir
-    while not existing.exists():
-        existing = existing.parent
+    existing = nearest_existing(config.sweep_dir)
     if not existing.is_dir():
         raise ConfigError([f"`output_dir`: {existing} is a file, so {config.sweep_dir} cannot be created"], "output")
     if not os.access(existing, os.W_OK | os.X_OK):
@@ -323,6 +321,8 @@ def resume(sweep_dir: Path, live: bool = False) -> SweepOutcome:
         raise ConfigError([f"{sweep_dir} is not a sweep folder (no {CONFIG_FILE}); start one with `sweep run`"], "resume")
     check_state_files_are_ours(sweep_dir)
     config = load_config(sweep_dir / CONFIG_FILE)
+    if config.name == sweep_dir.name:  # its output_dir may be relative to where it started: check this folder
+        config = config.model_copy(update={"output_dir": str(sweep_dir.parent)})
     check_study(sweep_dir, config.name)  # before Optuna opens it for writing (it adds its tables to any SQLite file)
     checked = preflight(config)
     with driver_lock(sweep_dir, "sweep resume"), stopped_as(sweep_dir):

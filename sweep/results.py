@@ -10,6 +10,7 @@ import io
 import json
 import math
 import os
+import tempfile
 from dataclasses import asdict, dataclass, field
 from functools import lru_cache
 from pathlib import Path
@@ -116,13 +117,16 @@ def _column_max(history: pd.DataFrame, name: str) -> int:
 def write_atomically(path: Path, text: str) -> None:
     """Replace `path` with `text` all at once: readers see the old file or the new one, never a part, even
     across a power cut (the data and the rename are fsync'd). On any failure (a full disk) the old file is
-    untouched and no temporary file is left."""
-    tmp = path.with_name(f".{path.name}.tmp")
+    untouched and no temporary file is left. The temporary file gets a fresh name (O_EXCL), so a link planted
+    in the folder is never written through."""
+    fd, tmp_name = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+    tmp = Path(tmp_name)
     try:
-        with open(tmp, "w", encoding="utf-8") as handle:
+        with os.fdopen(fd, "w", encoding="utf-8") as handle:
             handle.write(text)
             handle.flush()
             os.fsync(handle.fileno())
+        os.chmod(tmp, 0o644)  # mkstemp makes it 0600; the records are as readable as any other file here
         os.replace(tmp, path)
     except BaseException:
         tmp.unlink(missing_ok=True)

@@ -89,6 +89,12 @@ FILES = {
     "an override without '='": (None, ["seed"], "must look like dotted.key=value"),
     "an override of 'yes' for a bool": (None, ["model.trust_remote_code=yes"], "`model.trust_remote_code`: Input should be a valid boolean (got 'yes')"),
     "an override of .inf": (None, ["resources.gpu=.inf"], "`resources.gpu`: Input should be a finite number (got inf)"),
+    "a key given twice on one line": ("training: {batch_size: 8, batch_size: 16}\n", [], "key 'batch_size' appears twice in one mapping (line 1)"),
+    "a merge-key bomb": ("a0: &a0 {k0: 0, k1: 1, k2: 2, k3: 3, k4: 4, k5: 5, k6: 6, k7: 7, k8: 8, k9: 9}\n" + "".join(
+        f"a{n}: &a{n} {{<<: [{', '.join([f'*a{n - 1}'] * 10)}]}}\n" for n in range(1, 9)), [],
+        "a mapping expands to more than 100,000 keys through merge keys"),
+    "credentials in a storage URI without a scheme": (None, ["storage=AKIAEXAMPLE:s3cr3t@bucket/prefix"], "`storage`: must be a URI"),
+    "a storage URI that cannot be parsed": (None, ["storage=s3://AKIAEXAMPLE:s3cr3t@[bucket/prefix"], "`storage`: cannot be parsed as a URI"),
 }
 
 
@@ -104,6 +110,7 @@ def test_bad_config_file_or_override_is_refused_cleanly(case, raw_config, write_
     result = CliRunner().invoke(app, ["run", str(config_path), *overrides])
     assert_refused(result, expected, before, tmp_path)
     assert "hacked" not in result.output.replace("echo hacked", "")  # the tag was never run
+    assert "s3cr3t" not in result.output and "AKIAEXAMPLE" not in result.output
 
 
 def test_a_config_in_utf16_or_utf8_with_a_bom_is_read(raw_config, write_config, tmp_path):
@@ -154,3 +161,16 @@ def test_test_hooks_are_inert_unless_armed(raw_config, write_config, monkeypatch
                    "`LORA_SWEEP_TEST_HOOKS`: must be 'armed' (tests only) or unset, but got 'yes'")
     monkeypatch.setenv("LORA_SWEEP_TEST_HOOKS", "armed")
     assert faults.stall_point() == "export" and faults.planned_fault() == ("exception", 1)
+
+
+def test_yaml_1_2_integers_and_storage_uris_that_name_places(raw_config, write_config):
+    from sweep.config import load_config, redact_uri
+
+    path = write_config(raw_config)
+    path.write_text(path.read_text().replace("seed: 0", "seed: 010"))
+    assert load_config(path).seed == 10  # YAML 1.1 read 010 as octal 8
+    for uri in ("abfss://container@account.dfs.core.windows.net/sweeps", "hdfs://alice@namenode:8020/sweeps",
+                "s3://bucket/p?region=us-east-1&endpoint_override=127.0.0.1:9000&scheme=http"):
+        assert load_config(path, [f"storage={uri}"]).storage == uri  # user names and options, not secrets
+    assert redact_uri("s3://bucket/p?region=x&secret_key=abc") == "s3://bucket/p?region=x&secret_key=***"
+    assert redact_uri("KEY:SECRET@bucket/x") == "***@bucket/x"

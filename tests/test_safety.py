@@ -211,3 +211,24 @@ def test_resume_refuses_a_corrupt_study_before_ray_starts(raw_config, write_conf
     assert_refused(CliRunner().invoke(app, ["resume", str(folder)]), "optuna_study.db: not a SQLite database", before,
                    folder)
     assert not ray.is_initialized()
+
+
+def test_tunes_ctrl_c_handler_is_not_left_behind_and_ray_inits_sigterm_exit_becomes_a_stop():
+    import signal
+
+    from sweep import signals
+
+    def tunes_handler(signum, frame):  # what Tune installs during fit() and leaves after a normal end
+        pass
+
+    before = signal.getsignal(signal.SIGINT)
+    with signals.ctrl_c_handler_kept():
+        signal.signal(signal.SIGINT, tunes_handler)
+    assert signal.getsignal(signal.SIGINT) is before  # a stop during export reaches KeyboardInterrupt again
+    with pytest.raises(KeyboardInterrupt):
+        with signals.sigterm_stops_like_ctrl_c():
+            raise SystemExit(signal.SIGTERM)  # ray.init's own SIGTERM handler
+    assert signals.stop_exit_code() == 143
+    assert signal.getsignal(signal.SIGTERM) is signals._forward_to_ctrl_c_handler
+    signal.signal(signal.SIGTERM, signal.SIG_DFL)
+    signals._received.clear()

@@ -16,8 +16,8 @@ from typing import Annotated, Any, Literal, Optional, Union
 from urllib.parse import parse_qsl, urlsplit
 
 import yaml
-from pydantic import (BaseModel, BeforeValidator, ConfigDict, Field, Strict, StrictBool, ValidationError,
-                      field_validator, model_validator)
+from pydantic import (AfterValidator, BaseModel, BeforeValidator, ConfigDict, Field, Strict, StrictBool,
+                      ValidationError, field_validator, model_validator)
 
 # Metrics the trainable reports at every evaluation; the sweep can optimise any of them.
 REPORTED_METRICS = ("eval_loss", "eval_perplexity", "train_loss")
@@ -30,12 +30,18 @@ REWRITES_BASE_WEIGHTS = ("pissa", "olora")
 CONFIG_FILE = "config.yaml"  # a sweep folder's copy of the resolved config it runs
 
 
+def _escape_controls(text: str) -> str:
+    return "".join(ch if ord(ch) >= 0x20 and ord(ch) != 0x7F else repr(ch)[1:-1] for ch in str(text))
+
+
 class ConfigError(ValueError):
     """Every problem found in a config, one line each."""
 
     def __init__(self, problems: list[str], source: str = "config"):
-        self.problems = problems
-        self.source = source
+        # A control character in a quoted path or value must not start a line of its own (a forged `error:`).
+        self.problems = [_escape_controls(problem) for problem in problems]
+        self.source = _escape_controls(source)
+        problems = self.problems
         # One line per problem, each naming where it is: greppable, and readable one at a time.
         super().__init__("\n".join(f"{source}: {problem}" for problem in problems))
 
@@ -64,8 +70,37 @@ def _not_a_bool(value: Any) -> Any:
 
 # Strict where YAML makes mistakes easy: `batch_size: true` is not 1, `8.5` is not 8, `"yes"` is not True.
 # Floats stay lax for strings, because PyYAML reads `1e-4` (no dot) as the string "1e-4".
-Int = Annotated[int, Strict()]
+# No setting is near 2^53: a bound keeps a 40-digit number from reaching Ray, numpy or a message in full.
+def _not_huge(value: int) -> int:
+    if abs(value) > 2**53:
+        raise ValueError(f"Input should be at most 2^53 (no setting is near that), but got {cut(str(value), 30)}")
+    return value
+
+
+Int = Annotated[int, Strict(), AfterValidator(_not_huge)]
 Float = Annotated[float, BeforeValidator(_not_a_bool)]
+
+
+def _plain_text(value: str) -> str:
+    # A newline or NUL in a path would forge lines of the messages that quote it, or break the OS call.
+    if any(ord(ch) < 0x20 or ord(ch) == 0x7F for ch in value):
+        raise ValueError("must not hold control characters (a newline, tab or NUL)")
+    if len(value) > 4096:
+        raise ValueError(f"is {len(value):,} characters long; a path or URI is at most 4096")
+    return value
+
+
+PathText = Annotated[str, AfterValidator(_plain_text)]  # a path, URI or address: one line of plain text
+RAY_RESOURCE_STEP = 0.0001  # Ray counts fractional resources in steps of this (it fails a trial asking finer)
+
+
+def _ray_resource(value: Optional[float]) -> Optional[float]:
+    if value and abs(value / RAY_RESOURCE_STEP - round(value / RAY_RESOURCE_STEP)) > 1e-6:
+        raise ValueError(f"Ray counts resources in steps of {RAY_RESOURCE_STEP}, but got {value}")
+    return value
+
+
+RayAmount = Annotated[float, BeforeValidator(_not_a_bool), AfterValidator(_ray_resource)]
 SEED_MAX = 2**32 - 1  # numpy's and Optuna's seeds are 32-bit
 NAME_MAX_LENGTH = 200
 # pyarrow's filesystems for shared storage (its `file://` is `output_dir`, and `mock://` a test double).
@@ -79,7 +114,7 @@ class _Strict(BaseModel):
 
 
 class ModelConfig(_Strict):
-    path: str = Field(description="Local folder or hub id of the base causal LM.")
+    path: PathText = Field(description="Local folder or hub id of the base causal LM.")
     dtype: Literal["auto", "float32", "bfloat16", "float16"] = "auto"
     trust_remote_code: StrictBool = False
     quantization: Literal["none", "nf4", "fp4"] = Field(
@@ -126,13 +161,13 @@ class SplitFractions(_Strict):
 
 
 class SplitFiles(_Strict):
-    train: str
-    val: str
-    test: str
+    train: PathText
+    val: PathText
+    test: PathText
 
 
 class DataConfig(_Strict):
-    files: list[str] = Field(default_factory=list, description="JSONL, CSV or Parquet files, split by `split`.")
+    files: list[PathText] = Field(default_factory=list, description="JSONL, CSV or Parquet files, split by `split`.")
     split_files: Optional[SplitFiles] = None
     columns: ColumnMapping = Field(default_factory=ColumnMapping)
     template: Literal["default", "alpaca", "chat"] = "default"
@@ -148,7 +183,7 @@ class DataConfig(_Strict):
 
 
 class LoraConfig(_Strict):
-    rank: Int = Field(8, ge=1)
+    rank: Int = Field(8, ge=1, le=65536)
     alpha_multiple: Float = Field(2.0, gt=0.0, description="lora_alpha = alpha_multiple * rank")
     dropout: Float = Field(0.05, ge=0.0, lt=1.0)
     target_modules: Union[Literal["attention", "mlp", "all-linear"], list[str]] = "attention"
@@ -176,21 +211,21 @@ class TrainingConfig(_Strict):
     weight_decay: Float = Field(0.0, ge=0.0)
     lr_scheduler: Literal["linear", "cosine", "constant", "constant_with_warmup"] = "linear"
     max_grad_norm: Float = Field(1.0, gt=0.0)
-    max_steps: Int = Field(200, ge=1, description="Optimizer steps of a trial that is never stopped early.")
+    max_steps: Int = Field(200, ge=1, le=100_000_000, description="Optimizer steps of a trial that is never stopped early.")
     eval_steps: Int = Field(20, ge=1, description="Evaluate and report every this many steps.")
     eval_batch_size: Int = Field(16, ge=1)
     gradient_checkpointing: StrictBool = False
 
 
 class WarmStartConfig(_Strict):
-    sweep: str = Field(description="Folder of an earlier sweep (e.g. results/demo) whose best configs run first.")
+    sweep: PathText = Field(description="Folder of an earlier sweep (e.g. results/demo) whose best configs run first.")
     top: Int = Field(3, ge=1, description="How many of its best trials to re-run as this sweep's first trials.")
 
 
 class SearchConfig(_Strict):
-    space: Optional[str] = Field("lora_default", description="Name in search_spaces/ or a path to a YAML space.")
+    space: Optional[PathText] = Field("lora_default", description="Name in search_spaces/ or a path to a YAML space.")
     parameters: dict[str, dict[str, Any]] = Field(default_factory=dict, description="Inline entries; override `space`.")
-    num_trials: Int = Field(8, ge=1)
+    num_trials: Int = Field(8, ge=1, le=1_000_000)
     max_concurrent_trials: Optional[Int] = Field(None, ge=1)
     metric: str = "eval_loss"
     mode: Literal["min", "max"] = "min"
@@ -221,8 +256,8 @@ class SchedulerConfig(_Strict):
 
 
 class ResourcesConfig(_Strict):
-    cpu: Float = Field(1.0, gt=0.0)
-    gpu: Float = Field(0.0, ge=0.0)
+    cpu: RayAmount = Field(1.0, gt=0.0)
+    gpu: RayAmount = Field(0.0, ge=0.0)
 
     @field_validator("gpu")
     @classmethod
@@ -245,7 +280,7 @@ class EvaluationConfig(_Strict):
 
 
 class RayConfig(_Strict):
-    address: Optional[str] = Field(None, description="None starts Ray locally; 'auto' or HOST:PORT joins a cluster.")
+    address: Optional[PathText] = Field(None, description="None starts Ray locally; 'auto' or HOST:PORT joins a cluster.")
 
     @field_validator("address")
     @classmethod
@@ -258,12 +293,13 @@ class RayConfig(_Strict):
             port, host = parts.port, parts.hostname
         except ValueError:
             port, host = None, None
-        if not host or port is None or port == 0 or parts.path or parts.query or parts.username or "@" in rest:
+        too_long = bool(host) and (len(host) > 253 or any(len(label) > 63 for label in host.split(".")))
+        if not host or too_long or port is None or port == 0 or parts.path or parts.query or "@" in rest:
             raise ValueError("must be `auto`, HOST:PORT of the cluster's head (e.g. 10.0.0.5:6379) or "
                              "ray://HOST:PORT for Ray Client; leave it unset for a local Ray")
         return value
     num_cpus: Optional[Int] = Field(None, ge=1)
-    num_gpus: Optional[Float] = Field(None, ge=0)
+    num_gpus: Optional[RayAmount] = Field(None, ge=0)
 
 
 class BudgetConfig(_Strict):
@@ -278,8 +314,8 @@ class BudgetConfig(_Strict):
 class SweepConfig(_Strict):
     # One path segment: <output_dir>/<name> is the only folder the sweep writes to (no '/', no '..').
     name: str = Field(pattern=r"^[A-Za-z0-9][A-Za-z0-9_.-]*$", max_length=NAME_MAX_LENGTH)
-    output_dir: str = "results"
-    storage: Optional[str] = Field(
+    output_dir: PathText = "results"
+    storage: Optional[PathText] = Field(
         None, description="URI (s3://, gs://, any pyarrow filesystem) where trials store checkpoints and the sweep "
         "folder is mirrored, as <storage>/<name>/; the driver works in <output_dir>/<name>/.")
     seed: Int = Field(0, ge=0, le=SEED_MAX)
@@ -320,6 +356,10 @@ class SweepConfig(_Strict):
         found = uri_credentials(value) if value else []
         if found == [UNPARSEABLE_URI]:
             raise ValueError("cannot be parsed as a URI (check the host, port and brackets)")
+        if value is not None and "#" in value:
+            raise ValueError("must not hold a fragment (#...): it is no part of a storage location")
+        if value is not None and not found and scheme in _NEEDS_A_BUCKET and not urlsplit(value).netloc:
+            raise ValueError(f"must name a bucket or container after {scheme}://, like {scheme}://bucket/prefix")
         if found:
             # The config is saved in the sweep folder (and its storage), and the URI shows in messages.
             raise ValueError(f"must not carry credentials ({', '.join(found)}): they would be saved in config.yaml "
@@ -381,6 +421,14 @@ UNPARSEABLE_URI = "a URI that cannot be parsed"
 _USER_INFO_IS_A_NAME = ("abfs", "abfss", "hdfs", "viewfs")
 
 
+_NEEDS_A_BUCKET = ("s3", "gs", "gcs", "abfs", "abfss")
+# A secret written anywhere in a URI: `key=value` of a secret-looking key (in the query, in `;` parameters or
+# URL-encoded) and user info with a password (also inside a query value, such as an endpoint's URL).
+_SECRET_ASSIGNMENT = re.compile(r"(?i)(secret|password|passwd|credential|signature|token|access_?key|account_?key"
+                                r"|sig)[a-z0-9_\-]*\s*(=|%3d)")
+_PASSWORD_IN_URL = re.compile(r"//[^/@?#]*:[^/@?#]*@")
+
+
 def uri_credentials(uri: str) -> list[str]:
     """What in a URI looks like a credential: a password (or, for S3 and GCS, any user info) before '@',
     and query keys naming a secret. A URI that cannot be parsed is reported as such: it cannot be checked."""
@@ -393,7 +441,12 @@ def uri_credentials(uri: str) -> list[str]:
     found = []
     if user_info is not None and (":" in user_info or parts.scheme.lower() not in _USER_INFO_IS_A_NAME):
         found.append("user info before '@'")
-    return found + [key for key, _ in parse_qsl(parts.query, keep_blank_values=True) if _is_secret_key(key)]
+    # Only the key's name is kept for the message: an encoded `=` (secret_key%3Dvalue) makes the value part of it.
+    found += [re.split(r"[^A-Za-z0-9_\-]", key)[0][:40] for key, _ in parse_qsl(parts.query, keep_blank_values=True)
+              if _is_secret_key(key)]
+    if not found and (_SECRET_ASSIGNMENT.search(uri) or _PASSWORD_IN_URL.search(uri.partition("://")[2])):
+        found.append("a secret-looking key=value or a password in a URL inside it")
+    return found
 
 
 def redact_uri(uri: str) -> str:
@@ -410,7 +463,10 @@ def redact_uri(uri: str) -> str:
         location = location.partition("?")[0]
     pairs = [pair.partition("=") for pair in query.split("&")] if question else []
     query = "&".join(f"{k}=***" if _is_secret_key(k) else f"{k}{eq}{v}" for k, eq, v in pairs)
-    return f"{scheme}{separator}{location}{slash}{path}{question}{query}"
+    shown_uri = f"{scheme}{separator}{location}{slash}{path}{question}{query}"
+    shown_uri = _PASSWORD_IN_URL.sub("//***@", shown_uri)
+    return re.sub(r"(?i)((?:secret|password|passwd|credential|signature|token|access_?key|account_?key|sig)"
+                  r"[a-z0-9_\-]*\s*(?:=|%3d))[^&;#/]*", r"\1***", shown_uri)
 
 
 VALUE_SHOWN_CHARS = 80
@@ -433,8 +489,10 @@ def shown(value: Any, limit: int = VALUE_SHOWN_CHARS) -> str:
 
 def format_errors(error: ValidationError) -> list[str]:
     problems = []
+    merged: dict[str, list[str]] = {}
     for item in error.errors():
-        location = ".".join(str(part) for part in item["loc"])
+        # Union members' tags (`literal['attention', ...]`, `list[str]`) name no field: drop them.
+        location = cut(".".join(str(part) for part in item["loc"] if "[" not in str(part)))
         message = item["msg"].removeprefix("Value error, ")
         if item["type"] == "extra_forbidden":
             parent = _parent_model(item["loc"][:-1])
@@ -450,10 +508,13 @@ def format_errors(error: ValidationError) -> list[str]:
             problems.append(f"`{location}`: required field is missing")
             continue
         value = item.get("input")
-        if location == "storage" and isinstance(value, str):
+        if location in ("storage", "ray.address") and isinstance(value, str):
             value = redact_uri(value)  # never print a credential, even in the error that refuses it
         got = f" (got {shown(value)})" if "input" in item and not isinstance(item["input"], dict) else ""
-        problems.append(f"`{location}`: {message}{got}" if location else f"{message}{got}")
+        merged.setdefault(location, []).append(f"{message}{got}")
+    for location, messages in merged.items():  # one line per field: a union's alternatives joined by "or"
+        text = "; or ".join(dict.fromkeys(messages))
+        problems.append(f"`{location}`: {text}" if location else text)
     return problems
 
 
@@ -509,6 +570,8 @@ _SweepYamlLoader.add_constructor(yaml.resolver.BaseResolver.DEFAULT_MAPPING_TAG,
 
 def _yaml_1_2_int(loader: yaml.SafeLoader, node: yaml.ScalarNode) -> int:
     text = loader.construct_scalar(node)
+    if len(text) > 30:  # no setting has 30 digits; Python refuses past 4300 with advice about its own internals
+        raise yaml.constructor.ConstructorError(None, None, f"an integer of {len(text):,} digits", node.start_mark)
     if text.startswith(("0o", "0x")):
         return int(text[2:], 8 if text[1] == "o" else 16)
     return int(text, 10)
@@ -541,6 +604,7 @@ _yaml_1_2_scalars(_SweepYamlLoader)
 # Values a config may hold once YAML aliases are expanded: a 1 KB "billion laughs" file expands to millions,
 # which validation, messages and config.yaml would each write out in full.
 MAX_YAML_VALUES = 100_000
+MAX_YAML_BYTES = 1_000_000
 
 
 def _expanded_size_exceeds(value: Any, limit: int) -> bool:
@@ -582,6 +646,8 @@ def parse_yaml_text(text: str) -> Any:
         raise ValueError("holds NUL characters: UTF-16 without a byte-order mark? save it as UTF-8")
     try:
         value = yaml.load(text, Loader=_SweepYamlLoader)  # noqa: S506 - a SafeLoader subclass
+    except RecursionError:
+        raise ValueError("YAML nested too deeply (thousands of levels); a sweep config is a few levels deep") from None
     except yaml.YAMLError as error:
         mark = getattr(error, "problem_mark", None)
         where = f" at line {mark.line + 1}, column {mark.column + 1}" if mark else ""
@@ -632,6 +698,9 @@ def read_yaml(path: Path, what: str = "config") -> Any:
         what_it_is = "not a regular file" if path.exists() else "not found"
         raise ConfigError([f"{what} file {what_it_is}: {path}"], str(path))
     try:
+        size = path.stat().st_size
+        if size > MAX_YAML_BYTES:
+            raise ValueError(f"is {size:,} bytes; a {what} file is a few KB (at most {MAX_YAML_BYTES:,} bytes)")
         return parse_yaml_text(decode_text(path.read_bytes()))
     except ValueError as error:
         raise ConfigError([str(error)], str(path)) from None

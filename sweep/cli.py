@@ -9,6 +9,7 @@ verification failed, a full disk); 2 bad input, reported before anything runs;
 from __future__ import annotations
 
 import errno
+import functools
 import json
 import logging
 import sys
@@ -19,7 +20,7 @@ from typing import TYPE_CHECKING, Callable, List, Optional
 
 import typer
 
-from sweep.config import CONFIG_FILE, ConfigError, load_config
+from sweep.config import CONFIG_FILE, ConfigError, cut, load_config, shown
 
 if TYPE_CHECKING:
     from sweep.pipeline import SweepOutcome
@@ -54,6 +55,46 @@ def _show_warnings() -> None:
 
 
 _show_warnings()
+
+
+# Inputs that break the operating system's or Python's own limits, wherever they are first touched: a path
+# too long or looping, a NUL byte, nesting or digits beyond Python's limits. They are bad input like any other.
+_PATH_ERRNOS = (errno.ENAMETOOLONG, errno.ELOOP, errno.EILSEQ)
+
+
+def _input_beyond_limits(error: BaseException) -> Optional[str]:
+    text = str(error)
+    if isinstance(error, OSError) and error.errno in _PATH_ERRNOS:
+        return f"{error.strerror}: {_shown_path(error.filename)}"
+    if isinstance(error, RuntimeError) and "Symlink loop" in text:
+        return f"a path loops through symbolic links ({cut(text, 120)})"
+    if isinstance(error, ValueError) and ("embedded null" in text or "Exceeds the limit" in text):
+        return "an input holds a NUL byte" if "null" in text else "an input holds a number of thousands of digits"
+    if isinstance(error, RecursionError):
+        return "an input is nested too deeply (thousands of levels)"
+    if isinstance(error, UnicodeError):
+        return f"an input cannot be encoded ({cut(text, 120)})"
+    return None
+
+
+def _shown_path(path: object) -> str:
+    return shown(str(path)) if path is not None else "(a path)"
+
+
+def refuses_inputs_beyond_limits(command: Callable[..., None]) -> Callable[..., None]:
+    """Every command: an input beyond the OS's or Python's limits ends in one `error:` line and exit 2."""
+
+    @functools.wraps(command)
+    def guarded(*args: object, **kwargs: object) -> None:
+        try:
+            command(*args, **kwargs)
+        except (OSError, RuntimeError, ValueError, RecursionError) as error:
+            reason = _input_beyond_limits(error)
+            if reason is None:
+                raise
+            _fail(f"error: {reason}", 2)
+
+    return guarded
 
 
 def _os_error_line(error: OSError) -> str:
@@ -95,6 +136,7 @@ def _run_and_report(start: Callable[[], "SweepOutcome"]) -> None:
 
 
 @app.command()
+@refuses_inputs_beyond_limits
 def run(
     config: Path = typer.Argument(..., help="Sweep YAML file."),
     overrides: Optional[List[str]] = typer.Argument(None, help="key=value overrides, e.g. search.num_trials=4"),
@@ -130,6 +172,7 @@ def _run_config(config_path: Path, overrides: list[str], overwrite: bool, resume
 
 
 @app.command()
+@refuses_inputs_beyond_limits
 def resume(sweep_dir: Path = typer.Argument(..., help="The folder of a stopped or crashed sweep, e.g. results/demo")) -> None:
     """Continue a sweep that was stopped (Ctrl-C) or killed: finished trials are kept, running ones restart
     from their last checkpoint, and the sweep ends with the configured number of trials.
@@ -148,6 +191,7 @@ def resume(sweep_dir: Path = typer.Argument(..., help="The folder of a stopped o
 
 
 @app.command()
+@refuses_inputs_beyond_limits
 def demo(
     overrides: Optional[List[str]] = typer.Argument(None, help="key=value overrides on examples/demo.yaml"),
 ) -> None:
@@ -159,6 +203,7 @@ def demo(
 
 
 @app.command()
+@refuses_inputs_beyond_limits
 def best(
     sweep_dir: Path = typer.Argument(..., help="A sweep folder, e.g. results/demo"),
     as_json: bool = typer.Option(False, "--json", help="Print JSON for scripts."),
@@ -185,6 +230,7 @@ def best(
 
 
 @app.command()
+@refuses_inputs_beyond_limits
 def plan(
     config: Path = typer.Argument(..., help="Sweep YAML file."),
     overrides: Optional[List[str]] = typer.Argument(None, help="key=value overrides, e.g. search.num_trials=4"),
@@ -210,6 +256,7 @@ def plan(
 
 
 @app.command()
+@refuses_inputs_beyond_limits
 def status(
     sweep_dir: Path = typer.Argument(..., help="A sweep folder, e.g. results/demo"),
     as_json: bool = typer.Option(False, "--json", help="Print JSON for scripts."),
@@ -250,6 +297,7 @@ def status(
 
 
 @app.command()
+@refuses_inputs_beyond_limits
 def report(sweep_dir: Path = typer.Argument(..., help="A sweep folder, e.g. results/demo")) -> None:
     """Write SWEEP_DIR/report/index.html with figures: optimisation history, hyperparameter importances,
     parallel coordinates, learning curves of all trials (early-stopped ones marked) and best vs base on
@@ -269,6 +317,7 @@ def report(sweep_dir: Path = typer.Argument(..., help="A sweep folder, e.g. resu
 
 
 @app.command()
+@refuses_inputs_beyond_limits
 def generate(
     sweep_dir: Path = typer.Argument(..., help="A finished sweep folder, e.g. results/demo"),
     question: Optional[str] = typer.Argument(None, help="The instruction to answer (or use --file)."),
@@ -296,6 +345,7 @@ def generate(
         if file and system is not None:
             examples = [replace(e, system=system) for e in examples]
         model = ExportedModel(sweep_dir)
+        model.check_fits(examples, max_new_tokens)  # before the first answer: no prompt is cut or overruns
     except (FileNotFoundError, ConfigError) as error:
         _fail(_error_lines(error), 2)
     for example in examples:
@@ -304,7 +354,7 @@ def generate(
             typer.echo(json.dumps({"instruction": example.instruction, "input": example.input, "answer": answer}))
             continue
         if file:
-            typer.echo(f"### {example.instruction}" + (f" | {example.input}" if example.input else ""))
+            typer.echo(cut(f"### {example.instruction}" + (f" | {example.input}" if example.input else ""), 200))
         for piece in model.stream(example, max_new_tokens, temperature):
             sys.stdout.write(piece)
             sys.stdout.flush()
@@ -312,6 +362,7 @@ def generate(
 
 
 @app.command()
+@refuses_inputs_beyond_limits
 def export(sweep_dir: Path = typer.Argument(..., help="A finished sweep folder, e.g. results/demo")) -> None:
     """Evaluate the promoted checkpoint on the test split and (re-)export it to SWEEP_DIR/export/.
 

@@ -343,6 +343,15 @@ class SweepConfig(_Strict):
         """What a trial holds, for device-hours: its GPUs, or its CPUs when it asks for no GPU."""
         return self.resources.gpu if self.resources.gpu > 0 else self.resources.cpu
 
+    @field_validator("output_dir")
+    @classmethod
+    def _resolvable(cls, value: str) -> str:
+        try:
+            Path(value).resolve()
+        except (RuntimeError, OSError) as error:  # a symlink loop, a name too long
+            raise ValueError(f"cannot be resolved to a folder ({cut(str(error), 80)})") from None
+        return value
+
     @field_validator("storage")
     @classmethod
     def _a_uri(cls, value: Optional[str]) -> Optional[str]:
@@ -729,6 +738,20 @@ def load_config(path: str | Path, overrides: list[str] | None = None) -> SweepCo
     return validate_config(raw, str(path))
 
 
+def _exists(path: Path) -> bool:
+    try:
+        return path.exists()
+    except (OSError, ValueError):
+        return False
+
+
+def _is_file(path: Path) -> bool:
+    try:
+        return path.is_file()
+    except (OSError, ValueError):  # too long, a NUL byte: not a file; the field's own check names the problem
+        return False
+
+
 def _resolve_relative_paths(raw: dict[str, Any], base: Path) -> None:
     """Data files and local model folders are written relative to the config file."""
 
@@ -747,13 +770,14 @@ def _resolve_relative_paths(raw: dict[str, Any], base: Path) -> None:
     if isinstance(model, dict) and isinstance(model.get("path"), str):
         candidate = base / model["path"]
         # A hub id like "org/model" stays as it is unless a folder of that name exists.
-        if candidate.exists() or model["path"].startswith((".", "/")):
+        if _exists(candidate) or model["path"].startswith((".", "/")):
             model["path"] = str(candidate.resolve())
     search = raw.get("search")
     if isinstance(search, dict) and isinstance(search.get("space"), str):
-        candidate = base / search["space"]
-        if candidate.is_file():
-            search["space"] = str(candidate.resolve())
+        space = search["space"]
+        # A path (it has a folder or a YAML suffix) is relative to the config file; a bare name is a shipped space.
+        if "/" in space or space.endswith((".yaml", ".yml")) or _is_file(base / space):
+            search["space"] = str((base / space).resolve())
     warm = search.get("warm_start") if isinstance(search, dict) else None
     if isinstance(warm, dict) and isinstance(warm.get("sweep"), str):
         # A sweep folder, named like `output_dir`: relative to the working directory. Stored absolute, so a

@@ -30,6 +30,7 @@ from sweep.config import ColumnMapping, ConfigError, DataConfig, cut
 from sweep.templates import Example, prompt_renderer, tokenizer_adds_special_tokens
 
 SPLITS = ("train", "val", "test")
+MAX_CHARACTERS_PER_TOKEN = 256  # far above any tokenizer's average: longer texts are dropped as too long untokenized
 IGNORE_INDEX = -100  # label value the loss ignores (PyTorch's CrossEntropyLoss default)
 MODEL_COLUMNS = ["input_ids", "attention_mask", "labels"]  # what the model is fed
 _READERS = {".jsonl": "jsonl", ".csv": "csv", ".parquet": "parquet"}
@@ -122,6 +123,11 @@ def _parse_jsonl(text: str, path: Path, required: tuple[str, ...]) -> pd.DataFra
             row = json.loads(line)
         except json.JSONDecodeError as error:
             raise ConfigError([f"line {number}: not valid JSON ({error.msg}): {_show(line.strip())}"], str(path)) from None
+        except RecursionError:
+            raise ConfigError([f"line {number}: JSON nested too deeply (thousands of levels)"], str(path)) from None
+        except ValueError as error:  # Python's limit on the digits of an integer (4300)
+            raise ConfigError([f"line {number}: a value JSON cannot hold here ({cut(str(error).split(';')[0], 80)})"],
+                              str(path)) from None
         if not isinstance(row, dict):
             raise ConfigError([f"line {number}: must be a JSON object, but got {type(row).__name__}"], str(path))
         missing = [c for c in required if c not in row]
@@ -304,7 +310,10 @@ def tokenize_example(example: Example, render, tokenizer, max_length: int,
     Prompt and response are tokenized separately so the label boundary is exact
     (tokenizing the joined text can merge tokens across it).
     """
-    prompt_ids = tokenizer(render(example), add_special_tokens=add_special_tokens)["input_ids"]
+    prompt = render(example)
+    if len(prompt) + len(example.response) > max_length * MAX_CHARACTERS_PER_TOKEN:
+        return None  # cannot fit: no tokenizer makes tokens this long on average (and a 50 MB row takes minutes)
+    prompt_ids = tokenizer(prompt, add_special_tokens=add_special_tokens)["input_ids"]
     response_ids = tokenizer(example.response, add_special_tokens=False)["input_ids"] + [tokenizer.eos_token_id]
     input_ids = prompt_ids + response_ids
     if len(input_ids) > max_length:

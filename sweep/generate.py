@@ -111,6 +111,35 @@ class ExportedModel:
         return stream_answer(self.model, self.tokenizer, self.render(example), max_new_tokens, temperature,
                              tokenizer_adds_special_tokens(self.config.data.template))
 
+    def positions(self) -> Optional[int]:
+        """Tokens the model can attend over (prompt and answer together), when its config says."""
+        settings = self.model.config
+        for name in ("max_position_embeddings", "n_positions", "max_sequence_length", "seq_length"):
+            value = getattr(settings, name, None)
+            if isinstance(value, int) and value > 0:
+                return value
+        return None
+
+    def check_fits(self, examples: list[Example], max_new_tokens: int) -> None:
+        """Every prompt plus `max_new_tokens` fits the model's positions: a ConfigError naming the first that
+        does not (a model asked past them generates garbage or fails, after a long wait)."""
+        positions = self.positions()
+        if positions is None:
+            return
+        if max_new_tokens >= positions:
+            raise ConfigError([f"`--max-new-tokens`: {max_new_tokens} is not below the model's {positions} positions "
+                               "(prompt and answer share them)"], "generate")
+        for number, example in enumerate(examples, start=1):
+            text = self.render(example)
+            # A token is a few characters: a prompt this long cannot fit, and tokenizing it would take long.
+            length = len(text) // 64 if len(text) > 64 * positions else len(
+                self.tokenizer(text, add_special_tokens=tokenizer_adds_special_tokens(self.config.data.template))
+                ["input_ids"])
+            if length + max_new_tokens > positions:
+                raise ConfigError([f"prompt {number}: about {length:,} tokens with --max-new-tokens {max_new_tokens} "
+                                   f"is more than the model's {positions} positions; shorten it or lower "
+                                   "--max-new-tokens"], "generate")
+
     def answer(self, example: Example, max_new_tokens: int, temperature: float = 0.0) -> str:
         return "".join(self.stream(example, max_new_tokens, temperature)).strip()
 

@@ -44,7 +44,7 @@ from sweep.results import (TrialRecord, promote, read_best, read_json, require_s
                            write_atomically, write_best, write_leaderboard)
 from sweep.safety import (MARKER_FILE, check_state_files_are_ours, clear_sweep_folder, driver_lock, holds_anything,
                           is_sweep_folder, mark_stored_sweep_folder, mark_sweep_folder, stored_sweep_id, sweep_id)
-from sweep.search_space import build_search_space
+from sweep.search_space import apply_params, build_search_space
 from sweep.storage import check_storage, fetch_trial_results, holds_files, mirror_to_storage, open_storage
 from sweep.warm_start import warm_start_points
 from trainables.lora_causal_lm import load_tokenizer
@@ -442,8 +442,10 @@ def export(sweep_dir: Path) -> FinalReport:
     if config.model.path.startswith((".", "/", "~")) and not Path(config.model.path).expanduser().is_dir():
         raise ConfigError([f"`model.path`: the base model {shown_path(config.model.path)} is gone; the export "
                            "merges the adapter into it: restore it there"], str(Path(sweep_dir) / CONFIG_FILE))
+    best = read_best(sweep_dir)
+    apply_params(config, best.params)  # the promoted trial's config is valid: checked before the lock is taken
     with driver_lock(Path(sweep_dir), "sweep export"):
-        final = finalize(Path(sweep_dir), config, read_best(sweep_dir), Path(record["data_path"]), record)
+        final = finalize(Path(sweep_dir), config, best, Path(record["data_path"]), record)
     storage = open_storage(config)
     if storage is not None:  # storage gets the new export too
         mirror_to_storage(Path(sweep_dir), storage)

@@ -321,6 +321,8 @@ def read_json(path: Path, remedy: str) -> dict[str, Any]:
         refuse(f"not valid JSON ({error.msg.removesuffix(' at')} at line {error.lineno}, column {error.colno})")
     except RecursionError:
         refuse("not valid JSON (nested too deeply)")
+    except ValueError as error:  # Python's limit on the digits of an integer (4300)
+        refuse(f"not valid JSON here ({cut(str(error).split(';')[0], 80)})")
     if not isinstance(data, dict):
         refuse(f"must be a JSON object, but got {_json_kind(data)}")
     return data

@@ -103,6 +103,8 @@ def _distribution(name: str, spec: Any) -> tuple[od.BaseDistribution | None, lis
         elif kind == "int" and isinstance(value, float) and not value.is_integer():
             # int() would truncate 1.5 to 1 without a word: a range the user did not write.
             problems.append(f"{where}.{key}: an int distribution needs whole-number bounds, but got {value}")
+        elif abs(value) > 2**53:  # no setting is near it; Decimal and Optuna's grids fail on such numbers
+            problems.append(f"{where}.{key}: must be at most 2^53 in size, but got {shown(value)}")
     if step is not None:
         if kind == "loguniform":
             # Optuna forbids log=True with a step: a log scale has no evenly spaced grid.
@@ -190,6 +192,10 @@ def _values_the_config_rejects(config: SweepConfig, space: dict[str, od.BaseDist
 def apply_params(config: SweepConfig, params: dict[str, Any]) -> SweepConfig:
     """The config one trial runs: the fixed config with the sampled values written over it."""
     raw = config.model_dump()
+    unknown = [dotted for dotted in params if dotted not in TUNABLE_FIELDS]
+    if unknown:  # a damaged best.json or leaderboard, say: never written over the config's own keys
+        raise ConfigError([f"{shown(unknown[0])}: not a tunable field ({len(unknown)} such); tunable: "
+                           f"{', '.join(TUNABLE_FIELDS)}"], "trial params")
     for dotted, value in params.items():
         section, field = dotted.split(".", 1)
         raw[section][field] = value

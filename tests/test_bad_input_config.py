@@ -61,6 +61,25 @@ CASES = {
     "ray.address nothing answers": (lambda raw, tmp: raw["ray"].update(address=f"127.0.0.1:{_free_port()}"), "`ray.address`: nothing answers at 127.0.0.1:"),
     "search.metric unknown": (_set("search", metric="accuracy"), "`search.metric`: must be one the trainable reports"),
     "a long bad value is cut short": (_set("training", batch_size="x" * 5000), "... (5,002 characters)"),
+    "a NUL in a data path": (lambda raw, tmp: raw["data"].update(files=[raw["data"]["files"][0] + "\0x"]), "`data.files.0`: must not hold control characters"),
+    "a newline in model.path": (lambda raw, tmp: raw["model"].update(path=raw["model"]["path"] + "\nerror: forged"), "`model.path`: must not hold control characters"),
+    "an output_dir that loops": (lambda raw, tmp: ((tmp / "loop").symlink_to(tmp / "loop"), raw.update(output_dir=str(tmp / "loop" / "x"))), "`output_dir`: cannot be resolved to a folder"),
+    "an output_dir of 5000 characters": (_set("", output_dir="d" * 5000), "`output_dir`: is 5,000 characters long"),
+    "resources.cpu finer than Ray counts": (_set("resources", cpu=0.00001), "`resources.cpu`: Ray counts resources in steps of 0.0001, but got 1e-05"),
+    "resources.gpu finer than Ray counts": (_set("resources", gpu=1e-9), "`resources.gpu`: Ray counts resources in steps of 0.0001"),
+    "a ray.address host of 3000 characters": (_set("ray", address="h" * 3000 + ":6379"), "`ray.address`: must be `auto`, HOST:PORT"),
+    "a password in ray.address": (_set("ray", address="ray://user:s3cr3t@127.0.0.1:10001"), "`ray.address`: must be `auto`"),
+    "a URL-encoded secret in storage": (_set("", storage="s3://bucket/p?secret_key%3Ds3cr3t"), "must not carry credentials"),
+    "a secret in a storage fragment": (_set("", storage="s3://bucket/p#secret_key=s3cr3t"), "`storage`: must not hold a fragment"),
+    "a password in a storage option's URL": (_set("", storage="s3://bucket/p?endpoint_override=http://u:s3cr3t@host"), "must not carry credentials"),
+    "storage without a bucket": (_set("", storage="s3://"), "`storage`: must name a bucket or container after s3://"),
+    "target_modules as one comma string": (_set("lora", target_modules="q_proj, v_proj"), "`lora.target_modules`: Input should be 'attention', 'mlp' or 'all-linear'"),
+    "lora.rank beyond 65536": (_set("lora", rank=10**23), "`lora.rank`: Input should be less than or equal to 65536"),
+    "max_steps of 26 digits": (_set("training", max_steps=10**25), "`training.max_steps`: Input should be less than or equal to 100000000"),
+    "a space's int bound of 1e300": (lambda raw, tmp: raw["search"].update(space=None, parameters={"lora.rank": {"type": "int", "low": 1, "high": 1e300}}), "`lora.rank`.high: must be at most 2^53 in size"),
+    "an unknown key of 5000 characters": (lambda raw, tmp: raw.update({"k" * 5000: 1}), "unknown key"),
+    "JSONL nested 100,000 deep": (lambda raw, tmp: (tmp.joinpath("deep.jsonl").write_text('{"instruction": "a", "response": ' + "[" * 100_000 + "]" * 100_000 + "}\n"), raw["data"].update(files=[str(tmp / "deep.jsonl")])), "deep.jsonl: line 1: JSON nested too deeply"),
+    "JSONL with a 5000-digit number": (lambda raw, tmp: (tmp.joinpath("big.jsonl").write_text('{"instruction": "a", "response": ' + "7" * 5000 + "}\n"), raw["data"].update(files=[str(tmp / "big.jsonl")])), "big.jsonl: line 1: a value JSON cannot hold here"),
 }
 
 
@@ -69,6 +88,8 @@ CASES = {
 def test_bad_config_is_refused_cleanly_and_nothing_is_written(case, command, raw_config, write_config, tmp_path):
     result = refused_case(command, *CASES[case], raw_config, write_config, tmp_path)
     assert "s3cr3t" not in result.output  # a credential is never printed, even by the error that refuses it
+    assert "error: forged" not in result.output.splitlines()[0][:12]  # no line is forged by a value's newline
+    assert not any(line.startswith("error: forged") for line in result.output.splitlines())
 
 
 # Whole files and overrides: (config text or bytes, overrides, expected)
@@ -79,6 +100,10 @@ FILES = {
                       "d: &d [*c,*c,*c,*c,*c,*c,*c,*c,*c,*c]\ne: &e [*d,*d,*d,*d,*d,*d,*d,*d,*d,*d]\n", [],
                       "expands to more than 100,000 values"),
     "a recursive alias": ("a: &a [*a]\n", [], "YAML"),
+    "YAML nested 3000 deep": ("extra: " + "[" * 3000 + "]" * 3000 + "\n", [], "YAML nested too deeply"),
+    "a config of more than 1 MB": ("name: x\n" + "# padding\n" * 120_000, [], "bytes; a config file is a few KB"),
+    "an integer of 5000 digits": ("name: x\nseed: " + "9" * 5000 + "\n", [], "an integer of 5,000 digits"),
+    "an override nested 20000 deep": (None, ["data.default_system=" + "[" * 20000 + "]" * 20000], "YAML nested too deeply"),
     "a Python tag": ("name: !!python/object/apply:os.system ['echo hacked']\n", [], "could not determine a constructor"),
     "latin-1 bytes": (b"name: caf\xe9\n", [], "not UTF-8 text (byte 0xe9 at offset 9); save it as UTF-8"),
     "UTF-16 without a BOM": ("name: x\n".encode("utf-16-le"), [], "holds NUL characters: UTF-16 without a byte-order mark?"),

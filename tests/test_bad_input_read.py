@@ -208,6 +208,11 @@ CASES: dict[str, tuple[list[str], Callable[[Path], Path], str]] = {
                                              "config.yaml: `model`: required field is missing"),
     "export: config.yaml a list": (["export", DIR], _write("config.yaml", "- a\n- b\n"),
                                    "config.yaml: the top level must be a mapping of keys"),
+    "status: status.json with a 10,000-digit number": (["status", DIR], _write("status.json", '{"total": ' + "9" * 10_000 + "}"),
+                                                       "status.json: not valid JSON here"),
+    "export: best.json params that are no tunable fields": (
+        ["export", DIR], _edit_json("best.json", lambda d: d["params"].update({f"k{i}": i for i in range(10_000)})),
+        "trial params: 'k0': not a tunable field (10000 such)"),
     "export: the base model is gone": (["export", DIR], _edit_yaml(lambda c: c["model"].update(path="/no/such/base")),
                                        "config.yaml: `model.path`: the base model '/no/such/base' is gone"),
     "report: study random bytes": (["report", DIR], _write(STUDY_FILE, NOISE), "optuna_study.db: not a SQLite database"),

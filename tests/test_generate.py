@@ -89,3 +89,18 @@ def test_a_failure_inside_generation_is_raised_not_waited_on(exported_sweep, mon
     monkeypatch.setattr(model.model, "generate", out_of_memory)
     with pytest.raises(RuntimeError, match="out of memory while generating"):
         list(model.stream(Example(instruction="Hi", response=""), max_new_tokens=4))
+
+
+def test_answers_that_cannot_fit_the_models_positions_are_refused_before_generating(exported_sweep, tmp_path):
+    from conftest import assert_refused
+
+    positions = ExportedModel(exported_sweep).positions()
+    assert positions
+    result = CliRunner().invoke(app, ["generate", str(exported_sweep), "hi", "--max-new-tokens", "99999999999999999999"])
+    assert_refused(result, f"`--max-new-tokens`: 99999999999999999999 is not below the model's {positions} positions")
+    prompts = tmp_path / "prompts.jsonl"
+    prompts.write_text(json.dumps({"instruction": "Repeat the word."}) + "\n"
+                       + json.dumps({"instruction": "x" * 2_000_000}) + "\n")
+    result = CliRunner().invoke(app, ["generate", str(exported_sweep), "--file", str(prompts)])
+    assert_refused(result, f"prompt 2: about 31,251 tokens with --max-new-tokens 128 is more than the model's {positions}")
+    assert "Repeat" not in result.output  # nothing was answered before the refusal

@@ -1,12 +1,13 @@
 """Faults inside real trials of a real sweep: the sweep goes on, and the leaderboard says why."""
 
+import json
+
 import pandas as pd
 import pytest
 import ray
 
 from sweep.config import load_config
 from sweep.pipeline import run
-from test_crash_resume import trial_histories
 
 pytestmark = pytest.mark.integration
 
@@ -58,5 +59,10 @@ def test_a_transient_failure_is_retried_from_the_last_checkpoint(fault_config, m
     board = pd.read_csv(outcome.sweep_dir / "leaderboard.csv")
     assert list(board["status"]) == ["completed", "completed"]
     assert len(list((tmp_path / "failed-once").iterdir())) == 2  # both trials did fail once
-    for steps in trial_histories(outcome.sweep_dir).values():
-        assert steps == [3, 6]  # resumed after step 3's checkpoint, not started over
+    for result_file in (outcome.sweep_dir / "tune").glob("*/result.json"):
+        rows = [json.loads(line) for line in result_file.read_text().splitlines() if line.strip()]
+        # Resumed after step 3's checkpoint, not started over: step 6 is the first report since the restore.
+        # (Tune re-copies the trial's result.json from storage when it restarts the trial; under load that copy
+        # can predate step 3's line, so the history is [3, 6] or [6], never one that starts again at 3.)
+        assert [row["step"] for row in rows] in ([3, 6], [6]), rows
+        assert rows[-1]["iterations_since_restore"] == 1

@@ -8,7 +8,9 @@ from __future__ import annotations
 
 import contextlib
 import json
+import logging
 import os
+import shutil
 import socket
 import sqlite3
 import time
@@ -21,6 +23,7 @@ import torch
 import yaml
 from sqlalchemy.exc import SQLAlchemyError
 from ray import tune
+from ray._common.utils import get_default_ray_temp_dir
 from ray.tune import Callback
 from ray.tune.schedulers import ASHAScheduler, FIFOScheduler
 from ray.tune.search.optuna import OptunaSearch
@@ -36,6 +39,7 @@ from sweep.tensorboard_logs import TensorBoardCallback
 from trainables.lora_causal_lm import tune_trainable
 
 STUDY_FILE = "optuna_study.db"
+log = logging.getLogger(__name__)
 
 
 CLUSTER_ANSWER_SECONDS = 10.0  # a cluster's head that does not accept a connection in this time is taken as down
@@ -313,6 +317,49 @@ class _StallBetweenTrials(Callback):
         faults.stall_if_asked("between_trials", self.sweep_dir)
 
 
+# Ray Tune's snapshot of an experiment; on restore it reads the newest file (by name) of each kind.
+TUNE_SNAPSHOT_PATTERNS = ("experiment_state-*.json", "search_gen_state-*.json", "searcher-state-*.pkl")
+
+
+def recover_truncated_tune_snapshot(tune_dir: Path, ray_temp: Path) -> list[str]:
+    """Put back a complete copy of a Tune snapshot file that a killed driver left empty; the names recovered.
+
+    Tune writes its snapshot atomically to a staging folder in Ray's temp folder, then copies it into the sweep
+    folder with a plain copy: a driver killed during that copy leaves an empty file, and Tune, unable to read
+    it, starts the experiment over instead of resuming it (every trial again). The staging copy of the dead
+    driver's session is still complete on this machine unless the temp folder was cleared. Without one, the
+    resume is refused (ConfigError) rather than started over.
+    """
+    recovered = []
+    me = os.geteuid()
+    for pattern in TUNE_SNAPSHOT_PATTERNS:
+        files = sorted(tune_dir.glob(pattern))
+        if not files or files[-1].stat().st_size > 0:
+            continue
+        broken = files[-1]
+        copies = [path for path in ray_temp.glob(f"session_*/artifacts/*/{tune_dir.name}/driver_artifacts/{broken.name}")
+                  if _trusted_copy(path, me)]
+        if not copies:
+            raise ConfigError([f"{broken} is empty: the driver was killed while Ray Tune copied its state, and no "
+                               f"complete copy is left in {ray_temp}; a resume would start every trial over, so it "
+                               "is refused (the finished trials' results stay in the folder)"], str(tune_dir.parent))
+        newest = max(copies, key=lambda path: path.stat().st_mtime)
+        partial = broken.with_name(f".{broken.name}.recovering")
+        shutil.copyfile(newest, partial)
+        os.replace(partial, broken)
+        recovered.append(broken.name)
+    return recovered
+
+
+def _trusted_copy(path: Path, me: int) -> bool:
+    """A staging copy that is complete and that no one but this user could have written (it will be unpickled)."""
+    try:
+        infos = [path.lstat(), path.parent.lstat()]
+    except OSError:
+        return False
+    return infos[0].st_size > 0 and all(info.st_uid == me and not info.st_mode & 0o022 for info in infos)
+
+
 def trials_that_fit(config: SweepConfig, cpus: float, gpus: float) -> int:
     """Trials at once: the configured limit, else as many as `cpus` and `gpus` hold (at most all of them)."""
     if config.search.max_concurrent_trials:
@@ -379,6 +426,9 @@ def run_sweep(config: SweepConfig, space: dict[str, Any], data_path: Path, sweep
         # searcher (and through it the Optuna study) continues from its saved state.
         if storage is None:  # again, right before Tune unpickles them (the first check ran before preflight)
             check_state_files_are_ours(sweep_dir)
+            for name in recover_truncated_tune_snapshot(Path(tune_dir), Path(get_default_ray_temp_dir())):
+                log.warning("%s was empty (the driver was killed while Ray Tune copied it); its complete copy from "
+                            "Ray's temp folder was put back", name)
         tuner = tune.Tuner.restore(tune_dir, trainable, resume_unfinished=True, resume_errored=False,
                                    storage_filesystem=filesystem)
         with ctrl_c_handler_kept():

@@ -232,3 +232,26 @@ def test_tunes_ctrl_c_handler_is_not_left_behind_and_ray_inits_sigterm_exit_beco
     assert signal.getsignal(signal.SIGTERM) is signals._forward_to_ctrl_c_handler
     signal.signal(signal.SIGTERM, signal.SIG_DFL)
     signals._received.clear()
+
+
+def test_a_tune_snapshot_left_empty_by_a_kill_is_recovered_from_rays_staging_copy_or_the_resume_refused(tmp_path):
+    from sweep.driver import recover_truncated_tune_snapshot
+
+    tune_dir = tmp_path / "sweep" / "tune"
+    tune_dir.mkdir(parents=True)
+    (tune_dir / "search_gen_state-2026-01-01_10-00-00.json").write_bytes(b"")  # cut by the kill
+    (tune_dir / "searcher-state-2026-01-01_10-00-00.pkl").write_bytes(b"complete")
+    ray_temp = tmp_path / "ray"
+    with pytest.raises(ConfigError, match=r"search_gen_state-2026-01-01_10-00-00.json is empty: .* a resume would "
+                                          r"start every trial over, so it is refused"):
+        recover_truncated_tune_snapshot(tune_dir, ray_temp)
+    staging = ray_temp / "session_1" / "artifacts" / "2026-01-01_10-00-00" / "tune" / "driver_artifacts"
+    staging.mkdir(parents=True)
+    (staging / "search_gen_state-2026-01-01_10-00-00.json").write_bytes(b"the searcher's state")
+    staging.chmod(0o777)  # anyone could have planted it: not trusted
+    with pytest.raises(ConfigError, match="is empty"):
+        recover_truncated_tune_snapshot(tune_dir, ray_temp)
+    staging.chmod(0o755)
+    assert recover_truncated_tune_snapshot(tune_dir, ray_temp) == ["search_gen_state-2026-01-01_10-00-00.json"]
+    assert (tune_dir / "search_gen_state-2026-01-01_10-00-00.json").read_bytes() == b"the searcher's state"
+    assert recover_truncated_tune_snapshot(tune_dir, ray_temp) == []  # nothing empty: nothing touched

@@ -324,8 +324,8 @@ def generate(
     file: Optional[Path] = typer.Option(None, "--file", help="JSONL/CSV/Parquet of prompts, in the sweep's column names."),
     input_text: str = typer.Option("", "--input", help="Input text that goes with the instruction, as in the data."),
     system: Optional[str] = typer.Option(None, "--system", help="System text; default: the sweep's data.default_system."),
-    max_new_tokens: int = typer.Option(128, "--max-new-tokens", min=1, help="Most tokens to generate per answer."),
-    temperature: float = typer.Option(0.0, "--temperature", min=0.0, help="0 decodes greedily; above 0 samples."),
+    max_new_tokens: int = typer.Option(128, "--max-new-tokens", help="Most tokens to generate per answer."),
+    temperature: float = typer.Option(0.0, "--temperature", help="0 decodes greedily; above 0 samples."),
     as_json: bool = typer.Option(False, "--json", help="One JSON line per prompt (instruction, input, answer)."),
 ) -> None:
     """Answer with the exported model (SWEEP_DIR/export/merged), prompted with the sweep's own template, and
@@ -339,6 +339,10 @@ def generate(
 
     if (question is None) == (file is None):
         _fail("error: give either a QUESTION or --file PROMPTS (exactly one of them)", 2)
+    if max_new_tokens < 1:
+        _fail(f"error: `--max-new-tokens`: must be at least 1, but got {max_new_tokens}", 2)
+    if not 0.0 <= temperature < float("inf"):  # also NaN
+        _fail(f"error: `--temperature`: must be a finite number >= 0 (0 decodes greedily), but got {temperature}", 2)
     try:
         config, _ = load_sweep(sweep_dir)
         examples = examples_from_file(file, config) if file else [example_for(question, config, system, input_text)]

@@ -104,3 +104,14 @@ def test_answers_that_cannot_fit_the_models_positions_are_refused_before_generat
     result = CliRunner().invoke(app, ["generate", str(exported_sweep), "--file", str(prompts)])
     assert_refused(result, f"prompt 2: about 31,251 tokens with --max-new-tokens 128 is more than the model's {positions}")
     assert "Repeat" not in result.output  # nothing was answered before the refusal
+
+
+@pytest.mark.parametrize("option, value, expected", [
+    ("--temperature", "-1", "`--temperature`: must be a finite number >= 0 (0 decodes greedily), but got -1.0"),
+    ("--temperature", "nan", "`--temperature`: must be a finite number >= 0"),
+    ("--max-new-tokens", "0", "`--max-new-tokens`: must be at least 1, but got 0"),
+])
+def test_bad_generation_options_are_refused_in_one_line(exported_sweep, option, value, expected):
+    from conftest import assert_refused
+
+    assert_refused(CliRunner().invoke(app, ["generate", str(exported_sweep), "hi", option, value]), expected)

@@ -30,7 +30,7 @@ from ray.tune.search.optuna import OptunaSearch
 
 from sweep import faults
 from sweep.safety import check_state_files_are_ours
-from sweep.signals import ctrl_c_handler_kept, sigterm_stops_like_ctrl_c
+from sweep.signals import SweepInterrupted, ctrl_c_handler_kept, sigterm_stops_like_ctrl_c
 from sweep.config import CONFIG_FILE, ConfigError, SweepConfig, cut, shown
 from sweep.progress import ProgressCallback
 from sweep.results import read_json
@@ -431,8 +431,7 @@ def run_sweep(config: SweepConfig, space: dict[str, Any], data_path: Path, sweep
                             "Ray's temp folder was put back", name)
         tuner = tune.Tuner.restore(tune_dir, trainable, resume_unfinished=True, resume_errored=False,
                                    storage_filesystem=filesystem)
-        with ctrl_c_handler_kept():
-            return tuner.fit()
+        return _fit(tuner, sweep_dir)
     callbacks: list[Callback] = [
         TensorBoardCallback(sweep_dir / "tensorboard", config.search.metric, config.search.mode,
                             config.training.max_steps),
@@ -474,5 +473,13 @@ def run_sweep(config: SweepConfig, space: dict[str, Any], data_path: Path, sweep
             verbose=faults.tune_verbosity(),
         ),
     )
-    with ctrl_c_handler_kept():
-        return tuner.fit()
+    return _fit(tuner, sweep_dir)
+
+
+def _fit(tuner: tune.Tuner, sweep_dir: Path) -> Any:
+    """Tune's fit; a Ctrl-C or SIGTERM during it is a stop (SweepInterrupted), never a sweep that ended."""
+    with ctrl_c_handler_kept() as stop:
+        result_grid = tuner.fit()
+    if stop.interrupted:
+        raise SweepInterrupted(f"its state is saved: continue with `sweep resume {sweep_dir}`")
+    return result_grid

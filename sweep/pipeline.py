@@ -45,6 +45,7 @@ from sweep.results import (TrialRecord, promote, read_best, read_json, require_s
 from sweep.safety import (MARKER_FILE, check_state_files_are_ours, clear_sweep_folder, driver_lock, holds_anything,
                           is_sweep_folder, mark_stored_sweep_folder, mark_sweep_folder, stored_sweep_id, sweep_id)
 from sweep.search_space import apply_params, build_search_space
+from sweep.signals import SweepInterrupted
 from sweep.storage import check_storage, fetch_trial_results, holds_files, mirror_to_storage, open_storage
 from sweep.warm_start import warm_start_points
 from trainables.lora_causal_lm import load_tokenizer
@@ -53,8 +54,6 @@ PROVENANCE_FILE = "provenance.json"
 log = logging.getLogger(__name__)
 
 
-class SweepInterrupted(RuntimeError):
-    """The sweep stopped before every trial ended (Ctrl-C); its state is saved for `sweep resume`."""
 
 
 @dataclass

@@ -10,8 +10,10 @@ preparation, export). Either way the sweep folder is left resumable and the CLI 
 from __future__ import annotations
 
 import contextlib
+import os
 import signal
 import threading
+from dataclasses import dataclass
 from types import FrameType
 from typing import Iterator, Optional
 
@@ -55,15 +57,38 @@ def sigterm_stops_like_ctrl_c() -> Iterator[None]:
         stop_on_sigterm_like_ctrl_c()
 
 
+class SweepInterrupted(RuntimeError):
+    """The sweep stopped before every trial ended (Ctrl-C, SIGTERM); its state is saved for `sweep resume`."""
+
+
+@dataclass
+class TuneStop:
+    """Whether Ray Tune was stopped by a signal during the block (known once the block ends)."""
+
+    interrupted: bool = False
+
+
 @contextlib.contextmanager
-def ctrl_c_handler_kept() -> Iterator[None]:
-    """Around `Tuner.fit()`: Ray Tune installs its own Ctrl-C handler and leaves it in place after a normal
-    end, where it would only note a stop that nothing reads; the handler from before is put back, so a
-    Ctrl-C or SIGTERM during promotion and export stops the sweep at once."""
+def ctrl_c_handler_kept() -> Iterator[TuneStop]:
+    """Around `Tuner.fit()`: tells whether a Ctrl-C or SIGTERM stopped Tune, and puts the handlers back.
+
+    Tune installs its own Ctrl-C handler for the fit; on a signal that handler ends the fit and puts the
+    previous handler back, and it returns normally with the running trials marked as ended in memory
+    (its saved state still has them running). So a handler found put back means a stop. Tune leaves its
+    handler in place after a normal end, where it would only note a stop that nothing reads: the previous
+    one is put back, so a Ctrl-C or SIGTERM during promotion and export stops the sweep at once.
+    """
     in_main_thread = threading.current_thread() is threading.main_thread()
     before = signal.getsignal(signal.SIGINT) if in_main_thread else None
+    usr1 = signal.getsignal(signal.SIGUSR1) if in_main_thread and hasattr(signal, "SIGUSR1") else None
+    tune_handles_ctrl_c = in_main_thread and not int(os.environ.get("TUNE_DISABLE_SIGINT_HANDLER", "0") or 0)
+    stop = TuneStop()
     try:
-        yield
+        yield stop
     finally:
-        if in_main_thread and before is not None:
-            signal.signal(signal.SIGINT, before)
+        if in_main_thread:
+            stop.interrupted = tune_handles_ctrl_c and signal.getsignal(signal.SIGINT) is before
+            if before is not None:
+                signal.signal(signal.SIGINT, before)
+            if usr1 is not None:
+                signal.signal(signal.SIGUSR1, usr1)

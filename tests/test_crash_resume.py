@@ -179,23 +179,28 @@ def test_ctrl_c_stops_with_state_saved_and_resume_finishes(crash_config, tmp_pat
 
 def test_sigterm_stops_like_ctrl_c_a_second_driver_is_refused_and_resume_loses_nothing(raw_config, write_config,
                                                                                           tmp_path):
-    # Trials long enough that a second driver's start-up (about 10 s) fits inside the second one.
-    raw_config["training"].update({"max_steps": 400, "eval_steps": EVAL_STEPS})
+    # Trials long enough that a second driver's start-up (about 10 s) fits inside the sweep.
+    raw_config["training"].update({"max_steps": 600, "eval_steps": EVAL_STEPS})
     raw_config["scheduler"] = {"type": "none"}
     raw_config["search"].update({"num_trials": NUM_TRIALS, "max_concurrent_trials": 1})
     sweep_dir = sweep_dir_of(tmp_path)
     process = start_sweep(write_config(raw_config), tmp_path)
-    wait_for(lambda: len(trial_histories(sweep_dir)) >= 2, process)
+    wait_for(lambda: len(trial_histories(sweep_dir)) >= 1, process)
     # While the driver lives, a second one on the same folder is refused, and `sweep status` still reads it.
     second = resume(sweep_dir, tmp_path)
     assert second.returncode == 2, second.stdout + second.stderr
     assert f"another driver is running this sweep (pid {process.pid} on host" in second.stderr
     assert read_status(sweep_dir).state == "running"
+    # SIGTERM during the last trial: Tune then ends every trial it has, which must not pass for the sweep's end.
+    wait_for(lambda: len(trial_histories(sweep_dir)) == NUM_TRIALS, process)
     code = kill(process, signal.SIGTERM)  # what Slurm, Kubernetes and `timeout` send first
     output = (tmp_path / "run.log").read_text()
     assert code == 143, output[-2000:]
     assert f"sweep resume {sweep_dir}" in output and "Traceback" not in output
     assert read_status(sweep_dir).state == "stopped"
+    assert not (sweep_dir / "export").exists()
     before = trial_histories(sweep_dir)
-    assert sorted(steps[-1] for steps in before.values())[-1] == 400 and len(before) == 2, before
+    unfinished = [trial for trial, steps in before.items() if steps[-1] < 600]
+    assert len(before) == NUM_TRIALS and len(unfinished) == 1, before
     check_finished(sweep_dir, before, resume(sweep_dir, tmp_path))
+    assert trial_histories(sweep_dir)[unfinished[0]][-1] == 600  # the stopped trial went on to its end

@@ -222,9 +222,14 @@ def test_tunes_ctrl_c_handler_is_not_left_behind_and_ray_inits_sigterm_exit_beco
         pass
 
     before = signal.getsignal(signal.SIGINT)
-    with signals.ctrl_c_handler_kept():
-        signal.signal(signal.SIGINT, tunes_handler)
+    with signals.ctrl_c_handler_kept() as stop:
+        signal.signal(signal.SIGINT, tunes_handler)  # fit() ends normally: Tune's handler is left in place
+    assert not stop.interrupted
     assert signal.getsignal(signal.SIGINT) is before  # a stop during export reaches KeyboardInterrupt again
+    with signals.ctrl_c_handler_kept() as stop:
+        signal.signal(signal.SIGINT, tunes_handler)
+        signal.signal(signal.SIGINT, before)  # what Tune's handler does on a Ctrl-C: it puts the previous one back
+    assert stop.interrupted  # fit() returned, but it was a stop, not the sweep's end
     with pytest.raises(KeyboardInterrupt):
         with signals.sigterm_stops_like_ctrl_c():
             raise SystemExit(signal.SIGTERM)  # ray.init's own SIGTERM handler

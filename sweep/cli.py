@@ -122,7 +122,10 @@ def _run_and_report(start: Callable[[], "SweepOutcome"]) -> None:
         _fail("stopped before anything was written", stop_exit_code())
     except (NoUsableTrialError, ExportVerificationError) as error:
         _fail(_error_lines(error), 1)
-    except OSError as error:  # a full disk while writing a checkpoint's record or the export
+    except OSError as error:  # a full disk while writing a checkpoint's record or the export; or a bad path
+        reason = _input_beyond_limits(error)
+        if reason:
+            _fail(f"error: {reason}", 2)
         _fail(_os_error_line(error), 1)
     final = outcome.final
     counts = {status: sum(r.status == status for r in outcome.records) for status in ("completed", "stopped early", "errored")}

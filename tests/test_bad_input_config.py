@@ -199,3 +199,33 @@ def test_yaml_1_2_integers_and_storage_uris_that_name_places(raw_config, write_c
         assert load_config(path, [f"storage={uri}"]).storage == uri  # user names and options, not secrets
     assert redact_uri("s3://bucket/p?region=x&secret_key=abc") == "s3://bucket/p?region=x&secret_key=***"
     assert redact_uri("KEY:SECRET@bucket/x") == "***@bucket/x"
+
+
+@pytest.mark.parametrize("command", ["plan", "best", "status", "report", "resume"])
+def test_a_path_beyond_the_systems_limits_is_one_error_line(command, tmp_path):
+    assert_refused(CliRunner().invoke(app, [command, str(tmp_path / ("y" * 5000))]), "error: ")
+
+
+def test_a_search_space_path_is_relative_to_its_config(raw_config, write_config, tmp_path):
+    from sweep.config import load_config
+
+    (tmp_path / "spaces").mkdir()
+    (tmp_path / "spaces" / "mine.yaml").write_text("parameters:\n  lora.rank: {type: choice, values: [2, 4]}\n")
+    (tmp_path / "configs").mkdir()
+    raw_config["search"]["space"] = "../spaces/mine.yaml"
+    config = load_config(write_config(raw_config, "configs/sweep.yaml"))
+    assert config.search.space == str(tmp_path / "spaces" / "mine.yaml")
+
+
+def test_a_row_far_beyond_max_length_is_dropped_without_tokenizing(raw_config, write_config, tmp_path):
+    import json as json_module
+
+    source = raw_config["data"]["files"][0]
+    text = open(source, encoding="utf-8").read()
+    huge = json_module.dumps({"instruction": "Say it.", "response": "x" * 2_000_000})
+    (tmp_path / "with_huge.jsonl").write_text(text + ("" if text.endswith("\n") else "\n") + huge + "\n")
+    raw_config["data"]["files"] = [str(tmp_path / "with_huge.jsonl")]
+    result = CliRunner().invoke(app, ["plan", str(write_config(raw_config)), "--json"])
+    assert result.exit_code == 0, result.output
+    dropped = json_module.loads(result.output)["rows_dropped"]
+    assert sum(v for k, v in dropped.items() if k.startswith("too_long")) == 1

@@ -30,8 +30,12 @@ REWRITES_BASE_WEIGHTS = ("pissa", "olora")
 CONFIG_FILE = "config.yaml"  # a sweep folder's copy of the resolved config it runs
 
 
+def _is_control(ch: str) -> bool:
+    return ord(ch) < 0x20 or ord(ch) == 0x7F
+
+
 def _escape_controls(text: str) -> str:
-    return "".join(ch if ord(ch) >= 0x20 and ord(ch) != 0x7F else repr(ch)[1:-1] for ch in str(text))
+    return "".join(repr(ch)[1:-1] if _is_control(ch) else ch for ch in str(text))
 
 
 class ConfigError(ValueError):
@@ -83,7 +87,7 @@ Float = Annotated[float, BeforeValidator(_not_a_bool)]
 
 def _plain_text(value: str) -> str:
     # A newline or NUL in a path would forge lines of the messages that quote it, or break the OS call.
-    if any(ord(ch) < 0x20 or ord(ch) == 0x7F for ch in value):
+    if any(_is_control(ch) for ch in value):
         raise ValueError("must not hold control characters (a newline, tab or NUL)")
     if len(value) > 4096:
         raise ValueError(f"is {len(value):,} characters long; a path or URI is at most 4096")
@@ -281,6 +285,8 @@ class EvaluationConfig(_Strict):
 
 class RayConfig(_Strict):
     address: Optional[PathText] = Field(None, description="None starts Ray locally; 'auto' or HOST:PORT joins a cluster.")
+    num_cpus: Optional[Int] = Field(None, ge=1)
+    num_gpus: Optional[RayAmount] = Field(None, ge=0)
 
     @field_validator("address")
     @classmethod
@@ -298,8 +304,6 @@ class RayConfig(_Strict):
             raise ValueError("must be `auto`, HOST:PORT of the cluster's head (e.g. 10.0.0.5:6379) or "
                              "ray://HOST:PORT for Ray Client; leave it unset for a local Ray")
         return value
-    num_cpus: Optional[Int] = Field(None, ge=1)
-    num_gpus: Optional[RayAmount] = Field(None, ge=0)
 
 
 class BudgetConfig(_Strict):
@@ -433,8 +437,8 @@ _USER_INFO_IS_A_NAME = ("abfs", "abfss", "hdfs", "viewfs")
 _NEEDS_A_BUCKET = ("s3", "gs", "gcs", "abfs", "abfss")
 # A secret written anywhere in a URI: `key=value` of a secret-looking key (in the query, in `;` parameters or
 # URL-encoded) and user info with a password (also inside a query value, such as an endpoint's URL).
-_SECRET_ASSIGNMENT = re.compile(r"(?i)(secret|password|passwd|credential|signature|token|access_?key|account_?key"
-                                r"|sig)[a-z0-9_\-]*\s*(=|%3d)")
+_SECRET_ASSIGNMENT = re.compile(r"(?i)((?:secret|password|passwd|credential|signature|token|access_?key|account_?key"
+                                r"|sig)[a-z0-9_\-]*\s*(?:=|%3d))([^&;#/]*)")
 _PASSWORD_IN_URL = re.compile(r"//[^/@?#]*:[^/@?#]*@")
 
 
@@ -474,8 +478,7 @@ def redact_uri(uri: str) -> str:
     query = "&".join(f"{k}=***" if _is_secret_key(k) else f"{k}{eq}{v}" for k, eq, v in pairs)
     shown_uri = f"{scheme}{separator}{location}{slash}{path}{question}{query}"
     shown_uri = _PASSWORD_IN_URL.sub("//***@", shown_uri)
-    return re.sub(r"(?i)((?:secret|password|passwd|credential|signature|token|access_?key|account_?key|sig)"
-                  r"[a-z0-9_\-]*\s*(?:=|%3d))[^&;#/]*", r"\1***", shown_uri)
+    return _SECRET_ASSIGNMENT.sub(r"\1***", shown_uri)
 
 
 VALUE_SHOWN_CHARS = 80
@@ -590,11 +593,9 @@ def _yaml_1_2_scalars(loader: type[yaml.SafeLoader]) -> None:
     """Booleans, integers and floats as YAML 1.2 reads them: only true/false are booleans (YAML 1.1 also turns
     yes, no, on, off, y and n into booleans, so `trust_remote_code: on` would pass for true), 010 is ten, and
     1e-4 is a float (YAML 1.1 wants 1.0e-4 and reads 1e-4 as a string)."""
-    resolvers = {first: [(tag, rx) for tag, rx in entries if tag not in ("tag:yaml.org,2002:bool", "tag:yaml.org,2002:float")]
-                 for first, entries in yaml.SafeLoader.yaml_implicit_resolvers.items()}
-    resolvers = {first: [(tag, rx) for tag, rx in entries if tag != "tag:yaml.org,2002:int"]
-                 for first, entries in resolvers.items()}
-    loader.yaml_implicit_resolvers = resolvers
+    replaced = ("tag:yaml.org,2002:bool", "tag:yaml.org,2002:int", "tag:yaml.org,2002:float")
+    loader.yaml_implicit_resolvers = {first: [(tag, rx) for tag, rx in entries if tag not in replaced]
+                                      for first, entries in yaml.SafeLoader.yaml_implicit_resolvers.items()}
     # Integers as YAML 1.2 writes them: 010 is ten (YAML 1.1: eight) and 1:30 is text (YAML 1.1: ninety).
     loader.add_implicit_resolver("tag:yaml.org,2002:int", re.compile(r"^(?:[-+]?[0-9]+|0o[0-7]+|0x[0-9a-fA-F]+)$"),
                                  list("-+0123456789"))
@@ -631,7 +632,9 @@ def _expanded_size_exceeds(value: Any, limit: int) -> bool:
     return False
 
 
-def _byte_order_mark_codec(data: bytes) -> Optional[str]:
+def byte_order_mark_codec(data: bytes) -> Optional[str]:
+    """The codec a byte-order mark at the start names, or None. UTF-32's come first: its little-endian mark
+    begins with UTF-16's."""
     for bom, codec in ((codecs.BOM_UTF32_LE, "utf-32"), (codecs.BOM_UTF32_BE, "utf-32"), (codecs.BOM_UTF8, "utf-8-sig"),
                        (codecs.BOM_UTF16_LE, "utf-16"), (codecs.BOM_UTF16_BE, "utf-16")):
         if data.startswith(bom):
@@ -641,7 +644,7 @@ def _byte_order_mark_codec(data: bytes) -> Optional[str]:
 
 def decode_text(data: bytes) -> str:
     """Text of a file: UTF-8, or UTF-8/16/32 with a byte-order mark. ValueError says what else it is."""
-    codec = _byte_order_mark_codec(data)
+    codec = byte_order_mark_codec(data)
     try:
         return data.decode(codec or "utf-8")
     except UnicodeDecodeError as error:

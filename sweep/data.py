@@ -7,7 +7,6 @@ sweep over the same data and tokenizer reuses it.
 
 from __future__ import annotations
 
-import codecs
 import hashlib
 import io
 import json
@@ -26,7 +25,7 @@ import torch
 import datasets
 from datasets import Dataset, DatasetDict, load_from_disk
 
-from sweep.config import ColumnMapping, ConfigError, DataConfig, cut
+from sweep.config import ColumnMapping, ConfigError, DataConfig, byte_order_mark_codec, cut
 from sweep.templates import Example, prompt_renderer, tokenizer_adds_special_tokens
 
 SPLITS = ("train", "val", "test")
@@ -35,9 +34,6 @@ IGNORE_INDEX = -100  # label value the loss ignores (PyTorch's CrossEntropyLoss 
 MODEL_COLUMNS = ["input_ids", "attention_mask", "labels"]  # what the model is fed
 _READERS = {".jsonl": "jsonl", ".csv": "csv", ".parquet": "parquet"}
 TEXT_FIELDS = ("system", "instruction", "input", "response")  # the `data.columns` fields whose values are text
-# Byte-order marks, UTF-32's first: its little-endian mark begins with UTF-16's.
-_BOMS = ((codecs.BOM_UTF32_LE, "utf-32"), (codecs.BOM_UTF32_BE, "utf-32"), (codecs.BOM_UTF8, "utf-8-sig"),
-         (codecs.BOM_UTF16_LE, "utf-16"), (codecs.BOM_UTF16_BE, "utf-16"))
 
 
 @dataclass(frozen=True)
@@ -95,7 +91,7 @@ def _check_file(path: Path, field: str) -> None:
 
 def _decode(raw: bytes, path: Path, field: str) -> str:
     """Text by its byte-order mark (UTF-8, UTF-16, UTF-32), else UTF-8; other encodings are refused, not guessed."""
-    encoding = next((name for bom, name in _BOMS if raw.startswith(bom)), "utf-8")
+    encoding = byte_order_mark_codec(raw) or "utf-8"
     try:
         text = raw.decode(encoding)
     except UnicodeDecodeError as error:

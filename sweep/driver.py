@@ -10,7 +10,6 @@ import contextlib
 import json
 import logging
 import os
-import shutil
 import socket
 import sqlite3
 import time
@@ -20,7 +19,6 @@ from typing import Any, Callable, NoReturn
 import optuna
 import ray
 import torch
-import yaml
 from sqlalchemy.exc import SQLAlchemyError
 from ray import tune
 from ray._common.utils import get_default_ray_temp_dir
@@ -29,9 +27,9 @@ from ray.tune.schedulers import ASHAScheduler, FIFOScheduler
 from ray.tune.search.optuna import OptunaSearch
 
 from sweep import faults
-from sweep.safety import check_state_files_are_ours
+from sweep.safety import check_state_files_are_ours, recover_truncated_tune_snapshot
 from sweep.signals import SweepInterrupted, ctrl_c_handler_kept, sigterm_stops_like_ctrl_c
-from sweep.config import CONFIG_FILE, ConfigError, SweepConfig, cut, shown
+from sweep.config import CONFIG_FILE, ConfigError, SweepConfig, cut, read_yaml, shown
 from sweep.progress import ProgressCallback
 from sweep.results import read_json
 from sweep.storage import TUNE_DIR_NAME, open_storage
@@ -159,8 +157,8 @@ def check_study(sweep_dir: Path, study_name: str | None = None) -> None:
     if not versioned:
         refuse("an Optuna study database without its schema version")
     if study_name is None:  # the sweep's own name, when its config.yaml is readable (load_config names a bad one)
-        with contextlib.suppress(OSError, ValueError, yaml.YAMLError):
-            raw = yaml.safe_load((Path(sweep_dir) / CONFIG_FILE).read_text(encoding="utf-8"))
+        with contextlib.suppress(ValueError):  # ConfigError: read_yaml names a bad file; load_config does too
+            raw = read_yaml(Path(sweep_dir) / CONFIG_FILE)
             study_name = raw.get("name") if isinstance(raw, dict) and isinstance(raw.get("name"), str) else None
     if study_name and names and study_name not in names:
         refuse(f"holds no study named {shown(study_name)} (it holds {shown(names)}): it is another sweep's study")
@@ -315,49 +313,6 @@ class _StallBetweenTrials(Callback):
 
     def on_trial_complete(self, iteration: int, trials: list, trial: Any, **info: Any) -> None:
         faults.stall_if_asked("between_trials", self.sweep_dir)
-
-
-# Ray Tune's snapshot of an experiment; on restore it reads the newest file (by name) of each kind.
-TUNE_SNAPSHOT_PATTERNS = ("experiment_state-*.json", "search_gen_state-*.json", "searcher-state-*.pkl")
-
-
-def recover_truncated_tune_snapshot(tune_dir: Path, ray_temp: Path) -> list[str]:
-    """Put back a complete copy of a Tune snapshot file that a killed driver left empty; the names recovered.
-
-    Tune writes its snapshot atomically to a staging folder in Ray's temp folder, then copies it into the sweep
-    folder with a plain copy: a driver killed during that copy leaves an empty file, and Tune, unable to read
-    it, starts the experiment over instead of resuming it (every trial again). The staging copy of the dead
-    driver's session is still complete on this machine unless the temp folder was cleared. Without one, the
-    resume is refused (ConfigError) rather than started over.
-    """
-    recovered = []
-    me = os.geteuid()
-    for pattern in TUNE_SNAPSHOT_PATTERNS:
-        files = sorted(tune_dir.glob(pattern))
-        if not files or files[-1].stat().st_size > 0:
-            continue
-        broken = files[-1]
-        copies = [path for path in ray_temp.glob(f"session_*/artifacts/*/{tune_dir.name}/driver_artifacts/{broken.name}")
-                  if _trusted_copy(path, me)]
-        if not copies:
-            raise ConfigError([f"{broken} is empty: the driver was killed while Ray Tune copied its state, and no "
-                               f"complete copy is left in {ray_temp}; a resume would start every trial over, so it "
-                               "is refused (the finished trials' results stay in the folder)"], str(tune_dir.parent))
-        newest = max(copies, key=lambda path: path.stat().st_mtime)
-        partial = broken.with_name(f".{broken.name}.recovering")
-        shutil.copyfile(newest, partial)
-        os.replace(partial, broken)
-        recovered.append(broken.name)
-    return recovered
-
-
-def _trusted_copy(path: Path, me: int) -> bool:
-    """A staging copy that is complete and that no one but this user could have written (it will be unpickled)."""
-    try:
-        infos = [path.lstat(), path.parent.lstat()]
-    except OSError:
-        return False
-    return infos[0].st_size > 0 and all(info.st_uid == me and not info.st_mode & 0o022 for info in infos)
 
 
 def trials_that_fit(config: SweepConfig, cpus: float, gpus: float) -> int:

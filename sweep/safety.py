@@ -28,7 +28,7 @@ import pyarrow as pa
 import pyarrow.fs as pafs
 
 from sweep.config import ConfigError
-from sweep.storage import MARKER_FILE
+from sweep.storage import MARKER_FILE, TUNE_DIR_NAME
 
 LOCK_FILE = ".driver.lock"
 _MARKER_CONTENT = {"created_by": "lora-sweep", "what": "a sweep folder; `sweep run --overwrite` may replace it"}
@@ -190,7 +190,9 @@ def lock_holder(folder: Path) -> Optional[dict[str, Any]]:
     return holder
 
 
-# Ray Tune's state files that a resume unpickles (tuner.pkl, the searcher's and the trials' state).
+# Ray Tune's state files that a resume unpickles: its snapshot (the newest file of each kind, by name, is the one
+# read) and any pickle under tune/ (tuner.pkl, trials' error.pkl).
+TUNE_SNAPSHOT_PATTERNS = ("experiment_state-*.json", "search_gen_state-*.json", "searcher-state-*.pkl")
 _UNPICKLED_SUFFIXES = (".pkl", ".pickle")
 
 
@@ -201,27 +203,73 @@ def _owner(uid: int) -> str:
         return f"uid {uid}"
 
 
+def write_access_problem(path: Path) -> Optional[str]:
+    """Why someone other than this user could have written `path` (None when only this user could)."""
+    info = path.lstat()
+    me = os.geteuid()
+    if info.st_uid != me:
+        return f"{path} is owned by {_owner(info.st_uid)}, not by you ({_owner(me)})"
+    if info.st_mode & 0o022:
+        return f"{path} can be written by {'any user' if info.st_mode & 0o002 else 'its group'}"
+    return None
+
+
 def check_state_files_are_ours(sweep_dir: Path) -> None:
     """Before a resume (and again right before Tune restores): every file Ray Tune will unpickle, and every
     folder above it up to the sweep folder, is owned by this user and writable by no one else."""
-    me = os.geteuid()
     sweep_dir = Path(sweep_dir)
-    tune_dir = sweep_dir / "tune"
-    candidates = [p for p in tune_dir.rglob("*") if p.name.endswith(_UNPICKLED_SUFFIXES) or p.name.startswith(
-        ("searcher-state", "search_gen_state", "experiment_state"))] if tune_dir.is_dir() else []
+    tune_dir = sweep_dir / TUNE_DIR_NAME
+    prefixes = tuple(pattern[:pattern.index("-*")] for pattern in TUNE_SNAPSHOT_PATTERNS)
+    candidates = [p for p in tune_dir.rglob("*") if p.name.endswith(_UNPICKLED_SUFFIXES) or p.name.startswith(prefixes)
+                  ] if tune_dir.is_dir() else []
     folders = {sweep_dir, tune_dir, *(p.parent for p in candidates)}
     problems = []
     for path in [*sorted(folders), *candidates]:
         try:
-            info = path.lstat()
+            problem = write_access_problem(path)
         except FileNotFoundError:
             continue
-        if info.st_uid != me:
-            problems.append(f"{path} is owned by {_owner(info.st_uid)}, not by you ({_owner(me)})")
-        elif info.st_mode & 0o022:
-            problems.append(f"{path} can be written by {'any user' if info.st_mode & 0o002 else 'its group'}")
+        if problem:
+            problems.append(problem)
         if len(problems) >= 2:
             break
     if problems:
         raise ConfigError([f"{problem}: resuming unpickles Ray Tune's state files, which runs their code; resume only "
                            "sweep folders that you alone can write (chmod go-w)" for problem in problems], str(sweep_dir))
+
+
+def recover_truncated_tune_snapshot(tune_dir: Path, ray_temp: Path) -> list[str]:
+    """Put back a complete copy of a Tune snapshot file that a killed driver left empty; the names recovered.
+
+    Tune writes its snapshot atomically to a staging folder in Ray's temp folder, then copies it into the sweep
+    folder with a plain copy: a driver killed during that copy leaves an empty file, and Tune, unable to read
+    it, starts the experiment over instead of resuming it (every trial again). The staging copy of the dead
+    driver's session is still complete on this machine unless the temp folder was cleared. Without one, the
+    resume is refused (ConfigError) rather than started over.
+    """
+    recovered = []
+    for pattern in TUNE_SNAPSHOT_PATTERNS:
+        files = sorted(tune_dir.glob(pattern))
+        if not files or files[-1].stat().st_size > 0:
+            continue
+        broken = files[-1]
+        copies = [path for path in ray_temp.glob(f"session_*/artifacts/*/{tune_dir.name}/driver_artifacts/{broken.name}")
+                  if _trusted_copy(path)]
+        if not copies:
+            raise ConfigError([f"{broken} is empty: the driver was killed while Ray Tune copied its state, and no "
+                               f"complete copy is left in {ray_temp}; a resume would start every trial over, so it "
+                               "is refused (the finished trials' results stay in the folder)"], str(tune_dir.parent))
+        newest = max(copies, key=lambda path: path.stat().st_mtime)
+        partial = broken.with_name(f".{broken.name}.recovering")
+        shutil.copyfile(newest, partial)
+        os.replace(partial, broken)
+        recovered.append(broken.name)
+    return recovered
+
+
+def _trusted_copy(path: Path) -> bool:
+    """A staging copy that is complete and that no one but this user could have written (it will be unpickled)."""
+    try:
+        return path.stat().st_size > 0 and write_access_problem(path) is None and write_access_problem(path.parent) is None
+    except OSError:
+        return False

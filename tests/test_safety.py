@@ -240,7 +240,7 @@ def test_tunes_ctrl_c_handler_is_not_left_behind_and_ray_inits_sigterm_exit_beco
 
 
 def test_a_tune_snapshot_left_empty_by_a_kill_is_recovered_from_rays_staging_copy_or_the_resume_refused(tmp_path):
-    from sweep.driver import recover_truncated_tune_snapshot
+    from sweep.safety import recover_truncated_tune_snapshot
 
     tune_dir = tmp_path / "sweep" / "tune"
     tune_dir.mkdir(parents=True)

@@ -97,12 +97,17 @@ def refuses_inputs_beyond_limits(command: Callable[..., None]) -> Callable[..., 
     return guarded
 
 
-def _os_error_line(error: OSError) -> str:
+def _fail_os_error(error: OSError) -> None:
+    """An OS error out of a command: a path beyond the system's limits is bad input (exit 2); anything else,
+    a full disk above all, ends the command that ran (exit 1), what was finished kept."""
+    reason = _input_beyond_limits(error)
+    if reason:
+        _fail(f"error: {reason}", 2)
     where = f": {error.filename}" if error.filename else ""
     if error.errno in (errno.ENOSPC, errno.EDQUOT):
-        return (f"error: the disk is full ({error.strerror}{where}); what was finished is kept: free some space, "
-                "then `sweep resume` (or `sweep export`) the sweep folder")
-    return f"error: {error.strerror or error}{where}"
+        _fail(f"error: the disk is full ({error.strerror}{where}); what was finished is kept: free some space, "
+              "then `sweep resume` (or `sweep export`) the sweep folder", 1)
+    _fail(f"error: {error.strerror or error}{where}", 1)
 
 
 def _run_and_report(start: Callable[[], "SweepOutcome"]) -> None:
@@ -123,10 +128,7 @@ def _run_and_report(start: Callable[[], "SweepOutcome"]) -> None:
     except (NoUsableTrialError, ExportVerificationError) as error:
         _fail(_error_lines(error), 1)
     except OSError as error:  # a full disk while writing a checkpoint's record or the export; or a bad path
-        reason = _input_beyond_limits(error)
-        if reason:
-            _fail(f"error: {reason}", 2)
-        _fail(_os_error_line(error), 1)
+        _fail_os_error(error)
     final = outcome.final
     counts = {status: sum(r.status == status for r in outcome.records) for status in ("completed", "stopped early", "errored")}
     typer.echo(f"\nsweep finished: {len(outcome.records)} trials ({', '.join(f'{n} {s}' for s, n in counts.items())})")
@@ -375,28 +377,19 @@ def export(sweep_dir: Path = typer.Argument(..., help="A finished sweep folder, 
 
     Example: sweep export results/demo
     """
-    from sweep.driver import budget_spent
     from sweep.export import ExportVerificationError
     from sweep.pipeline import export as export_sweep
-    from sweep.pipeline import load_sweep
-    from sweep.results import read_best, read_leaderboard
     from sweep.signals import stop_exit_code, stop_on_sigterm_like_ctrl_c
 
     stop_on_sigterm_like_ctrl_c()
-
     try:
-        # Everything the export reads, checked before its evaluation loads any model.
-        load_sweep(sweep_dir, data=True)
-        read_best(sweep_dir)
-        read_leaderboard(sweep_dir)
-        budget_spent(sweep_dir)
         report = export_sweep(sweep_dir)
     except (FileNotFoundError, ConfigError) as error:
         _fail(_error_lines(error), 2)
     except ExportVerificationError as error:
         _fail(_error_lines(error), 1)
     except OSError as error:  # a full disk: the previous export stays as it was
-        _fail(_os_error_line(error), 1)
+        _fail_os_error(error)
     except KeyboardInterrupt:  # Ctrl-C or SIGTERM
         _fail(f"stopped: the previous export is as it was; `sweep export {sweep_dir}` makes it again", stop_exit_code())
     typer.echo(f"exported to {report.export_dir} (max logit difference {report.max_logit_difference:.2e})")

@@ -24,7 +24,7 @@ from sweep.evaluate import EvalMetrics, evaluate_model
 from sweep.lora import lora_settings
 from sweep.placement import visible_gpus
 from sweep.driver import budget_spent
-from sweep.results import TrialRecord, cost, promotion_rule, sweep_totals, write_atomically
+from sweep.results import TrialRecord, cost, promotion_rule, replace_folder, sweep_totals, write_atomically
 from sweep.search_space import apply_params
 from sweep.storage import is_directory, local_checkpoint, open_storage
 from trainables.lora_causal_lm import load_base_model, load_tokenizer
@@ -229,13 +229,6 @@ def _export(sweep_dir: Path, config: SweepConfig, best: TrialRecord, trial_confi
     )
     (staging / "best_config.yaml").write_text(config_to_yaml(best_trial_config(config, best)), encoding="utf-8")
     final = sweep_dir / EXPORT_DIR
-    if final.exists():
-        old = sweep_dir / f".{EXPORT_DIR}.old"
-        shutil.rmtree(old, ignore_errors=True)
-        final.rename(old)
-        staging.rename(final)
-        shutil.rmtree(old)
-    else:
-        staging.rename(final)
+    replace_folder(staging, final)
     return FinalReport(best, base_metrics, tuned_metrics, difference, final)
 

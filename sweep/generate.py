@@ -21,6 +21,7 @@ from safetensors import SafetensorError
 from sweep.config import ConfigError, SweepConfig, cut
 from sweep.data import check_text_columns, read_table, row_to_example
 from sweep.pipeline import load_sweep
+from sweep.placement import model_positions
 from sweep.templates import Example, prompt_renderer, tokenizer_adds_special_tokens
 
 EXPORT_MODEL = Path("export") / "merged"
@@ -113,12 +114,8 @@ class ExportedModel:
 
     def positions(self) -> Optional[int]:
         """Tokens the model can attend over (prompt and answer together), when its config says."""
-        settings = self.model.config
-        for name in ("max_position_embeddings", "n_positions", "max_sequence_length", "seq_length"):
-            value = getattr(settings, name, None)
-            if isinstance(value, int) and value > 0:
-                return value
-        return None
+        found = model_positions(self.model.config)
+        return found[1] if found else None
 
     def check_fits(self, examples: list[Example], max_new_tokens: int) -> None:
         """Every prompt plus `max_new_tokens` fits the model's positions: a ConfigError naming the first that

@@ -37,11 +37,11 @@ from sweep.driver import STUDY_FILE, budget_spent, check_cluster_address, check_
 from sweep.export import FinalReport, finalize
 from sweep.faults import check_test_hooks
 from sweep.lora import largest_adapter, resolve_target_modules
-from sweep.placement import check_placement
+from sweep.placement import check_placement, model_positions
 from sweep.progress import SweepState, live_progress, mark_state
 from sweep.provenance import provenance
-from sweep.results import (TrialRecord, promote, read_best, read_json, require_sweep_folder, sweep_folder, trial_record,
-                           write_atomically, write_best, write_leaderboard)
+from sweep.results import (TrialRecord, promote, read_best, read_json, read_leaderboard, require_sweep_folder,
+                           sweep_folder, trial_record, write_atomically, write_best, write_leaderboard)
 from sweep.safety import (MARKER_FILE, check_state_files_are_ours, clear_sweep_folder, driver_lock, holds_anything,
                           is_sweep_folder, mark_stored_sweep_folder, mark_sweep_folder, stored_sweep_id, sweep_id)
 from sweep.search_space import apply_params, build_search_space
@@ -63,6 +63,11 @@ class SweepOutcome:
     final: FinalReport
 
 
+def local_model_missing(path: str) -> bool:
+    """A `model.path` written as a local folder (not a hub id) that is not there."""
+    return path.startswith((".", "/", "~")) and not Path(path).expanduser().is_dir()
+
+
 def check_model(config: SweepConfig, space: dict[str, od.BaseDistribution]) -> torch.nn.Module:
     """The model exists, is a causal LM whose weights load safely, has positions for `data.max_length` tokens,
     and every target-module setting the sweep can pick matches it.
@@ -72,7 +77,7 @@ def check_model(config: SweepConfig, space: dict[str, od.BaseDistribution]) -> t
     path = config.model.path
     named = shown_path(path)
     folder = Path(path).expanduser()
-    if path.startswith((".", "/", "~")) and not folder.is_dir():
+    if local_model_missing(path):
         raise ConfigError([f"`model.path`: folder not found: {path}"], "model")
     try:
         model_config = AutoConfig.from_pretrained(path, trust_remote_code=config.model.trust_remote_code)
@@ -127,11 +132,9 @@ def check_model(config: SweepConfig, space: dict[str, od.BaseDistribution]) -> t
                     break
     # Positions past the model's own are out of its embedding table (learned positions: an index error in the
     # trial) or where it was never trained (rotary): neither trains what the user means. The name differs by model.
-    text_config = model_config.get_text_config()
-    written = text_config.to_dict()  # the names config.json uses, not their aliases (GPT-2's n_positions)
-    key = next((k for k in ("max_position_embeddings", "n_positions", "max_sequence_length") if k in written), None)
-    positions = written.get(key)
-    if isinstance(positions, int) and not isinstance(positions, bool) and 0 < positions < config.data.max_length:
+    found = model_positions(model_config)
+    if found and found[1] < config.data.max_length:
+        key, positions = found
         problems.append(f"`data.max_length`: {config.data.max_length} is more than the model's {positions} "
                         f"positions ({key} in its config); lower data.max_length to {positions} or less")
     targets = [config.lora.target_modules]
@@ -184,6 +187,8 @@ class Checked:
     tokenized: TokenizedData
     skeleton: torch.nn.Module  # the model's modules on the meta device
     concurrent: int  # trials at once
+    base_parameters: int
+    adapter_parameters: int  # of the largest adapter the sweep can pick
     disk: dict[str, int]  # bytes, as `disk_needs` counts them
 
 
@@ -211,12 +216,13 @@ def preflight(config: SweepConfig, probe_storage: bool = True) -> Checked:
     tokenizer = load_tokenizer(config)
     tokenized = tokenize_splits(config.data, tokenizer, config.seed, examples)
     concurrent = concurrent_trials(config)
-    disk = disk_needs(config, largest_adapter(config, space, skeleton),
-                      sum(p.numel() for p in skeleton.parameters()), concurrent)
+    base_parameters = sum(p.numel() for p in skeleton.parameters())
+    adapter_parameters = largest_adapter(config, space, skeleton)
+    disk = disk_needs(config, adapter_parameters, base_parameters, concurrent)
     short_of_space = check_free_space(config, disk, concurrent)
     if short_of_space:
         log.warning(short_of_space)
-    return Checked(space, tokenizer, tokenized, skeleton, concurrent, disk)
+    return Checked(space, tokenizer, tokenized, skeleton, concurrent, base_parameters, adapter_parameters, disk)
 
 
 def warm_start_seeds(config: SweepConfig, space: dict[str, od.BaseDistribution]) -> list[dict[str, Any]]:
@@ -334,10 +340,10 @@ def _resume_locked(config: SweepConfig, space: dict[str, od.BaseDistribution], t
     seeds = [] if (sweep_dir / STUDY_FILE).is_file() else warm_start_seeds(config, space)
     provenance_file = sweep_dir / PROVENANCE_FILE
     if provenance_file.is_file():
-        record = json.loads(provenance_file.read_text(encoding="utf-8"))
-        if record["data_hash"] != tokenized.data_hash:
+        record = read_json(provenance_file, "delete it: the resume then prepares the data again and rewrites it")
+        if record.get("data_hash") != tokenized.data_hash:
             raise ConfigError(
-                [f"the data or tokenizer changed since the sweep started (hash {record['data_hash']} -> "
+                [f"the data or tokenizer changed since the sweep started (hash {record.get('data_hash')} -> "
                  f"{tokenized.data_hash}); resuming would mix two datasets"],
                 str(sweep_dir),
             )
@@ -436,13 +442,18 @@ def load_sweep(sweep_dir: Path, data: bool = False) -> tuple[SweepConfig, dict[s
 
 
 def export(sweep_dir: Path) -> FinalReport:
-    """Re-run the final evaluation and export of a finished sweep."""
-    config, record = load_sweep(sweep_dir)
-    if config.model.path.startswith((".", "/", "~")) and not Path(config.model.path).expanduser().is_dir():
+    """Re-run the final evaluation and export of a finished sweep.
+
+    Everything it reads is checked before the lock is taken and before its evaluation loads any model.
+    """
+    config, record = load_sweep(sweep_dir, data=True)
+    if local_model_missing(config.model.path):
         raise ConfigError([f"`model.path`: the base model {shown_path(config.model.path)} is gone; the export "
                            "merges the adapter into it: restore it there"], str(Path(sweep_dir) / CONFIG_FILE))
     best = read_best(sweep_dir)
-    apply_params(config, best.params)  # the promoted trial's config is valid: checked before the lock is taken
+    apply_params(config, best.params)  # the promoted trial's config is valid
+    read_leaderboard(sweep_dir)  # its totals go into the model card
+    budget_spent(sweep_dir)
     with driver_lock(Path(sweep_dir), "sweep export"):
         final = finalize(Path(sweep_dir), config, best, Path(record["data_path"]), record)
     storage = open_storage(config)

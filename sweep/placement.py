@@ -12,7 +12,7 @@ runs on CUDA only: a sweep without a GPU is refused before anything runs.
 from __future__ import annotations
 
 import importlib.util
-from typing import Any
+from typing import Any, Optional
 
 import torch
 
@@ -78,3 +78,16 @@ def check_placement(config: SweepConfig) -> None:
                         "only, and this machine has none; set it to none to train the full-precision base")
     if problems:
         raise ConfigError(problems, "model")
+
+
+def model_positions(model_config: Any) -> Optional[tuple[str, int]]:
+    """(the config key, its value): how many tokens the model attends over, prompt and answer together, when its
+    config says. The names differ by model; read as config.json writes them, not their aliases (GPT-2's
+    n_positions is also max_position_embeddings in transformers)."""
+    written = model_config.get_text_config().to_dict()
+    key = next((k for k in ("max_position_embeddings", "n_positions", "max_sequence_length", "seq_length")
+                if k in written), None)
+    positions = written.get(key)
+    if isinstance(positions, int) and not isinstance(positions, bool) and positions > 0:
+        return key, positions
+    return None

@@ -12,7 +12,6 @@ from typing import Any, Optional
 
 from sweep.config import SweepConfig, asha_rung_count
 from sweep.disk import human_bytes
-from sweep.lora import largest_adapter
 from sweep.pipeline import preflight
 from sweep.safety import holds_anything, is_sweep_folder
 from sweep.search_space import describe
@@ -70,7 +69,7 @@ def expected_steps(config: SweepConfig, rungs: list[int]) -> int:
 
 def make_plan(config: SweepConfig) -> SweepPlan:
     checked = preflight(config, probe_storage=False)
-    space, skeleton, tokenized = checked.space, checked.skeleton, checked.tokenized
+    space, tokenized = checked.space, checked.tokenized
     storage = open_storage(config)
     warm = warm_start_points(config, space)
     rungs = asha_rungs(config)
@@ -96,8 +95,8 @@ def make_plan(config: SweepConfig) -> SweepPlan:
         expected_training_steps=expected_steps(config, rungs),
         examples=tokenized.counts,
         rows_dropped=tokenized.dropped,
-        base_parameters=sum(p.numel() for p in skeleton.parameters()),
-        largest_adapter_parameters=largest_adapter(config, space, skeleton),
+        base_parameters=checked.base_parameters,
+        largest_adapter_parameters=checked.adapter_parameters,
         resources_per_trial={"cpu": config.resources.cpu, "gpu": config.resources.gpu},
         disk_bytes=checked.disk,
         sweep_dir_exists=taken,

@@ -252,8 +252,8 @@ class ProgressCallback(Callback):
         if not path.is_file():
             return None
         try:
-            return SweepStatus.from_json(json.loads(path.read_text(encoding="utf-8")))
-        except (OSError, ValueError) as error:
+            return SweepStatus.from_json(read_json(path, STATUS_REMEDY), str(path))
+        except ValueError as error:  # a ConfigError from the reader: damaged
             log.warning("status.json was damaged (%s): it starts again from this run's events", str(error)[:200])
             return None
 

@@ -30,7 +30,8 @@ from pydantic import BaseModel  # noqa: E402
 from sweep.config import ConfigError, SweepConfig  # noqa: E402
 from sweep.driver import STUDY_FILE, TUNE_DIR_NAME, check_study, study_storage  # noqa: E402
 from sweep.pipeline import load_sweep  # noqa: E402
-from sweep.results import parse_shape, read_json, read_leaderboard, rewritten_by_resume, write_atomically  # noqa: E402
+from sweep.results import (parse_shape, read_json, read_leaderboard, replace_folder, rewritten_by_resume,  # noqa: E402
+                           write_atomically)
 
 REPORT_DIR = "report"
 log = logging.getLogger(__name__)
@@ -231,12 +232,7 @@ def write_report(sweep_dir: Path) -> ReportResult:
     try:
         result = _draw(config, board, histories, final, study, staging)
         write_atomically(staging / "index.html", _page(config.name, result, board, final, metric))
-        previous = sweep_dir / f".{REPORT_DIR}.old"
-        shutil.rmtree(previous, ignore_errors=True)
-        if out.exists():
-            out.rename(previous)
-        staging.rename(out)
-        shutil.rmtree(previous, ignore_errors=True)
+        replace_folder(staging, out)
     finally:
         shutil.rmtree(staging, ignore_errors=True)
     result.index = out / "index.html"

@@ -10,6 +10,7 @@ import io
 import json
 import math
 import os
+import shutil
 import tempfile
 from dataclasses import asdict, dataclass, field
 from functools import lru_cache
@@ -19,7 +20,7 @@ from typing import Any, Callable, Literal, NoReturn, Optional, TypeVar
 import pandas as pd
 from pydantic import TypeAdapter, ValidationError
 
-from sweep.config import COST_METRICS, ConfigError, SweepConfig, cut, shown
+from sweep.config import CONFIG_FILE, COST_METRICS, ConfigError, SweepConfig, cut, shown
 from sweep.storage import is_directory, tree_bytes
 
 TrialStatus = Literal["completed", "stopped early", "errored"]
@@ -132,6 +133,18 @@ def write_atomically(path: Path, text: str) -> None:
         tmp.unlink(missing_ok=True)
         raise
     fsync_folder(path.parent)
+
+
+def replace_folder(staging: Path, target: Path) -> None:
+    """Swap a complete `staging` folder in for `target` (export/, report/): the previous one is moved aside
+    first and deleted only once the new one is in place."""
+    previous = target.with_name(f".{target.name}.old")
+    shutil.rmtree(previous, ignore_errors=True)  # left by a swap that was killed half-way
+    if target.exists():
+        target.rename(previous)
+    staging.rename(target)
+    if previous.exists():
+        shutil.rmtree(previous)
 
 
 def fsync_folder(folder: Path) -> None:
@@ -281,8 +294,8 @@ def sweep_folder(sweep_dir: Path, missing: str = "give the folder `sweep run` ma
 
 def require_sweep_folder(sweep_dir: Path) -> None:
     """A folder `sweep run` made holds config.yaml from its start (the message docs/errors.md lists)."""
-    if not (Path(sweep_dir) / "config.yaml").exists():
-        raise FileNotFoundError(f"{sweep_dir} is not a sweep folder (no config.yaml)")
+    if not (Path(sweep_dir) / CONFIG_FILE).exists():
+        raise FileNotFoundError(f"{sweep_dir} is not a sweep folder (no {CONFIG_FILE})")
 
 
 def _json_kind(value: Any) -> str:

@@ -219,9 +219,13 @@ class ResumableOptunaSearch(OptunaSearch):
         super().on_trial_complete(trial_id, result, error)
 
 
-def make_search(config: SweepConfig, space: dict[str, Any], sweep_dir: Path,
-                seeds: list[dict[str, Any]] | None = None) -> ResumableOptunaSearch | None:
-    """The searcher; `seeds` (a warm start's configs) are enqueued in the study and run first."""
+def make_search(config: SweepConfig, space: dict[str, Any], sweep_dir: Path | None,
+                seeds: list[dict[str, Any]] | None = None,
+                storage: optuna.storages.BaseStorage | None = None) -> ResumableOptunaSearch | None:
+    """The searcher; `seeds` (a warm start's configs) are enqueued in the study and run first.
+
+    The study lives in the sweep folder's SQLite database, or in `storage` when given (the replay
+    benchmark drives the same searcher with an in-memory study)."""
     if not space:
         return None  # nothing to sample: every trial runs the fixed config
     sampler = (
@@ -239,7 +243,7 @@ def make_search(config: SweepConfig, space: dict[str, Any], sweep_dir: Path,
         mode=list(modes) if len(modes) > 1 else modes[0],
         sampler=sampler,
         study_name=config.name,
-        storage=study_storage(sweep_dir),
+        storage=storage if storage is not None else study_storage(sweep_dir),
     )
 
 

@@ -1,0 +1,468 @@
+"""Replay: sweeps against a learning-curve table, in simulated time, with the engine's own searcher and scheduler.
+
+    python benchmarks/replay.py TABLE [--workers 2] [--trials 64] [--seeds 200] [--methods a,b] [--json]
+                                      [--plot OUT.png] [--jobs 2]
+
+A discrete-event loop with `--workers` workers runs each method's sweep: the searcher and the scheduler are
+the objects `sweep run` builds (`sweep.driver.make_search` / `make_scheduler`) from a config with the
+method's settings. A suggested configuration runs as the table's nearest configuration (each parameter
+scaled to [0, 1] over its range, the learning rate on a log scale; a categorical counts 0 when equal, 1
+when not), with one of that configuration's recorded seeds drawn at random; its evaluations arrive at the
+table's device-seconds; a paused and resumed trial continues its curve. Compute is device-seconds summed
+over workers while they run a trial.
+
+For each target (the top 12.5%, 5% and 2% of the table's final values: a trial reaches it when any of its
+evaluations is at least that good), each seed's compute-to-target is the compute spent when an evaluation
+first reached it. A sweep that never reaches it is a failure: counted in the success rate, and its
+compute-to-target is censored at the sweep's whole compute (which flatters the failing method: a method that
+fails often is never made to look better by it, as its success rate is reported beside). The ratio is
+random's compute over the method's, paired by seed (higher is better); reported: its median over seeds, a
+bootstrap 95% interval of that median, and P(ratio > 1).
+
+Bounds from the same table: `oracle` trains only the configuration with the best mean final value;
+`perfect_asha` is the engine's default ASHA and sampler ranking every trial at every rung by its final value.
+"""
+
+from __future__ import annotations
+
+import argparse
+import contextlib
+import heapq
+import io
+import json
+import logging
+import math
+import multiprocessing
+import os
+import sys
+import warnings
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Optional
+
+import numpy as np
+
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+
+import optuna  # noqa: E402
+import optuna.distributions as od  # noqa: E402
+
+from curves import CurveTable, PARAM_PREFIX, read_table  # noqa: E402
+
+TARGETS = {"top12.5%": 0.125, "top5%": 0.05, "top2%": 0.02}
+
+# Each method is a set of config settings: the replay builds the engine's searcher and scheduler from them.
+# `default` sets nothing, so it is whatever the engine's defaults are at the time.
+METHODS: dict[str, dict[str, Any]] = {
+    "random": {"search.sampler": "random", "scheduler.type": "none"},
+    # Ray's stock ASHA (grace period 1 report, reduction factor 4) with random search.
+    "ray_asha_random": {"search.sampler": "random", "scheduler.type": "asha", "scheduler.grace_period": "EVAL",
+                        "scheduler.reduction_factor": 4},
+    # The engine's defaults before this benchmark existed: TPE (10 start-up trials) + ASHA (grace 40 steps, factor 3).
+    "tpe_asha": {"search.sampler": "tpe", "search.startup_trials": 10, "scheduler.type": "asha",
+                 "scheduler.grace_period": 40, "scheduler.reduction_factor": 3},
+    "default": {},
+}
+
+
+# --- the table as replay sees it ----------------------------------------------------------------------------
+
+@dataclass
+class Curve:
+    steps: np.ndarray
+    values: np.ndarray
+    seconds: np.ndarray  # device-seconds from the run's start to each evaluation
+
+    def best_value(self, better) -> float:
+        return float(better(self.values))
+
+
+@dataclass
+class Task:
+    name: str
+    space: dict[str, od.BaseDistribution]
+    metric: str
+    mode: str
+    max_steps: int
+    eval_steps: int
+    config_ids: list[int]
+    points: np.ndarray  # configurations scaled to [0, 1] per parameter (categoricals as indices)
+    curves: dict[int, list[Curve]]  # config id -> one curve per recorded seed
+
+    def sign(self) -> float:
+        return 1.0 if self.mode == "min" else -1.0
+
+    def finals(self) -> np.ndarray:
+        return np.array([curve.values[-1] for runs in self.curves.values() for curve in runs])
+
+    def target(self, fraction: float) -> float:
+        """The value a top-`fraction` run's final evaluation reaches (the better end of the distribution)."""
+        finals = self.finals()
+        return float(np.quantile(finals, fraction) if self.mode == "min" else np.quantile(finals, 1 - fraction))
+
+    def reaches(self, value: float, target: float) -> bool:
+        return value <= target if self.mode == "min" else value >= target
+
+
+def scaled(space: dict[str, od.BaseDistribution], params: dict[str, Any]) -> np.ndarray:
+    out = []
+    for name, distribution in space.items():
+        value = params[name]
+        if isinstance(distribution, od.CategoricalDistribution):
+            out.append(float(distribution.choices.index(value)))
+        elif getattr(distribution, "log", False):
+            out.append((math.log(value) - math.log(distribution.low)) / (math.log(distribution.high) - math.log(distribution.low)))
+        elif distribution.high > distribution.low:
+            out.append((value - distribution.low) / (distribution.high - distribution.low))
+        else:
+            out.append(0.0)
+    return np.array(out)
+
+
+def load_task(path: str | Path) -> Task:
+    table: CurveTable = read_table(path)
+    frame = table.frame.sort_values(["config_id", "seed", "step"])
+    space = table.space
+    curves: dict[int, list[Curve]] = {}
+    points = {}
+    for (config_id, _seed), runs in frame.groupby(["config_id", "seed"], sort=True):
+        curves.setdefault(int(config_id), []).append(Curve(runs["step"].to_numpy(), runs["value"].to_numpy(dtype=float),
+                                                           runs["device_seconds"].to_numpy(dtype=float)))
+        first = runs.iloc[0]
+        points[int(config_id)] = scaled(space, {name: _plain(first[PARAM_PREFIX + name]) for name in space})
+    ids = sorted(curves)
+    return Task(Path(path).stem, space, table.metric, table.mode, int(table.metadata["max_steps"]),
+                int(table.metadata["eval_steps"]), ids, np.array([points[i] for i in ids]), curves)
+
+
+def _plain(value: Any) -> Any:
+    return value.item() if hasattr(value, "item") else value
+
+
+def nearest(task: Task, params: dict[str, Any]) -> int:
+    point = scaled(task.space, params)
+    categorical = np.array([isinstance(d, od.CategoricalDistribution) for d in task.space.values()])
+    difference = np.abs(task.points - point)
+    difference[:, categorical] = (difference[:, categorical] > 0).astype(float)
+    return task.config_ids[int(np.argmin((difference ** 2).sum(axis=1)))]
+
+
+# --- the engine's objects ------------------------------------------------------------------------------------
+
+def method_config(task: Task, settings: dict[str, Any], trials: int, workers: int, seed: int):
+    from sweep.config import SweepConfig
+
+    raw: dict[str, Any] = {
+        "name": f"replay-{task.name}", "seed": seed,
+        "model": {"path": "unused"}, "data": {"files": ["unused.jsonl"]},
+        "training": {"max_steps": task.max_steps, "eval_steps": task.eval_steps},
+        "search": {"space": None, "num_trials": trials, "max_concurrent_trials": workers,
+                   "metric": task.metric, "mode": task.mode},
+        "scheduler": {},
+    }
+    for dotted, value in settings.items():
+        section, key = dotted.split(".", 1)
+        raw[section][key] = task.eval_steps if value == "EVAL" else value
+    return SweepConfig.model_validate(raw)
+
+
+@dataclass
+class ReplayTrial:
+    """What Tune's schedulers read of a trial."""
+
+    trial_id: str
+    config_id: int
+    curve: Curve
+    status: str = "PENDING"
+    position: int = 0  # the next evaluation's index in the curve
+    config: dict = field(default_factory=dict)
+
+
+class ReplayController:
+    """The part of Tune's controller a scheduler may ask about."""
+
+    def __init__(self) -> None:
+        self.trials: list[ReplayTrial] = []
+
+    def get_trials(self) -> list[ReplayTrial]:
+        return self.trials
+
+    def get_live_trials(self) -> list[ReplayTrial]:
+        return [t for t in self.trials if t.status in ("PENDING", "RUNNING", "PAUSED")]
+
+
+@dataclass
+class Trace:
+    compute: np.ndarray  # compute spent (device-seconds over all workers) at each evaluation, in time order
+    values: np.ndarray
+    total: float
+    trials: int
+
+
+@contextlib.contextmanager
+def quiet():
+    """Optuna's and Ray's per-trial logging, and their warnings, would drown the benchmark's output."""
+    optuna.logging.set_verbosity(optuna.logging.ERROR)
+    previous = logging.root.manager.disable
+    logging.disable(logging.WARNING)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        try:
+            yield
+        finally:
+            logging.disable(previous)
+
+
+def simulate(task: Task, settings: dict[str, Any], workers: int, trials: int, seed: int,
+             perfect_ranking: bool = False) -> Trace:
+    from ray.tune.schedulers import TrialScheduler
+
+    from sweep.driver import make_scheduler, make_search
+
+    config = method_config(task, settings, trials, workers, seed)
+    np.random.seed(seed)  # Ray's ASHA draws a bracket per trial from numpy's global generator
+    rng = np.random.default_rng(seed + 1_000_003)
+    with quiet():
+        searcher = make_search(config, task.space, None, storage=optuna.storages.InMemoryStorage())
+        scheduler = make_scheduler(config)
+        scheduler.set_search_properties(config.search.metric, config.search.mode)
+    controller = ReplayController()
+    events: list[tuple[float, int, ReplayTrial]] = []
+    sequence = 0
+    now, compute, running = 0.0, 0.0, 0
+    reported_compute, reported_values = [], []
+    started = 0
+
+    def segment(trial: ReplayTrial) -> float:
+        i = trial.position
+        return float(trial.curve.seconds[i] - (trial.curve.seconds[i - 1] if i > 0 else 0.0))
+
+    def launch() -> bool:
+        nonlocal sequence, started, running
+        trial = None
+        chosen = scheduler.choose_trial_to_run(controller)
+        if chosen is not None and chosen.status == "PAUSED":
+            trial = chosen
+            if hasattr(searcher, "on_unpause"):
+                searcher.on_unpause(trial.trial_id)
+        elif started < trials:
+            trial_id = f"{started:05d}"
+            with quiet():
+                params = searcher.suggest(trial_id)
+            if params is None:
+                return False
+            config_id = nearest(task, params)
+            runs = task.curves[config_id]
+            trial = ReplayTrial(trial_id, config_id, runs[int(rng.integers(len(runs)))], config=params)
+            controller.trials.append(trial)
+            scheduler.on_trial_add(controller, trial)
+            started += 1
+        if trial is None:
+            return False
+        trial.status = "RUNNING"
+        running += 1
+        heapq.heappush(events, (now + segment(trial), sequence, trial))
+        sequence += 1
+        return True
+
+    while True:
+        while running < workers and launch():
+            pass
+        if not events:
+            break
+        at, _, trial = heapq.heappop(events)
+        compute += running * (at - now)
+        now = at
+        i = trial.position
+        value = float(trial.curve.values[i])
+        reported_compute.append(compute)
+        reported_values.append(value)
+        ranked = float(trial.curve.values[-1]) if perfect_ranking else value
+        result = {"step": int(trial.curve.steps[i]), task.metric: ranked, "training_iteration": i + 1,
+                  "time_total_s": float(trial.curve.seconds[i])}
+        trial.position += 1
+        last = trial.position >= len(trial.curve.steps)
+        with quiet():
+            searcher.on_trial_result(trial.trial_id, result)
+            decision = scheduler.on_trial_result(controller, trial, result)
+        if last or decision == TrialScheduler.STOP:
+            trial.status = "TERMINATED"
+            running -= 1
+            with quiet():
+                searcher.on_trial_complete(trial.trial_id, result)
+                scheduler.on_trial_complete(controller, trial, result)
+        elif decision == TrialScheduler.PAUSE:
+            trial.status = "PAUSED"
+            running -= 1
+            if hasattr(searcher, "on_pause"):
+                searcher.on_pause(trial.trial_id)
+        else:
+            heapq.heappush(events, (now + segment(trial), sequence, trial))
+            sequence += 1
+    return Trace(np.array(reported_compute), np.array(reported_values), compute, started)
+
+
+def oracle_compute(task: Task, target: float) -> float:
+    """Train only the configuration with the best mean final value: its mean compute to the target (inf: never)."""
+    better = min if task.mode == "min" else max
+    best = better(task.curves, key=lambda i: np.mean([c.values[-1] for c in task.curves[i]]))
+    costs = []
+    for curve in task.curves[best]:
+        hits = [s for v, s in zip(curve.values, curve.seconds) if task.reaches(v, target)]
+        costs.append(hits[0] if hits else math.inf)
+    return float(np.mean(costs))
+
+
+# --- statistics ----------------------------------------------------------------------------------------------
+
+def compute_to_target(task: Task, trace: Trace, target: float) -> tuple[float, bool]:
+    hits = np.nonzero(trace.values <= target)[0] if task.mode == "min" else np.nonzero(trace.values >= target)[0]
+    if len(hits):
+        return float(trace.compute[hits[0]]), True
+    return trace.total, False
+
+
+def median_interval(ratios: np.ndarray, seed: int = 0) -> tuple[float, float, float]:
+    from scipy.stats import bootstrap
+
+    median = float(np.median(ratios))
+    if len(ratios) < 2 or np.all(ratios == ratios[0]):
+        return median, median, median
+    interval = bootstrap((ratios,), np.median, confidence_level=0.95, n_resamples=2000, method="percentile",
+                         random_state=np.random.default_rng(seed)).confidence_interval
+    return median, float(interval.low), float(interval.high)
+
+
+def iqm(values: np.ndarray, axis: int = 0) -> np.ndarray:
+    from scipy.stats import trim_mean
+
+    return trim_mean(values, 0.25, axis=axis)
+
+
+def regret_curves(task: Task, traces: list[Trace], grid: np.ndarray) -> np.ndarray:
+    """Anytime regret (best value so far minus the table's best mean final value), IQM over seeds, on `grid`."""
+    best = min(np.mean([c.values[-1] for c in runs]) for runs in task.curves.values()) if task.mode == "min" else \
+        max(np.mean([c.values[-1] for c in runs]) for runs in task.curves.values())
+    rows = []
+    for trace in traces:
+        so_far = np.minimum.accumulate(trace.values) if task.mode == "min" else np.maximum.accumulate(trace.values)
+        index = np.searchsorted(trace.compute, grid, side="right") - 1
+        worst = np.max(task.finals()) if task.mode == "min" else np.min(task.finals())
+        regret = np.where(index >= 0, so_far[np.clip(index, 0, None)], worst)
+        rows.append(task.sign() * (regret - best))
+    return iqm(np.array(rows), axis=0)
+
+
+# --- the benchmark --------------------------------------------------------------------------------------------
+
+def _run(job: tuple[str, str, dict, int, int, int, bool]) -> tuple[str, int, Trace]:
+    path, method, settings, workers, trials, seed, perfect = job
+    return method, seed, simulate(_task(path), settings, workers, trials, seed, perfect_ranking=perfect)
+
+
+_TASKS: dict[str, Task] = {}
+
+
+def _task(path: str) -> Task:
+    if path not in _TASKS:
+        _TASKS[path] = load_task(path)
+    return _TASKS[path]
+
+
+def replay(path: str, methods: list[str], workers: int, trials: int, seeds: int, jobs: int = 1,
+           plot: Optional[Path] = None) -> dict[str, Any]:
+    task = _task(path)
+    runs = [(path, m, METHODS.get(m, {}), workers, trials, s, False) for m in methods for s in range(seeds)]
+    runs += [(path, "perfect_asha", {}, workers, trials, s, True) for s in range(seeds)]
+    if "random" not in methods:
+        runs += [(path, "random", METHODS["random"], workers, trials, s, False) for s in range(seeds)]
+    if jobs > 1:
+        with multiprocessing.get_context("fork").Pool(jobs) as pool:
+            done = pool.map(_run, runs, chunksize=4)
+    else:
+        done = [_run(job) for job in runs]
+    traces: dict[str, list[Trace]] = {}
+    for method, seed, trace in sorted(done, key=lambda item: (item[0], item[1])):
+        traces.setdefault(method, []).append(trace)
+    results = []
+    for target_name, fraction in TARGETS.items():
+        target = task.target(fraction)
+        reference = [compute_to_target(task, trace, target) for trace in traces["random"]]
+        for method in [*methods, "perfect_asha"]:
+            reached = [compute_to_target(task, trace, target) for trace in traces[method]]
+            ratios = np.array([r[0] / m[0] for r, m in zip(reference, reached)])
+            median, low, high = median_interval(ratios)
+            results.append({"method": method, "target": target_name, "target_value": round(target, 4),
+                            "median_ratio": round(median, 3), "ci95_low": round(low, 3), "ci95_high": round(high, 3),
+                            "p_better": round(float(np.mean(ratios > 1)), 3),
+                            "success_rate": round(float(np.mean([m[1] for m in reached])), 3),
+                            "median_compute": round(float(np.median([m[0] for m in reached])), 1)})
+        oracle = oracle_compute(task, target)
+        random_median = float(np.median([r[0] for r in reference]))
+        results.append({"method": "oracle", "target": target_name, "target_value": round(target, 4),
+                        "median_ratio": round(random_median / oracle, 3) if oracle > 0 else math.inf,
+                        "ci95_low": None, "ci95_high": None, "p_better": None, "success_rate": float(oracle < math.inf),
+                        "median_compute": round(oracle, 1)})
+    summary = {"table": Path(path).name, "workers": workers, "trials": trials, "seeds": seeds, "results": results}
+    if plot is not None:
+        draw(task, traces, [*methods, "perfect_asha"], plot)
+    return summary
+
+
+def draw(task: Task, traces: dict[str, list[Trace]], methods: list[str], out: Path) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    end = float(np.median([t.total for t in traces["random"]]))
+    grid = np.linspace(0, end, 200)
+    figure, axis = plt.subplots(figsize=(7, 4.2))
+    for method in methods:
+        axis.plot(grid / 60, regret_curves(task, traces[method], grid), label=method)
+    axis.set_yscale("log")
+    axis.set_xlabel("compute (device-minutes, summed over workers)")
+    axis.set_ylabel(f"anytime regret of {task.metric} (IQM over seeds)")
+    axis.set_title(f"{task.name}: {len(traces['random'])} seeds")
+    axis.legend(fontsize=8)
+    figure.tight_layout()
+    figure.savefig(out, dpi=110)
+    plt.close(figure)
+
+
+def print_table(summary: dict[str, Any]) -> None:
+    print(f"{summary['table']}: {summary['workers']} workers, {summary['trials']} trials, {summary['seeds']} seeds")
+    print(f"{'method':<22}{'target':<10}{'median ratio':>13}{'95% interval':>18}{'P(>1)':>8}{'success':>9}"
+          f"{'compute s':>11}")
+    for row in summary["results"]:
+        interval = f"[{row['ci95_low']}, {row['ci95_high']}]" if row["ci95_low"] is not None else ""
+        p_better = "" if row["p_better"] is None else row["p_better"]
+        print(f"{row['method']:<22}{row['target']:<10}{row['median_ratio']:>13}{interval:>18}{p_better!s:>8}"
+              f"{row['success_rate']:>9}{row['median_compute']:>11}")
+
+
+def main(argv: list[str] | None = None) -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("table")
+    parser.add_argument("--workers", type=int, default=2)
+    parser.add_argument("--trials", type=int, default=64)
+    parser.add_argument("--seeds", type=int, default=200)
+    parser.add_argument("--methods", default=",".join(METHODS), help=f"comma-separated, from {', '.join(METHODS)}")
+    parser.add_argument("--jobs", type=int, default=os.cpu_count() or 1, help="processes running seeds side by side")
+    parser.add_argument("--plot", type=Path, help="write the anytime-regret curves (PNG) here")
+    parser.add_argument("--json", action="store_true", help="print one JSON object instead of the table")
+    args = parser.parse_args(argv)
+    methods = [m for m in args.methods.split(",") if m]
+    unknown = [m for m in methods if m not in METHODS]
+    if unknown:
+        parser.error(f"--methods: unknown {unknown}; known: {', '.join(METHODS)}")
+    summary = replay(args.table, methods, args.workers, args.trials, args.seeds, args.jobs, args.plot)
+    if args.json:
+        print(json.dumps(summary))
+    else:
+        print_table(summary)
+
+
+if __name__ == "__main__":
+    main()

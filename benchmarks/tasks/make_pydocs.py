@@ -1,0 +1,140 @@
+"""Make the `pydocs` benchmark task: real documentation text, on a model of another architecture than the demo's.
+
+    python benchmarks/tasks/make_pydocs.py
+
+Data (benchmarks/tasks/pydocs/pydocs.jsonl): the one-line summaries that Python's standard library ships in
+its docstrings, as instruction data: the input is a function's qualified name and signature, the response is
+the first sentence of its docstring. Nobody on this project wrote that text. The model
+(benchmarks/tasks/pydocs/tiny-neox/) is a tiny GPT-NeoX with the byte-level tokenizer, pretrained here for a
+few minutes on the full docstrings of the same modules, so that fine-tuning starts from a model that knows
+the text's words but not the task.
+
+The rows depend on the Python version's docstrings, so the files are committed: re-running the script on
+another Python gives a slightly different task.
+"""
+
+from __future__ import annotations
+
+import importlib
+import inspect
+import json
+import random
+import re
+import sys
+from pathlib import Path
+
+import torch
+from transformers import AutoModelForCausalLM, GPTNeoXConfig, GPTNeoXForCausalLM
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[2]))
+from sweep.tiny_model import build_byte_tokenizer  # noqa: E402
+
+HERE = Path(__file__).resolve().parent / "pydocs"
+MODULES = [
+    "abc", "argparse", "array", "base64", "binascii", "bisect", "calendar", "cmath", "codecs", "collections",
+    "colorsys", "configparser", "contextlib", "copy", "csv", "dataclasses", "datetime", "decimal", "difflib",
+    "email.utils", "enum", "filecmp", "fnmatch", "fractions", "functools", "getpass", "gettext", "glob", "gzip",
+    "hashlib", "heapq", "hmac", "html", "http.cookies", "imaplib", "inspect", "io", "ipaddress", "itertools", "json",
+    "keyword", "linecache", "locale", "logging", "lzma", "mailbox", "math", "mimetypes", "ntpath", "numbers",
+    "operator", "os", "os.path", "pathlib", "pickle", "pkgutil", "platform", "plistlib", "poplib", "posixpath",
+    "pprint", "quopri", "random", "re", "reprlib", "sched", "secrets", "selectors", "shelve", "shlex", "shutil",
+    "signal", "smtplib", "socket", "sqlite3", "ssl", "stat", "statistics", "string", "struct", "subprocess",
+    "sysconfig", "tarfile", "tempfile", "textwrap", "threading", "time", "timeit", "tokenize", "traceback",
+    "types", "typing", "unicodedata", "urllib.parse", "urllib.request", "uuid", "warnings", "weakref", "webbrowser",
+    "zipfile", "zlib",
+]
+MAX_INPUT, MAX_RESPONSE = 60, 80
+SENTENCE_END = re.compile(r"(?<=[.!?])\s")
+
+
+def documented_functions() -> list[tuple[str, str, str]]:
+    """(qualified name with signature, first sentence, whole docstring) for public functions and methods."""
+    found, seen = [], set()
+    for module_name in MODULES:
+        try:
+            module = importlib.import_module(module_name)
+        except ImportError:
+            continue
+        for name, member in sorted(vars(module).items()):
+            if name.startswith("_"):
+                continue
+            members = [(name, member)]
+            if inspect.isclass(member) and getattr(member, "__module__", "") == module.__name__:
+                members += [(f"{name}.{attr}", value) for attr, value in sorted(vars(member).items())
+                            if not attr.startswith("_") and callable(value)]
+            for qualified, function in members:
+                if not callable(function) or inspect.isclass(function):
+                    continue
+                doc = inspect.getdoc(function) or ""
+                paragraph = " ".join(doc.split("\n\n")[0].split())
+                sentence = SENTENCE_END.split(paragraph)[0]
+                try:
+                    signature = str(inspect.signature(function))
+                except (TypeError, ValueError):
+                    signature = "(...)"
+                head = f"{module_name}.{qualified}{signature}"
+                if len(head) > MAX_INPUT:
+                    head = f"{module_name}.{qualified}(...)"
+                if not sentence or len(sentence) > MAX_RESPONSE or len(head) > MAX_INPUT or sentence in seen:
+                    continue
+                if not sentence[0].isalpha() or "(" in sentence.split()[0] or "->" in sentence:
+                    continue  # a docstring that starts with a signature line, not prose
+                seen.add(sentence)
+                found.append((head, sentence, doc))
+    return found
+
+
+def pretrain(model_dir: Path, texts: list[str], steps: int, seed: int) -> None:
+    """Full training of the tiny model on the docstrings (a one-off asset build, not a trial)."""
+    from transformers import AutoTokenizer
+
+    tokenizer = AutoTokenizer.from_pretrained(model_dir)
+    model = AutoModelForCausalLM.from_pretrained(model_dir)
+    rng = random.Random(seed)
+    torch.manual_seed(seed)
+    optimizer = torch.optim.AdamW(model.parameters(), lr=3e-3)
+    schedule = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda step: 1 - step / steps)
+    for step in range(steps):
+        batch = tokenizer([rng.choice(texts)[:256] for _ in range(32)], return_tensors="pt", padding=True,
+                          truncation=True, max_length=256)
+        labels = batch["input_ids"].masked_fill(batch["attention_mask"] == 0, -100)
+        loss = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"], labels=labels).loss
+        loss.backward()
+        torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
+        optimizer.step()
+        schedule.step()
+        optimizer.zero_grad()
+        if step % 100 == 0 or step == steps - 1:
+            print(f"pretrain step {step}: loss {loss.item():.3f}", flush=True)
+    model.save_pretrained(model_dir, safe_serialization=True)
+
+
+def build_tiny_neox(out_dir: Path, seed: int) -> Path:
+    tokenizer = build_byte_tokenizer()
+    config = GPTNeoXConfig(vocab_size=len(tokenizer), hidden_size=64, intermediate_size=256, num_hidden_layers=2,
+                           num_attention_heads=4, max_position_embeddings=512, rotary_pct=0.5,
+                           bos_token_id=tokenizer.bos_token_id, eos_token_id=tokenizer.eos_token_id,
+                           pad_token_id=tokenizer.pad_token_id, tie_word_embeddings=False)
+    torch.manual_seed(seed)
+    model = GPTNeoXForCausalLM(config)
+    model.generation_config.pad_token_id = tokenizer.pad_token_id
+    model.save_pretrained(out_dir, safe_serialization=True)
+    tokenizer.save_pretrained(out_dir)
+    return out_dir
+
+
+def main() -> None:
+    HERE.mkdir(parents=True, exist_ok=True)
+    functions = documented_functions()
+    rows = [{"instruction": "Summarise what this Python function does in one sentence.", "input": head,
+             "response": sentence} for head, sentence, _ in functions]
+    with (HERE / "pydocs.jsonl").open("w", encoding="utf-8") as handle:
+        for row in rows:
+            handle.write(json.dumps(row) + "\n")
+    print(f"{len(rows)} rows from {len(MODULES)} modules of Python {sys.version.split()[0]}")
+    model_dir = build_tiny_neox(HERE / "tiny-neox", seed=3)
+    pretrain(model_dir, [doc for _, _, doc in functions], steps=800, seed=1)
+
+
+if __name__ == "__main__":
+    main()

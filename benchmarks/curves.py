@@ -66,7 +66,9 @@ def learning_rate_grid(distribution: od.BaseDistribution, count: int) -> list[fl
     low, high = math.log(distribution.low), math.log(distribution.high)
     if count == 1:
         return [math.exp((low + high) / 2)]
-    return [math.exp(low + (high - low) * i / (count - 1)) for i in range(count)]
+    # exp(log(x)) can land a rounding step outside the range: the ends are the range's own, the rest clamped
+    inner = [math.exp(low + (high - low) * i / (count - 1)) for i in range(1, count - 1)]
+    return [distribution.low, *(min(max(r, distribution.low), distribution.high) for r in inner), distribution.high]
 
 
 def design(space: dict[str, od.BaseDistribution], count: int, seed: int, grid_points: int = 8) -> list[dict[str, Any]]:
@@ -158,23 +160,13 @@ def build(config_path: str, out: Path, configs: int, seeds: int, workers: int, f
                 elapsed = time.perf_counter() - started
                 print(f"  {count}/{len(todo)} runs, {elapsed:.0f} s, about {elapsed / count * (len(todo) - count):.0f} s "
                       "left", flush=True)
-    write_table(parts, out, config, space, config_path)
+    runs = [json.loads(line) for line in parts.read_text().splitlines()]
+    write_table(runs, out, table_metadata(config, space, config_path))
     return out
 
 
-def write_table(parts: Path, out: Path, config: Any, space: dict[str, od.BaseDistribution], config_path: str) -> None:
-    import pandas as pd
-    import pyarrow as pa
-    import pyarrow.parquet as pq
-
-    records = []
-    for line in parts.read_text().splitlines():
-        run = json.loads(line)
-        for row in run["rows"]:
-            records.append({"config_id": run["config_id"], "seed": run["seed"], **row,
-                            **{PARAM_PREFIX + name: value for name, value in run["params"].items()}})
-    frame = pd.DataFrame.from_records(records).sort_values(["config_id", "seed", "step"]).reset_index(drop=True)
-    metadata = {
+def table_metadata(config: Any, space: dict[str, od.BaseDistribution], config_path: str) -> dict[str, Any]:
+    return {
         "config": Path(config_path).name,
         "task": config.name,
         "metric": config.search.metric,
@@ -184,6 +176,20 @@ def write_table(parts: Path, out: Path, config: Any, space: dict[str, od.BaseDis
         "space": {name: od.distribution_to_json(distribution) for name, distribution in space.items()},
         "model": Path(config.model.path).name,
     }
+
+
+def write_table(runs: list[dict[str, Any]], out: Path, metadata: dict[str, Any]) -> None:
+    """`runs`: what `run_one` returns (config id, seed, params, rows); one parquet row per evaluation."""
+    import pandas as pd
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    records = []
+    for run in runs:
+        for row in run["rows"]:
+            records.append({"config_id": run["config_id"], "seed": run["seed"], **row,
+                            **{PARAM_PREFIX + name: value for name, value in run["params"].items()}})
+    frame = pd.DataFrame.from_records(records).sort_values(["config_id", "seed", "step"]).reset_index(drop=True)
     table = pa.Table.from_pandas(frame, preserve_index=False)
     table = table.replace_schema_metadata({**(table.schema.metadata or {}), METADATA_KEY: json.dumps(metadata)})
     pq.write_table(table, out, compression="zstd")

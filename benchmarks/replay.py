@@ -13,11 +13,12 @@ over workers while they run a trial.
 
 For each target (the top 12.5%, 5% and 2% of the table's final values: a trial reaches it when any of its
 evaluations is at least that good), each seed's compute-to-target is the compute spent when an evaluation
-first reached it. A sweep that never reaches it is a failure: counted in the success rate, and its
-compute-to-target is censored at the sweep's whole compute (which flatters the failing method: a method that
-fails often is never made to look better by it, as its success rate is reported beside). The ratio is
-random's compute over the method's, paired by seed (higher is better); reported: its median over seeds, a
-bootstrap 95% interval of that median, and P(ratio > 1).
+first reached it. A sweep that never reaches it is a failure, counted in the success rate. The ratio is
+random's compute over the method's, paired by seed (higher is better), and a failure never flatters the
+method that failed: where only random failed, random's whole compute stands for its cost (at most its true
+cost, so the ratio is a lower bound); where only the method failed, the ratio is 0 (a loss); where both
+failed, 1 (a tie). Reported: the median ratio over seeds, a bootstrap 95% interval of that median,
+P(ratio > 1), the success rate, and the median compute-to-target (a failure's censored at its whole compute).
 
 Bounds from the same table: `oracle` trains only the configuration with the best mean final value;
 `perfect_asha` is the engine's default ASHA and sampler ranking every trial at every rung by its final value.
@@ -63,6 +64,23 @@ METHODS: dict[str, dict[str, Any]] = {
     "tpe_asha": {"search.sampler": "tpe", "search.startup_trials": 10, "scheduler.type": "asha",
                  "scheduler.grace_period": 40, "scheduler.reduction_factor": 3},
     "default": {},
+    # Candidates, each one change from tpe_asha unless its name says more.
+    "tpe_asha_pruned": {"search.startup_trials": 10, "scheduler.grace_period": 40, "scheduler.reduction_factor": 3,
+                        "search.stopped_trials": "pruned"},
+    "tpe_mv_liar_asha": {"search.startup_trials": 10, "scheduler.grace_period": 40, "scheduler.reduction_factor": 3,
+                         "search.multivariate": True, "search.constant_liar": True},
+    "tpe_hyperband": {"search.startup_trials": 10, "scheduler.grace_period": 20, "scheduler.reduction_factor": 3,
+                      "scheduler.brackets": 3},
+    "tpe_asha_grace1": {"search.startup_trials": 10, "scheduler.grace_period": "EVAL", "scheduler.reduction_factor": 3},
+    "tpe_asha_grace1_rf4": {"search.startup_trials": 10, "scheduler.grace_period": "EVAL",
+                            "scheduler.reduction_factor": 4},
+    "tpe_asha_startup5": {"search.startup_trials": 5, "scheduler.grace_period": 40, "scheduler.reduction_factor": 3},
+    "tpe_promotion": {"search.startup_trials": 10, "scheduler.type": "promotion_asha", "scheduler.grace_period": 40,
+                      "scheduler.reduction_factor": 3},
+    "tpe_promotion_grace1": {"search.startup_trials": 10, "scheduler.type": "promotion_asha",
+                             "scheduler.grace_period": "EVAL", "scheduler.reduction_factor": 3},
+    "random_promotion": {"search.sampler": "random", "scheduler.type": "promotion_asha",
+                         "scheduler.grace_period": "EVAL", "scheduler.reduction_factor": 3},
 }
 
 
@@ -323,6 +341,17 @@ def compute_to_target(task: Task, trace: Trace, target: float) -> tuple[float, b
     return trace.total, False
 
 
+def paired_ratio(random: tuple[float, bool], method: tuple[float, bool]) -> float:
+    """Random's compute-to-target over the method's, for one seed, never flattering a method that failed.
+
+    Both reached it: the plain ratio. Only the method: random's whole compute stands for its cost, which
+    is at most its true cost (a lower bound of the ratio). Only random: 0, a loss. Neither: 1, a tie."""
+    (random_cost, random_reached), (method_cost, method_reached) = random, method
+    if method_reached:
+        return random_cost / method_cost if method_cost > 0 else math.inf
+    return 1.0 if not random_reached else 0.0
+
+
 def median_interval(ratios: np.ndarray, seed: int = 0) -> tuple[float, float, float]:
     from scipy.stats import bootstrap
 
@@ -391,7 +420,7 @@ def replay(path: str, methods: list[str], workers: int, trials: int, seeds: int,
         reference = [compute_to_target(task, trace, target) for trace in traces["random"]]
         for method in [*methods, "perfect_asha"]:
             reached = [compute_to_target(task, trace, target) for trace in traces[method]]
-            ratios = np.array([r[0] / m[0] for r, m in zip(reference, reached)])
+            ratios = np.array([paired_ratio(r, m) for r, m in zip(reference, reached)])
             median, low, high = median_interval(ratios)
             results.append({"method": method, "target": target_name, "target_value": round(target, 4),
                             "median_ratio": round(median, 3), "ci95_low": round(low, 3), "ci95_high": round(high, 3),

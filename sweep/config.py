@@ -237,6 +237,13 @@ class SearchConfig(_Strict):
     startup_trials: Int = Field(
         10, ge=1, description="Random trials before TPE models the results (Optuna's default, kept: see BENCHMARKS.md)."
     )
+    multivariate: StrictBool = Field(
+        False, description="TPE models the parameters jointly (Optuna's multivariate, grouped TPE) instead of one by one.")
+    constant_liar: StrictBool = Field(
+        False, description="TPE counts running trials as bad results, so that trials running side by side spread out.")
+    stopped_trials: Literal["complete", "pruned"] = Field(
+        "complete", description="How a trial the scheduler stopped early enters the study: `complete` with its last "
+        "value, or `pruned` (TPE then ranks it below every finished trial, by the step it reached and its value there).")
     also_minimize: Optional[Literal["adapter_params", "eval_ms_per_example"]] = Field(
         None, description="A cost minimised beside `metric`: the sampler searches for the Pareto front of both.")
     pareto_tolerance: Float = Field(
@@ -254,9 +261,14 @@ class SearchConfig(_Strict):
 
 
 class SchedulerConfig(_Strict):
-    type: Literal["asha", "none"] = "asha"
+    type: Literal["asha", "promotion_asha", "none"] = Field(
+        "asha", description="`asha`: Ray Tune's asynchronous ASHA (a trial is stopped when it reaches a rung below the "
+        "cutoff of the trials that reached it before); `promotion_asha`: a trial pauses at each rung until it is in "
+        "the rung's top 1/reduction_factor; `none`: every trial runs to max_steps.")
     grace_period: Int = Field(40, ge=1, description="Steps every trial runs before ASHA may stop it.")
     reduction_factor: Float = Field(3.0, gt=1.0)
+    brackets: Int = Field(1, ge=1, le=8, description="ASHA brackets: more than 1 is asynchronous Hyperband, each "
+                          "trial drawn into a bracket whose first rung is `reduction_factor` times later than the last's.")
 
 
 class ResourcesConfig(_Strict):
@@ -386,12 +398,12 @@ class SweepConfig(_Strict):
         t = self.training
         if t.eval_steps > t.max_steps:
             problems.append(f"training.eval_steps must be <= training.max_steps ({t.max_steps}), but got {t.eval_steps}")
-        if self.scheduler.type == "asha" and self.scheduler.grace_period > t.max_steps:
+        if self.scheduler.type != "none" and self.scheduler.grace_period > t.max_steps:
             problems.append(
                 f"scheduler.grace_period must be <= training.max_steps ({t.max_steps}), "
                 f"but got {self.scheduler.grace_period}"
             )
-        if self.scheduler.type == "asha" and self.scheduler.grace_period <= t.max_steps:
+        if self.scheduler.type != "none" and self.scheduler.grace_period <= t.max_steps:
             rungs = asha_rung_count(self.scheduler.grace_period, self.scheduler.reduction_factor, t.max_steps)
             if rungs > MAX_ASHA_RUNGS:
                 problems.append(

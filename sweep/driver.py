@@ -27,6 +27,7 @@ from ray.tune.schedulers import ASHAScheduler, FIFOScheduler
 from ray.tune.search.optuna import OptunaSearch
 
 from sweep import faults
+from sweep.schedulers import PromotionASHA
 from sweep.safety import check_state_files_are_ours, recover_truncated_tune_snapshot
 from sweep.signals import SweepInterrupted, ctrl_c_handler_kept, sigterm_stops_like_ctrl_c
 from sweep.config import CONFIG_FILE, ConfigError, SweepConfig, cut, read_yaml, shown
@@ -177,6 +178,17 @@ class ResumableOptunaSearch(OptunaSearch):
     closed. The study is the record: such a trial is treated as finished.
     """
 
+    def __init__(self, *args: Any, stopped_as_pruned_before: int | None = None, **kwargs: Any):
+        super().__init__(*args, **kwargs)
+        # `search.stopped_trials: pruned`: a trial whose last result is before this step was stopped by the
+        # scheduler, and enters the study as pruned rather than complete with an early value.
+        self.stopped_as_pruned_before = stopped_as_pruned_before
+
+    def _stopped_early(self, result: dict | None) -> bool:
+        limit = getattr(self, "stopped_as_pruned_before", None)  # a searcher pickled before the option lacks it
+        return (limit is not None and bool(result) and self._reports_steps and "step" in result
+                and int(result["step"]) < limit and not result.get("diverged"))
+
     def _closed_in_study(self, trial_id: str) -> bool:
         if trial_id in self._completed_trials or trial_id not in self._ot_trials:
             return trial_id in self._completed_trials
@@ -216,6 +228,12 @@ class ResumableOptunaSearch(OptunaSearch):
         # it as an intermediate value too, so the trial's curve in the study reaches its last step.
         if result and self._reports_steps and "step" in result and self.metric in result:
             self._report_step(trial_id, result)
+        if not error and self._stopped_early(result):
+            # Optuna's TPE ranks pruned trials below finished ones, by the last step they reached and their value
+            # there: an early stop's value is not compared as if it were a finished trial's.
+            self._ot_study.tell(self._ot_trials[trial_id], state=optuna.trial.TrialState.PRUNED)
+            self._completed_trials.add(trial_id)
+            return
         super().on_trial_complete(trial_id, result, error)
 
 
@@ -228,13 +246,17 @@ def make_search(config: SweepConfig, space: dict[str, Any], sweep_dir: Path | No
     benchmark drives the same searcher with an in-memory study)."""
     if not space:
         return None  # nothing to sample: every trial runs the fixed config
+    search = config.search
     sampler = (
-        optuna.samplers.TPESampler(seed=config.seed, n_startup_trials=config.search.startup_trials)
-        if config.search.sampler == "tpe"
+        optuna.samplers.TPESampler(seed=config.seed, n_startup_trials=search.startup_trials,
+                                   multivariate=search.multivariate, group=search.multivariate,
+                                   constant_liar=search.constant_liar)
+        if search.sampler == "tpe"
         else optuna.samplers.RandomSampler(seed=config.seed)
     )
     metrics, modes = zip(*config.objectives)
     return ResumableOptunaSearch(
+        stopped_as_pruned_before=config.training.max_steps if search.stopped_trials == "pruned" else None,
         space=space,
         points_to_evaluate=seeds or None,
         # With a cost to minimise too, a two-objective study (TPE handles both): its trials' values are
@@ -250,11 +272,16 @@ def make_search(config: SweepConfig, space: dict[str, Any], sweep_dir: Path | No
 def make_scheduler(config: SweepConfig):
     if config.scheduler.type == "none":
         return FIFOScheduler()
+    if config.scheduler.type == "promotion_asha":
+        return PromotionASHA(time_attr="step", max_t=config.training.max_steps,
+                             grace_period=config.scheduler.grace_period,
+                             reduction_factor=config.scheduler.reduction_factor)
     return ASHAScheduler(
         time_attr="step",
         max_t=config.training.max_steps,
         grace_period=config.scheduler.grace_period,
         reduction_factor=config.scheduler.reduction_factor,
+        brackets=config.scheduler.brackets,
     )
 
 

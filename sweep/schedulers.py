@@ -1,0 +1,116 @@
+"""Promotion-based ASHA (Li et al. 2020, "A System for Massively Parallel Hyperparameter Tuning", Algorithm 2).
+
+Ray Tune's ASHAScheduler decides when a trial reaches a rung, against the trials that reached it before:
+the first trials of a sweep have nothing to be compared with and run to their end. Here a trial pauses at
+each rung (its checkpoint is that evaluation's) unless it is already in the top 1/`reduction_factor` of the
+rung; a free worker resumes the best paused trial that has become promotable, highest rung first, and only
+otherwise starts a new trial. So no trial goes past a rung before `reduction_factor` trials were compared
+there.
+"""
+
+from __future__ import annotations
+
+import math
+import pickle
+from typing import Any, Optional
+
+from ray.tune.experiment import Trial
+from ray.tune.schedulers import FIFOScheduler, TrialScheduler
+
+
+class PromotionASHA(FIFOScheduler):
+    """Ray Tune scheduler: pause at every rung, promote the top 1/`reduction_factor` of each rung."""
+
+    def __init__(self, time_attr: str, max_t: int, grace_period: int, reduction_factor: float,
+                 metric: Optional[str] = None, mode: Optional[str] = None):
+        super().__init__()
+        self._time_attr = time_attr
+        self._max_t = max_t
+        self._metric = metric
+        self._mode = mode
+        self._reduction_factor = reduction_factor
+        self.milestones: list[float] = []
+        milestone = float(grace_period)
+        while milestone < max_t:
+            self.milestones.append(milestone)
+            milestone *= reduction_factor
+        self.scores: list[dict[str, float]] = [{} for _ in self.milestones]  # per rung: trial id -> score (higher better)
+        self.promoted: list[set[str]] = [set() for _ in self.milestones]
+        self.paused_at: dict[str, int] = {}  # trial id -> the rung it waits at
+
+    def set_search_properties(self, metric: Optional[str], mode: Optional[str], **spec: Any) -> bool:
+        if self._metric and metric or self._mode and mode:
+            return False
+        self._metric = self._metric or metric
+        self._mode = self._mode or mode
+        return True
+
+    def _score(self, value: float) -> float:
+        if value is None or (isinstance(value, float) and math.isnan(value)):
+            return -math.inf
+        return -float(value) if self._mode == "min" else float(value)
+
+    def _top(self, rung: int) -> list[str]:
+        """The trials of `rung` that may go on: its best floor(n / reduction_factor)."""
+        scores = self.scores[rung]
+        count = int(len(scores) / self._reduction_factor)
+        return sorted(scores, key=lambda trial_id: scores[trial_id], reverse=True)[:count]
+
+    def on_trial_result(self, tune_controller: Any, trial: Trial, result: dict) -> str:
+        if self._time_attr not in result or self._metric not in result:
+            return TrialScheduler.CONTINUE
+        trial_id = trial.trial_id
+        waited = self.paused_at.pop(trial_id, None)
+        if waited is not None:  # resumed: it was promoted from the rung it waited at
+            self.promoted[waited].add(trial_id)
+        elapsed = result[self._time_attr]
+        if elapsed >= self._max_t:
+            return TrialScheduler.STOP
+        rung = next((k for k in reversed(range(len(self.milestones)))
+                     if elapsed >= self.milestones[k] and trial_id not in self.scores[k]), None)
+        if rung is None:
+            return TrialScheduler.CONTINUE
+        self.scores[rung][trial_id] = self._score(result[self._metric])
+        if trial_id in self._top(rung):
+            self.promoted[rung].add(trial_id)
+            return TrialScheduler.CONTINUE
+        self.paused_at[trial_id] = rung
+        return TrialScheduler.PAUSE
+
+    def promotable(self) -> list[str]:
+        """Paused trials that may go on, best first from the highest rung."""
+        out = []
+        for rung in reversed(range(len(self.milestones))):
+            out += [trial_id for trial_id in self._top(rung)
+                    if self.paused_at.get(trial_id) == rung and trial_id not in self.promoted[rung]]
+        return out
+
+    def choose_trial_to_run(self, tune_controller: Any) -> Optional[Trial]:
+        trials = tune_controller.get_trials()
+        paused = {t.trial_id: t for t in trials if t.status == Trial.PAUSED}
+        for trial_id in self.promotable():
+            if trial_id in paused:
+                return paused[trial_id]
+        for trial in trials:
+            if trial.status == Trial.PENDING:
+                return trial
+        return None
+
+    def on_trial_complete(self, tune_controller: Any, trial: Trial, result: dict) -> None:
+        self.paused_at.pop(trial.trial_id, None)
+
+    def on_trial_remove(self, tune_controller: Any, trial: Trial) -> None:
+        self.paused_at.pop(trial.trial_id, None)
+
+    def debug_string(self) -> str:
+        rungs = ", ".join(f"step {m:g}: {len(s)} ({len(p)} promoted)"
+                          for m, s, p in zip(self.milestones, self.scores, self.promoted))
+        return f"PromotionASHA: {rungs}; {len(self.paused_at)} paused"
+
+    def save(self, checkpoint_path: str) -> None:
+        with open(checkpoint_path, "wb") as handle:
+            pickle.dump(self.__dict__, handle)
+
+    def restore(self, checkpoint_path: str) -> None:
+        with open(checkpoint_path, "rb") as handle:
+            self.__dict__.update(pickle.load(handle))

@@ -8,8 +8,8 @@ the objects `sweep run` builds (`sweep.driver.make_search` / `make_scheduler`) f
 method's settings. A suggested configuration runs as the table's nearest configuration (each parameter
 scaled to [0, 1] over its range, the learning rate on a log scale; a categorical counts 0 when equal, 1
 when not), with one of that configuration's recorded seeds drawn at random; its evaluations arrive at the
-table's device-seconds; a paused and resumed trial continues its curve. Compute is device-seconds summed
-over workers while they run a trial.
+table's device-seconds; a paused and resumed trial continues its curve. Every start and every resume pays
+the run's recorded start-up seconds. Compute is device-seconds summed over workers while they run a trial.
 
 For each target (the top 12.5%, 5% and 2% of the table's final values: a trial reaches it when any of its
 evaluations is at least that good), each seed's compute-to-target is the compute spent when an evaluation
@@ -90,7 +90,8 @@ METHODS: dict[str, dict[str, Any]] = {
 class Curve:
     steps: np.ndarray
     values: np.ndarray
-    seconds: np.ndarray  # device-seconds from the run's start to each evaluation
+    seconds: np.ndarray  # device-seconds from the run's first step to each evaluation
+    startup: float = 0.0  # seconds from the trial's start to its first step (paid again on every resume)
 
     def best_value(self, better) -> float:
         return float(better(self.values))
@@ -146,7 +147,8 @@ def load_task(path: str | Path) -> Task:
     points = {}
     for (config_id, _seed), runs in frame.groupby(["config_id", "seed"], sort=True):
         curves.setdefault(int(config_id), []).append(Curve(runs["step"].to_numpy(), runs["value"].to_numpy(dtype=float),
-                                                           runs["device_seconds"].to_numpy(dtype=float)))
+                                                           runs["device_seconds"].to_numpy(dtype=float),
+                                                           float(runs["startup_seconds"].iloc[0])))
         first = runs.iloc[0]
         points[int(config_id)] = scaled(space, {name: _plain(first[PARAM_PREFIX + name]) for name in space})
     ids = sorted(curves)
@@ -198,10 +200,23 @@ class ReplayTrial:
 
 
 class ReplayController:
-    """The part of Tune's controller a scheduler may ask about."""
+    """The part of Tune's controller a scheduler may ask about or act on."""
 
-    def __init__(self) -> None:
+    def __init__(self, scheduler: Any, searcher: Any, trials: int) -> None:
         self.trials: list[ReplayTrial] = []
+        self.scheduler, self.searcher, self.planned = scheduler, searcher, trials
+        self.search_alg = self  # Tune's SearchGenerator: is_finished() and its `searcher`
+
+    def is_finished(self) -> bool:
+        return len(self.trials) >= self.planned
+
+    def stop_trial(self, trial: ReplayTrial) -> None:
+        """As Tune stops a paused or pending trial: the scheduler removes it, the searcher hears it ended."""
+        if trial.status in ("PAUSED", "PENDING"):
+            self.scheduler.on_trial_remove(self, trial)
+            with quiet():
+                self.searcher.on_trial_complete(trial.trial_id)
+        trial.status = "TERMINATED"
 
     def get_trials(self) -> list[ReplayTrial]:
         return self.trials
@@ -245,16 +260,18 @@ def simulate(task: Task, settings: dict[str, Any], workers: int, trials: int, se
         searcher = make_search(config, task.space, None, storage=optuna.storages.InMemoryStorage())
         scheduler = make_scheduler(config)
         scheduler.set_search_properties(config.search.metric, config.search.mode)
-    controller = ReplayController()
+    controller = ReplayController(scheduler, searcher, trials)
     events: list[tuple[float, int, ReplayTrial]] = []
     sequence = 0
     now, compute, running = 0.0, 0.0, 0
     reported_compute, reported_values = [], []
     started = 0
 
-    def segment(trial: ReplayTrial) -> float:
+    def segment(trial: ReplayTrial, starting: bool = False) -> float:
+        """Device-seconds to the trial's next evaluation; a trial that starts or resumes pays its start-up too."""
         i = trial.position
-        return float(trial.curve.seconds[i] - (trial.curve.seconds[i - 1] if i > 0 else 0.0))
+        seconds = float(trial.curve.seconds[i] - (trial.curve.seconds[i - 1] if i > 0 else 0.0))
+        return seconds + (trial.curve.startup if starting else 0.0)
 
     def launch() -> bool:
         nonlocal sequence, started, running
@@ -280,7 +297,7 @@ def simulate(task: Task, settings: dict[str, Any], workers: int, trials: int, se
             return False
         trial.status = "RUNNING"
         running += 1
-        heapq.heappush(events, (now + segment(trial), sequence, trial))
+        heapq.heappush(events, (now + segment(trial, starting=True), sequence, trial))
         sequence += 1
         return True
 

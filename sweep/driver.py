@@ -27,7 +27,7 @@ from ray.tune.schedulers import ASHAScheduler, FIFOScheduler
 from ray.tune.search.optuna import OptunaSearch
 
 from sweep import faults
-from sweep.schedulers import PromotionASHA
+from sweep.schedulers import KeepResultsAcrossPauses, PausingConcurrencyLimiter, PromotionASHA
 from sweep.safety import check_state_files_are_ours, recover_truncated_tune_snapshot
 from sweep.signals import SweepInterrupted, ctrl_c_handler_kept, sigterm_stops_like_ctrl_c
 from sweep.config import CONFIG_FILE, ConfigError, SweepConfig, cut, read_yaml, shown
@@ -424,22 +424,27 @@ def run_sweep(config: SweepConfig, space: dict[str, Any], data_path: Path, sweep
         ProgressCallback(sweep_dir, config.name, config.search.metric, config.search.mode, config.search.num_trials,
                          config.search.max_concurrent_trials, config.training.max_steps),
     ]
+    if config.scheduler.type == "promotion_asha":
+        callbacks.append(KeepResultsAcrossPauses())
     if faults.stall_point() == "between_trials":
         callbacks.append(_StallBetweenTrials(sweep_dir))
+    # Always a number: with a searcher and no limit, Tune starts one trial at a time and waits for it to be
+    # running before the next (its pending-trials default), so trials that fit side by side would start one by one.
+    at_once = trials_that_fit(config, ray.cluster_resources().get("CPU", 0.0), ray.cluster_resources().get("GPU", 0.0))
+    search = make_search(config, space, sweep_dir, seeds)
+    if search is not None and config.scheduler.type == "promotion_asha":
+        # Tune's own limiter would count paused trials as running, and no new trial could start beside them.
+        search, at_once = PausingConcurrencyLimiter(search, max_concurrent=at_once), None
     tuner = tune.Tuner(
         trainable,
         param_space={},
         tune_config=tune.TuneConfig(
             metric=config.search.metric,
             mode=config.search.mode,
-            search_alg=make_search(config, space, sweep_dir, seeds),
+            search_alg=search,
             scheduler=make_scheduler(config),
             num_samples=config.search.num_trials,
-            # Always a number: with a searcher and no limit, Tune starts one trial at a time and waits
-            # for it to be running before the next (its pending-trials default), so trials that fit
-            # side by side would start one by one.
-            max_concurrent_trials=trials_that_fit(
-                config, ray.cluster_resources().get("CPU", 0.0), ray.cluster_resources().get("GPU", 0.0)),
+            max_concurrent_trials=at_once,
             # Reusing a worker skips its start-up and imports for every trial after the first.
             reuse_actors=True,
         ),

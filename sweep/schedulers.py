@@ -12,14 +12,25 @@ from __future__ import annotations
 
 import math
 import pickle
+from pathlib import Path
+
+import pyarrow.fs as pafs
 from typing import Any, Optional
 
+from ray.tune import Callback
 from ray.tune.experiment import Trial
 from ray.tune.schedulers import FIFOScheduler, TrialScheduler
+from ray.tune.search import ConcurrencyLimiter
 
 
 class PromotionASHA(FIFOScheduler):
-    """Ray Tune scheduler: pause at every rung, promote the top 1/`reduction_factor` of each rung."""
+    """Ray Tune scheduler: pause at every rung, promote the top 1/`reduction_factor` of each rung.
+
+    A paused trial frees its slot for a new one (the searcher is told, as Ray's BOHB scheduler tells it, and
+    `PausingConcurrencyLimiter` no longer counts it). When no trial runs or waits to start and the searcher
+    has no more, the paused trials that were never promoted are stopped through the controller, as Ray's
+    HyperBandScheduler stops trials: their rung's result is their last, and the sweep ends.
+    """
 
     def __init__(self, time_attr: str, max_t: int, grace_period: int, reduction_factor: float,
                  metric: Optional[str] = None, mode: Optional[str] = None):
@@ -75,6 +86,7 @@ class PromotionASHA(FIFOScheduler):
             self.promoted[rung].add(trial_id)
             return TrialScheduler.CONTINUE
         self.paused_at[trial_id] = rung
+        _tell_searcher(tune_controller, "on_pause", trial_id)
         return TrialScheduler.PAUSE
 
     def promotable(self) -> list[str]:
@@ -90,10 +102,14 @@ class PromotionASHA(FIFOScheduler):
         paused = {t.trial_id: t for t in trials if t.status == Trial.PAUSED}
         for trial_id in self.promotable():
             if trial_id in paused:
+                _tell_searcher(tune_controller, "on_unpause", trial_id)
                 return paused[trial_id]
         for trial in trials:
             if trial.status == Trial.PENDING:
                 return trial
+        if paused and _nothing_more_to_come(tune_controller, trials):
+            for trial in paused.values():  # never promoted, and nothing left that could promote them
+                tune_controller.stop_trial(trial)
         return None
 
     def on_trial_complete(self, tune_controller: Any, trial: Trial, result: dict) -> None:
@@ -114,3 +130,69 @@ class PromotionASHA(FIFOScheduler):
     def restore(self, checkpoint_path: str) -> None:
         with open(checkpoint_path, "rb") as handle:
             self.__dict__.update(pickle.load(handle))
+
+
+def _tell_searcher(tune_controller: Any, event: str, trial_id: str) -> None:
+    """`on_pause` / `on_unpause` to the sweep's searcher (Tune's controller holds it in a SearchGenerator)."""
+    searcher = getattr(getattr(tune_controller, "search_alg", None), "searcher", None)
+    if searcher is not None and hasattr(searcher, event):
+        getattr(searcher, event)(trial_id)
+
+
+def _nothing_more_to_come(tune_controller: Any, trials: list[Trial]) -> bool:
+    if any(t.status in (Trial.RUNNING, Trial.PENDING) for t in trials):
+        return False
+    search = getattr(tune_controller, "search_alg", None)
+    return search is None or search.is_finished()
+
+
+class PausingConcurrencyLimiter(ConcurrencyLimiter):
+    """Ray's ConcurrencyLimiter, where a paused trial does not count: it holds no resources, and counting it
+    would stop new trials from starting while the paused ones wait to be compared with them."""
+
+    def __init__(self, searcher: Any, max_concurrent: int):
+        super().__init__(searcher, max_concurrent=max_concurrent)
+        self.paused: set[str] = set()
+
+    def on_pause(self, trial_id: str) -> None:
+        if trial_id in self.live_trials:
+            self.live_trials.discard(trial_id)
+            self.num_unfinished_live_trials -= 1
+            self.paused.add(trial_id)
+
+    def on_unpause(self, trial_id: str) -> None:
+        if trial_id in self.paused:
+            self.paused.discard(trial_id)
+            self.live_trials.add(trial_id)
+            self.num_unfinished_live_trials += 1
+
+    def on_trial_complete(self, trial_id: str, result: Optional[dict] = None, error: bool = False) -> None:
+        if trial_id in self.paused:  # stopped while paused: the searcher still hears how it ended
+            self.paused.discard(trial_id)
+            self.searcher.on_trial_complete(trial_id, result=result, error=error)
+            return
+        super().on_trial_complete(trial_id, result=result, error=error)
+
+
+class KeepResultsAcrossPauses(Callback):
+    """Keeps the result a trial reported when it was paused in its result.json and progress.csv.
+
+    When a trial starts again, Tune's result loggers copy these files back from the sweep's storage, where
+    they were last synced at a checkpoint; a result that came with a PAUSE is not synced first, so it would be
+    lost. This callback runs before the loggers (Tune adds them after the sweep's callbacks) and pushes the
+    driver's fuller copy to storage first.
+    """
+
+    FILES = ("result.json", "progress.csv")
+
+    def on_trial_start(self, iteration: int, trials: list, trial: Trial, **info: Any) -> None:
+        filesystem = trial.storage.storage_filesystem
+        for name in self.FILES:
+            local = Path(trial.local_path) / name
+            remote = f"{trial.storage.trial_fs_path}/{name}"
+            if not local.is_file():
+                continue  # a new driver after a crash: storage holds the only copy
+            stored = filesystem.get_file_info(remote)
+            if stored.type == pafs.FileType.File and stored.size >= local.stat().st_size:
+                continue
+            pafs.copy_files(str(local), remote, destination_filesystem=filesystem)

@@ -64,21 +64,22 @@ METHODS: dict[str, dict[str, Any]] = {
     "tpe_asha": {"search.sampler": "tpe", "search.startup_trials": 10, "scheduler.type": "asha",
                  "scheduler.grace_period": 40, "scheduler.reduction_factor": 3},
     "default": {},
-    # Candidates, each one change from tpe_asha unless its name says more.
+    # Candidates: each is tpe_asha with the changes its name says.
     "tpe_asha_pruned": {"search.startup_trials": 10, "scheduler.grace_period": 40, "scheduler.reduction_factor": 3,
                         "search.stopped_trials": "pruned"},
     "tpe_mv_liar_asha": {"search.startup_trials": 10, "scheduler.grace_period": 40, "scheduler.reduction_factor": 3,
                          "search.multivariate": True, "search.constant_liar": True},
-    "tpe_hyperband": {"search.startup_trials": 10, "scheduler.grace_period": 20, "scheduler.reduction_factor": 3,
+    "tpe_hyperband": {"search.startup_trials": 10, "scheduler.grace_period": "EVAL", "scheduler.reduction_factor": 3,
                       "scheduler.brackets": 3},
     "tpe_asha_grace1": {"search.startup_trials": 10, "scheduler.grace_period": "EVAL", "scheduler.reduction_factor": 3},
-    "tpe_asha_grace1_rf4": {"search.startup_trials": 10, "scheduler.grace_period": "EVAL",
-                            "scheduler.reduction_factor": 4},
-    "tpe_asha_startup5": {"search.startup_trials": 5, "scheduler.grace_period": 40, "scheduler.reduction_factor": 3},
-    "tpe_promotion": {"search.startup_trials": 10, "scheduler.type": "promotion_asha", "scheduler.grace_period": 40,
-                      "scheduler.reduction_factor": 3},
-    "tpe_promotion_grace1": {"search.startup_trials": 10, "scheduler.type": "promotion_asha",
-                             "scheduler.grace_period": "EVAL", "scheduler.reduction_factor": 3},
+    "tpe_promotion_grace40": {"search.startup_trials": 10, "scheduler.type": "promotion_asha",
+                              "scheduler.grace_period": 40, "scheduler.reduction_factor": 3},
+    "tpe_promotion_rf2": {"search.startup_trials": 10, "scheduler.type": "promotion_asha",
+                          "scheduler.grace_period": "EVAL", "scheduler.reduction_factor": 2},
+    "tpe_promotion": {"search.startup_trials": 10, "scheduler.type": "promotion_asha",
+                      "scheduler.grace_period": "EVAL", "scheduler.reduction_factor": 3},
+    "tpe_promotion_rf4": {"search.startup_trials": 10, "scheduler.type": "promotion_asha",
+                          "scheduler.grace_period": "EVAL", "scheduler.reduction_factor": 4},
     "random_promotion": {"search.sampler": "random", "scheduler.type": "promotion_asha",
                          "scheduler.grace_period": "EVAL", "scheduler.reduction_factor": 3},
 }
@@ -318,24 +319,64 @@ def simulate(task: Task, settings: dict[str, Any], workers: int, trials: int, se
                   "time_total_s": float(trial.curve.seconds[i])}
         trial.position += 1
         last = trial.position >= len(trial.curve.steps)
-        with quiet():
-            searcher.on_trial_result(trial.trial_id, result)
-            decision = scheduler.on_trial_result(controller, trial, result)
-        if last or decision == TrialScheduler.STOP:
-            trial.status = "TERMINATED"
+        decision = deliver(searcher, scheduler, controller, trial, result, last)
+        if decision in (TrialScheduler.STOP, TrialScheduler.PAUSE):
             running -= 1
-            with quiet():
-                searcher.on_trial_complete(trial.trial_id, result)
-                scheduler.on_trial_complete(controller, trial, result)
-        elif decision == TrialScheduler.PAUSE:
-            trial.status = "PAUSED"
-            running -= 1
-            if hasattr(searcher, "on_pause"):
-                searcher.on_pause(trial.trial_id)
         else:
             heapq.heappush(events, (now + segment(trial), sequence, trial))
             sequence += 1
     return Trace(np.array(reported_compute), np.array(reported_values), compute, started)
+
+
+def deliver(searcher: Any, scheduler: Any, controller: ReplayController, trial: ReplayTrial, result: dict,
+            last: bool) -> str:
+    """One reported result, handed to the searcher and the scheduler as Tune's controller hands it (a stop
+    also ends the trial in both, and the last result of a trial is a stop); returns the decision."""
+    from ray.tune.schedulers import TrialScheduler
+
+    with quiet():
+        decision = scheduler.on_trial_result(controller, trial, result)
+        if decision != TrialScheduler.STOP:
+            searcher.on_trial_result(trial.trial_id, result)
+    if last or decision == TrialScheduler.STOP:
+        trial.status = "TERMINATED"
+        with quiet():
+            searcher.on_trial_complete(trial.trial_id, result)
+            scheduler.on_trial_complete(controller, trial, result)
+        return TrialScheduler.STOP
+    if decision == TrialScheduler.PAUSE:
+        trial.status = "PAUSED"
+    return decision
+
+
+def follow(config: Any, space: dict[str, od.BaseDistribution],
+           recorded: list[list[tuple[int, float]]]) -> list[tuple[dict[str, Any], int]]:
+    """A recorded real sweep of trials run one at a time, fed to fresh engine objects through the replay's own
+    `deliver`: each trial's suggested configuration, and the step at which the scheduler ended it (-1 when it
+    would have gone on past the last recorded result). A real run and its replay must agree on both."""
+    from sweep.driver import make_scheduler, make_search
+
+    with quiet():
+        searcher = make_search(config, space, None, storage=optuna.storages.InMemoryStorage())
+        scheduler = make_scheduler(config)
+        scheduler.set_search_properties(config.search.metric, config.search.mode)
+    controller = ReplayController(scheduler, searcher, len(recorded))
+    out = []
+    for index, rows in enumerate(recorded):
+        trial_id = f"{index:05d}"
+        with quiet():
+            params = searcher.suggest(trial_id)
+        trial = ReplayTrial(trial_id, -1, Curve(np.array([]), np.array([]), np.array([])), "RUNNING", config=params)
+        controller.trials.append(trial)
+        scheduler.on_trial_add(controller, trial)
+        ended = -1
+        for iteration, (step, value) in enumerate(rows, 1):
+            result = {"step": step, config.search.metric: value, "training_iteration": iteration}
+            if deliver(searcher, scheduler, controller, trial, result, step >= config.training.max_steps) != "CONTINUE":
+                ended = step
+                break
+        out.append((params, ended))
+    return out
 
 
 def oracle_compute(task: Task, target: float) -> float:

@@ -265,7 +265,9 @@ class SchedulerConfig(_Strict):
         "asha", description="`asha`: Ray Tune's asynchronous ASHA (a trial is stopped when it reaches a rung below the "
         "cutoff of the trials that reached it before); `promotion_asha`: a trial pauses at each rung until it is in "
         "the rung's top 1/reduction_factor; `none`: every trial runs to max_steps.")
-    grace_period: Int = Field(40, ge=1, description="Steps every trial runs before ASHA may stop it.")
+    grace_period: Optional[Int] = Field(
+        None, ge=1, description="Steps every trial runs before the scheduler may stop or pause it; none: one "
+        "evaluation (`training.eval_steps`), the first point where trials can be compared.")
     reduction_factor: Float = Field(3.0, gt=1.0)
     brackets: Int = Field(1, ge=1, le=8, description="ASHA brackets: more than 1 is asynchronous Hyperband, each "
                           "trial drawn into a bracket whose first rung is `reduction_factor` times later than the last's.")
@@ -355,6 +357,11 @@ class SweepConfig(_Strict):
         return [(self.search.metric, self.search.mode), *cost]
 
     @property
+    def grace_steps(self) -> int:
+        """Steps before the scheduler may stop or pause a trial: `scheduler.grace_period`, else one evaluation."""
+        return self.scheduler.grace_period or self.training.eval_steps
+
+    @property
     def devices_per_trial(self) -> float:
         """What a trial holds, for device-hours: its GPUs, or its CPUs when it asks for no GPU."""
         return self.resources.gpu if self.resources.gpu > 0 else self.resources.cpu
@@ -398,17 +405,18 @@ class SweepConfig(_Strict):
         t = self.training
         if t.eval_steps > t.max_steps:
             problems.append(f"training.eval_steps must be <= training.max_steps ({t.max_steps}), but got {t.eval_steps}")
-        if self.scheduler.type != "none" and self.scheduler.grace_period > t.max_steps:
+        grace = self.grace_steps
+        if self.scheduler.type != "none" and grace > t.max_steps:
             problems.append(
                 f"scheduler.grace_period must be <= training.max_steps ({t.max_steps}), "
-                f"but got {self.scheduler.grace_period}"
+                f"but got {grace}" + ("" if self.scheduler.grace_period else " (training.eval_steps, its default)")
             )
-        if self.scheduler.type != "none" and self.scheduler.grace_period <= t.max_steps:
-            rungs = asha_rung_count(self.scheduler.grace_period, self.scheduler.reduction_factor, t.max_steps)
+        if self.scheduler.type != "none" and grace <= t.max_steps:
+            rungs = asha_rung_count(grace, self.scheduler.reduction_factor, t.max_steps)
             if rungs > MAX_ASHA_RUNGS:
                 problems.append(
                     f"scheduler.reduction_factor {self.scheduler.reduction_factor} with grace_period "
-                    f"{self.scheduler.grace_period} and max_steps {t.max_steps} makes {rungs:,} ASHA rungs, but at most "
+                    f"{grace} and max_steps {t.max_steps} makes {rungs:,} ASHA rungs, but at most "
                     f"{MAX_ASHA_RUNGS} are allowed: raise the factor (2 to 4 is usual)")
         if self.model.quantization != "none":
             if self.resources.gpu == 0:

@@ -274,12 +274,12 @@ def make_scheduler(config: SweepConfig):
         return FIFOScheduler()
     if config.scheduler.type == "promotion_asha":
         return PromotionASHA(time_attr="step", max_t=config.training.max_steps,
-                             grace_period=config.scheduler.grace_period,
+                             grace_period=config.grace_steps,
                              reduction_factor=config.scheduler.reduction_factor)
     return ASHAScheduler(
         time_attr="step",
         max_t=config.training.max_steps,
-        grace_period=config.scheduler.grace_period,
+        grace_period=config.grace_steps,
         reduction_factor=config.scheduler.reduction_factor,
         brackets=config.scheduler.brackets,
     )

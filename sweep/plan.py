@@ -48,10 +48,10 @@ class SweepPlan:
 
 
 def asha_rungs(config: SweepConfig) -> list[int]:
-    """The steps at which ASHA compares trials (Ray's rungs: grace * factor^k below max_steps)."""
-    if config.scheduler.type != "asha":
+    """The steps at which the scheduler compares trials (ASHA's rungs: grace * factor^k below max_steps)."""
+    if config.scheduler.type == "none":
         return []
-    grace, factor, top = config.scheduler.grace_period, config.scheduler.reduction_factor, config.training.max_steps
+    grace, factor, top = config.grace_steps, config.scheduler.reduction_factor, config.training.max_steps
     return [int(grace * factor**k) for k in range(asha_rung_count(grace, factor, top))]
 
 
@@ -73,10 +73,12 @@ def make_plan(config: SweepConfig) -> SweepPlan:
     storage = open_storage(config)
     warm = warm_start_points(config, space)
     rungs = asha_rungs(config)
-    scheduler = (
-        f"ASHA: trials compared at steps {rungs}, 1 in {config.scheduler.reduction_factor:g} goes on"
-        if config.scheduler.type == "asha" else "none: every trial runs to max_steps"
-    )
+    factor = f"{config.scheduler.reduction_factor:g}"
+    scheduler = {
+        "asha": f"ASHA: trials compared at steps {rungs}, 1 in {factor} goes on",
+        "promotion_asha": f"promotion ASHA: trials pause at steps {rungs}; the best 1 in {factor} of each step resumes",
+        "none": "none: every trial runs to max_steps",
+    }[config.scheduler.type]
     sweep_dir = config.sweep_dir
     taken = holds_anything(sweep_dir)
     return SweepPlan(

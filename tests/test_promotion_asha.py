@@ -72,3 +72,31 @@ def test_paused_trials_resume_exactly_and_the_sweep_ends(raw_config, write_confi
     states = sorted(trial.state.name for trial in study.trials)
     assert len(states) == 5 and set(states) <= {"COMPLETE", "PRUNED"}, states  # none lost, none duplicated
     assert (sweep_dir / "export" / "merged" / "model.safetensors").is_file()
+
+
+def test_the_replay_takes_the_decisions_a_real_sweep_took(raw_config, write_config, tmp_path):
+    """A real sweep (trials one at a time, so the order of results is known), then the replay's own code path
+    fed the recorded results: the same configurations suggested, the same trials stopped at the same steps."""
+    sys.path.insert(0, str(Path(__file__).resolve().parent.parent / "benchmarks"))
+    import replay
+
+    raw_config["training"].update({"max_steps": 12, "eval_steps": 3})
+    raw_config["search"].update({"num_trials": 6, "max_concurrent_trials": 1})
+    raw_config["scheduler"] = {"type": "asha", "grace_period": 3, "reduction_factor": 2}
+    path = write_config(raw_config)
+    done = subprocess.run([sys.executable, "-m", "sweep.cli", "run", str(path)], cwd=tmp_path, capture_output=True,
+                          text=True, timeout=600, env={**os.environ, **QUIET})
+    assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]
+    # Tune numbers its trials in the order it made them: tune_trainable_<id>_<number>_<params>_<date>
+    files = sorted((tmp_path / "results" / "tiny" / "tune").glob("*/result.json"),
+                   key=lambda path: int(path.parent.name.split("_")[3]))
+    ordered = [[json.loads(line) for line in path.read_text().splitlines() if line.strip()] for path in files]
+    real = [(rows[0]["config"], rows[-1]["step"]) for rows in ordered]
+    assert any(step < 12 for _, step in real), "ASHA stopped no trial: the test shows nothing"
+    config = SweepConfig.model_validate(raw_config)
+    from sweep.search_space import build_search_space
+
+    replayed = replay.follow(config, build_search_space(config),
+                             [[(row["step"], row["eval_loss"]) for row in rows] for rows in ordered])
+    assert [params for params, _ in replayed] == [params for params, _ in real]
+    assert [step for _, step in replayed] == [step for _, step in real]

@@ -29,7 +29,6 @@ from __future__ import annotations
 import argparse
 import contextlib
 import heapq
-import io
 import json
 import logging
 import math

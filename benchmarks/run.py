@@ -8,7 +8,8 @@ Sections (see BENCHMARKS.md for what each figure means and its target):
               a worker's first trial (loads the model) vs its later trials (model kept, imports frozen out of GC)
   efficiency  `sweep`'s tuning phase vs the ideal (training time / slots) and vs a hand-written
               Ray Tune + Trainer sweep, for ~30 s and ~5 s trials
-  search      training steps to reach a target validation loss: TPE + ASHA vs random search without early stopping
+  search      the replay on every shipped learning-curve table: each method's compute to reach a target against
+              random search (benchmarks/replay.py; writes benchmarks/results/)
   driver      1,000 trials of a trainable that trains nothing: driver overhead per trial, peak memory
   disk        bytes written per trial against the adapter's own size
 
@@ -21,7 +22,6 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import random
 import statistics
 import subprocess
 import sys
@@ -30,7 +30,7 @@ import time
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
-from sweep.config import SchedulerConfig, SearchConfig  # noqa: E402  (the engine's defaults)
+sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 ROOT = Path(__file__).resolve().parent.parent
 DEMO = ROOT / "examples" / "demo.yaml"
@@ -213,80 +213,28 @@ def bench_efficiency(repeats: int, quick: bool) -> list[tuple[str, str, str]]:
 
 # --- search efficiency ------------------------------------------------------------------------
 
-SEARCH = SWEEP_SETUP + r'''
-grid = run_sweep(config, space, Path(record["data_path"]), sweep_dir)
-reports = []
-for trial, result in enumerate(grid):
-    frame = result.metrics_dataframe
-    for row in frame[["timestamp", "time_total_s", "step", "eval_loss"]].itertuples(index=False):
-        reports.append([trial, float(row.timestamp), float(row.time_total_s), int(row.step), float(row.eval_loss)])
-print(json.dumps({"reports": reports}))
-'''
-
-
-def steps_to_target(reports: list[list[float]], target: float) -> float:
-    """Training steps spent by all trials together when any evaluation first reaches `target`.
-
-    Reports are replayed in the order they happened; each trial has spent the steps of its latest report.
-    """
-    spent: dict[int, int] = {}
-    for trial, _, _, step, loss in sorted(reports, key=lambda r: (r[1], r[2])):
-        spent[int(trial)] = int(step)
-        if loss <= target:
-            return float(sum(spent.values()))
-    return float("inf")
-
-
-def random_search_steps(trials: dict[int, list[tuple[int, float]]], order: list[int], target: float, slots: int = 2) -> float:
-    """Steps random search without early stopping spends to reach `target` when it runs `trials` in `order`.
-
-    Random search draws every config independently and runs it to its end, so any ordering of a
-    pool of such trials is an equally likely run of it (Bergstra & Bengio 2012 resample the same
-    way). The trials run `slots` at a time at the same speed; each trial has spent the steps of
-    its latest evaluation, counted as in `steps_to_target`.
-    """
-    free = [0] * slots
-    started = {}
-    for index in order:  # when each trial starts, in steps of wall time
-        slot = min(range(slots), key=free.__getitem__)
-        started[index] = free[slot]
-        free[slot] += trials[index][-1][0]
-    hits = [started[i] + step for i in order for step, loss in trials[i] if loss <= target]
-    if not hits:
-        return float("inf")
-    now = min(hits)
-    return float(sum(max((step for step, _ in trials[i] if started[i] + step <= now), default=0) for i in order))
+TABLES = HERE / "tables"
+SEARCH_RESULTS = HERE / "results"
 
 
 def bench_search(repeats: int, quick: bool) -> list[tuple[str, str, str]]:
-    steps, pool_size, trials = (120, 8, 8) if quick else (240, 32, 24)
-    common = [f"training.max_steps={steps}", "training.eval_steps=20", "ray.num_cpus=2", "search.max_concurrent_trials=2"]
-    with tempfile.TemporaryDirectory() as out:
-        # The reference: a large random search where every trial runs to its end. It sets the target
-        # and is the pool that random search is resampled from.
-        reference = python(SEARCH, str(DEMO), out, *common, f"search.num_trials={pool_size}", "search.sampler=random",
-                           "scheduler.type=none", "seed=100", "name=reference")["reports"]
-        # TPE + ASHA with the engine's defaults for both, not the demo's own scheduler settings.
-        defaults = [f"scheduler.grace_period={SchedulerConfig().grace_period}", "scheduler.type=asha",
-                    f"scheduler.reduction_factor={SchedulerConfig().reduction_factor}", "search.sampler=tpe",
-                    f"search.startup_trials={SearchConfig().startup_trials}"]
-        tpe = [python(SEARCH, str(DEMO), out, *common, *defaults, f"search.num_trials={trials}", f"seed={seed}",
-                      f"name=tpe{seed}")["reports"] for seed in range(repeats)]
-    pool: dict[int, list[tuple[int, float]]] = {}
-    for trial, _, _, step, loss in sorted(reference, key=lambda r: (r[0], r[3])):
-        pool.setdefault(int(trial), []).append((int(step), loss))
-    best = min(r[4] for r in reference)
-    target = best * 1.02
-    rng = random.Random(0)
-    orders = [rng.sample(sorted(pool), len(pool)) for _ in range(2000)]
-    random_steps = median([random_search_steps(pool, order, target) for order in orders])
-    tpe_steps = [steps_to_target(reports, target) for reports in tpe]
-    ratios = [random_steps / spent for spent in tpe_steps]
-    reached = sum(1 for trial in pool.values() if any(loss <= target for _, loss in trial))
-    return [("search efficiency: random (no early stop) steps / TPE+ASHA steps", f"{median(ratios):.2f}",
-             f"steps to val loss <= {target:.3f} (best of {pool_size} random trials {best:.3f} + 2%, reached by {reached}): "
-             f"random {random_steps:.0f} (median of 2,000 resampled orders), TPE+ASHA {[int(x) if x != float('inf') else 'never' for x in tpe_steps]} "
-             f"(seeds 0-{repeats - 1}, {trials} trials each); trials of <= {steps} steps; target >= 3")]
+    """The replay (benchmarks/replay.py) on every shipped learning-curve table: every method, 200 seeds (20 with
+    --quick), 2 workers, 64-trial sweeps. Writes <table>.json and <table>_regret.png under benchmarks/results/."""
+    import replay
+
+    SEARCH_RESULTS.mkdir(exist_ok=True)
+    rows = []
+    for table in sorted(TABLES.glob("*.parquet")):
+        summary = replay.replay(str(table), list(replay.METHODS), workers=2, trials=64, seeds=20 if quick else 200,
+                                jobs=os.cpu_count() or 1, plot=SEARCH_RESULTS / f"{table.stem}_regret.png")
+        (SEARCH_RESULTS / f"{table.stem}.json").write_text(json.dumps(summary, indent=1))
+        for row in summary["results"]:
+            if row["method"] in ("default", "ray_asha_random") and row["target"] == "top2%":
+                rows.append((f"search, {table.stem}: random compute / {row['method']} compute, top 2%",
+                             f"{row['median_ratio']:.2f}",
+                             f"95% interval [{row['ci95_low']}, {row['ci95_high']}], P(>1) {row['p_better']}, "
+                             f"success {row['success_rate']}; {summary['seeds']} replay seeds"))
+    return rows
 
 
 # --- driver scale -----------------------------------------------------------------------------

@@ -262,9 +262,10 @@ class SearchConfig(_Strict):
 
 class SchedulerConfig(_Strict):
     type: Literal["asha", "promotion_asha", "none"] = Field(
-        "asha", description="`asha`: Ray Tune's asynchronous ASHA (a trial is stopped when it reaches a rung below the "
+        "promotion_asha", description="`asha`: Ray Tune's asynchronous ASHA (a trial is stopped when it reaches a rung below the "
         "cutoff of the trials that reached it before); `promotion_asha`: a trial pauses at each rung until it is in "
-        "the rung's top 1/reduction_factor; `none`: every trial runs to max_steps.")
+        "the rung's top 1/reduction_factor (the default: 2.1x less compute than random search to a top-2% result in the "
+        "replay benchmark, against 1.3x for asha; BENCHMARKS.md); `none`: every trial runs to max_steps.")
     grace_period: Optional[Int] = Field(
         None, ge=1, description="Steps every trial runs before the scheduler may stop or pause it; none: one "
         "evaluation (`training.eval_steps`), the first point where trials can be compared.")
@@ -406,6 +407,9 @@ class SweepConfig(_Strict):
         if t.eval_steps > t.max_steps:
             problems.append(f"training.eval_steps must be <= training.max_steps ({t.max_steps}), but got {t.eval_steps}")
         grace = self.grace_steps
+        if self.scheduler.brackets > 1 and self.scheduler.type != "asha":
+            problems.append(f"scheduler.brackets {self.scheduler.brackets} is for type asha (asynchronous Hyperband), "
+                            f"but the type is {self.scheduler.type}; set type: asha, or leave brackets at 1")
         if self.scheduler.type != "none" and grace > t.max_steps:
             problems.append(
                 f"scheduler.grace_period must be <= training.max_steps ({t.max_steps}), "

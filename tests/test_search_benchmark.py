@@ -159,8 +159,11 @@ def test_a_trial_stopped_early_enters_the_study_as_the_config_says(stopped_trial
 
 
 def test_brackets_make_asynchronous_hyperband():
-    scheduler = make_scheduler(config(scheduler={"grace_period": 10, "reduction_factor": 3, "brackets": 2}))
+    scheduler = make_scheduler(config(scheduler={"type": "asha", "grace_period": 10, "reduction_factor": 3,
+                                                "brackets": 2}))
     assert isinstance(scheduler, AsyncHyperBandScheduler) and len(scheduler._brackets) == 2
+    with pytest.raises(ValueError, match="scheduler.brackets 2 is for type asha"):
+        config(scheduler={"type": "promotion_asha", "brackets": 2})
 
 
 class FakeTrial:

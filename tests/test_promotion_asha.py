@@ -100,3 +100,32 @@ def test_the_replay_takes_the_decisions_a_real_sweep_took(raw_config, write_conf
                              [[(row["step"], row["eval_loss"]) for row in rows] for rows in ordered])
     assert [params for params, _ in replayed] == [params for params, _ in real]
     assert [step for _, step in replayed] == [step for _, step in real]
+
+
+def test_a_sweep_killed_with_paused_trials_resumes_losing_nothing(raw_config, write_config, tmp_path):
+    """SIGKILL while trials wait at a rung, then `sweep resume`: every trial is kept once, the ones that had
+    reported keep their reports, no trial starts over, and the sweep ends."""
+    from test_crash_resume import assert_never_started_over, kill, resume, start_sweep, trial_histories, wait_for
+
+    raw_config["training"].update({"max_steps": 12, "eval_steps": 3})
+    raw_config["search"].update({"num_trials": 5, "max_concurrent_trials": 2})
+    raw_config["scheduler"] = {"type": "promotion_asha", "grace_period": 3, "reduction_factor": 2}
+    sweep_dir = tmp_path / "results" / "tiny"
+    process = start_sweep(write_config(raw_config), tmp_path)
+    # three trials have reported: the first ones reached the first rung alone and were paused there
+    wait_for(lambda: len(trial_histories(sweep_dir)) >= 3, process, timeout=300)
+    kill(process)
+    before = trial_histories(sweep_dir)
+    finished = resume(sweep_dir, tmp_path)
+    assert finished.returncode == 0, finished.stdout[-3000:] + finished.stderr[-3000:]
+    after = trial_histories(sweep_dir)
+    assert len(after) == 5
+    for trial_id, steps in before.items():
+        assert after[trial_id][: len(steps)] == steps
+    for steps in after.values():
+        assert_never_started_over(steps, 3)
+    board = pd.read_csv(sweep_dir / "leaderboard.csv")
+    assert len(board) == 5 and board["trial_id"].is_unique
+    study = optuna.load_study(study_name="tiny", storage=f"sqlite:///{sweep_dir / 'optuna_study.db'}")
+    assert len(study.trials) == 5 and {t.state.name for t in study.trials} <= {"COMPLETE", "PRUNED"}
+    assert (sweep_dir / "export" / "merged" / "model.safetensors").is_file()

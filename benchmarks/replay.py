@@ -491,9 +491,23 @@ def replay(path: str, methods: list[str], workers: int, trials: int, seeds: int,
                         "ci95_low": None, "ci95_high": None, "p_better": None, "success_rate": float(oracle < math.inf),
                         "median_compute": round(oracle, 1)})
     summary = {"table": Path(path).name, "workers": workers, "trials": trials, "seeds": seeds, "results": results}
+    grid = compute_grid(traces)
+    reference = regret_curves(task, traces["random"], grid)
+    # Anytime regret against random's at every budget up to random's median whole compute (a 1e-9 slack for
+    # two methods that both reached the best, where the IQMs are equal up to rounding).
+    summary["regret_not_worse_than_random"] = {
+        method: round(float(np.mean(regret_curves(task, traces[method], grid) <= reference + 1e-9)), 3)
+        for method in methods if method != "random"}
     if plot is not None:
-        draw(task, traces, [*methods, "perfect_asha"], plot)
+        draw(task, traces, [m for m in PLOTTED if m in traces], plot)
     return summary
+
+
+PLOTTED = ("random", "ray_asha_random", "tpe_asha", "default", "perfect_asha")
+
+
+def compute_grid(traces: dict[str, list[Trace]]) -> np.ndarray:
+    return np.linspace(0, float(np.median([t.total for t in traces["random"]])), 200)
 
 
 def draw(task: Task, traces: dict[str, list[Trace]], methods: list[str], out: Path) -> None:
@@ -502,12 +516,13 @@ def draw(task: Task, traces: dict[str, list[Trace]], methods: list[str], out: Pa
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    end = float(np.median([t.total for t in traces["random"]]))
-    grid = np.linspace(0, end, 200)
+    grid = compute_grid(traces)
     figure, axis = plt.subplots(figsize=(7, 4.2))
+    floor = 1e-4  # a regret of 0 (the best configuration found) is drawn at the floor of the log scale
     for method in methods:
-        axis.plot(grid / 60, regret_curves(task, traces[method], grid), label=method)
+        axis.plot(grid / 60, np.maximum(regret_curves(task, traces[method], grid), floor), label=method)
     axis.set_yscale("log")
+    axis.set_ylim(floor * 0.8, None)
     axis.set_xlabel("compute (device-minutes, summed over workers)")
     axis.set_ylabel(f"anytime regret of {task.metric} (IQM over seeds)")
     axis.set_title(f"{task.name}: {len(traces['random'])} seeds")

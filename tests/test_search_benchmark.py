@@ -209,3 +209,12 @@ def test_promotion_asha_pauses_at_a_rung_until_a_trial_is_in_its_top_third():
         decide(FakeTrial(name), 10, loss)
     assert decide(d, 10, 0.5) == TrialScheduler.CONTINUE
     assert decide(d, 100, 0.4) == TrialScheduler.STOP  # max_steps
+
+
+def test_every_replay_method_is_a_valid_config_with_the_scheduler_its_name_says(tmp_path):
+    task = replay.load_task(synthetic_table(tmp_path))
+    for method, settings in replay.METHODS.items():
+        config = replay.method_config(task, settings, trials=8, workers=2, seed=0)
+        expected = "none" if method == "random" else "promotion_asha" if "promotion" in method or method == "default" \
+            else "asha"
+        assert config.scheduler.type == expected, method

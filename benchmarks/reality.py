@@ -1,0 +1,97 @@
+"""Does the replay match reality? Real sweeps of a table's task, against the replay's 90% band.
+
+    python benchmarks/reality.py TABLE CONFIG [--methods random,default] [--seeds 3] [--trials 32] [--json]
+
+For each method, `--seeds` real sweeps (`sweep run CONFIG` with the method's settings, 2 trials at a time)
+and 200 replayed ones on TABLE with the same number of trials. For each target of the table, a real sweep's
+compute-to-target is the device-seconds its trials had spent (Tune's `time_total_s` of each trial's latest
+report, summed) when a report first reached the target, in the order the reports came; it should land
+inside the replay's 5th to 95th percentile of the same figure.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import subprocess
+import sys
+import tempfile
+from pathlib import Path
+
+import numpy as np
+
+HERE = Path(__file__).resolve().parent
+sys.path.insert(0, str(HERE.parent))
+sys.path.insert(0, str(HERE))
+
+import replay  # noqa: E402
+
+
+def overrides(settings: dict, name: str, seed: int, trials: int, out: str) -> list[str]:
+    found = [f"name={name}", f"seed={seed}", f"search.num_trials={trials}", "search.max_concurrent_trials=2",
+             f"output_dir={out}", "ray.num_cpus=2"]
+    for key, value in settings.items():
+        found.append(f"{key}={'null' if value == 'EVAL' else json.dumps(value) if isinstance(value, bool) else value}")
+    return found
+
+
+def real_compute_to_target(sweep_dir: Path, task: replay.Task, target: float) -> tuple[float, bool]:
+    reports = []
+    for path in (sweep_dir / "tune").glob("*/result.json"):
+        for line in path.read_text().splitlines():
+            if line.strip():
+                row = json.loads(line)
+                reports.append((row["timestamp"], row["time_total_s"], row["trial_id"], row[task.metric]))
+    spent: dict[str, float] = {}
+    for _, seconds, trial_id, value in sorted(reports):
+        spent[trial_id] = seconds
+        if task.reaches(value, target):
+            return sum(spent.values()), True
+    return sum(spent.values()), False
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("table")
+    parser.add_argument("config")
+    parser.add_argument("--methods", default="random,default")
+    parser.add_argument("--seeds", type=int, default=3)
+    parser.add_argument("--trials", type=int, default=32)
+    parser.add_argument("--json", action="store_true")
+    args = parser.parse_args()
+    task = replay.load_task(args.table)
+    rows = []
+    for method in args.methods.split(","):
+        settings = replay.METHODS[method]
+        replayed = [replay.simulate(task, settings, 2, args.trials, seed) for seed in range(200)]
+        with tempfile.TemporaryDirectory() as out:
+            real_dirs = []
+            for seed in range(args.seeds):
+                name = f"reality-{method}-{seed}"
+                done = subprocess.run([sys.executable, "-m", "sweep.cli", "run", args.config,
+                                       *overrides(settings, name, 100 + seed, args.trials, out)],
+                                      capture_output=True, text=True, cwd=HERE.parent,
+                                      env={**os.environ, "LORA_SWEEP_TUNE_VERBOSE": "0"})
+                if done.returncode != 0:
+                    raise SystemExit(f"{name} failed:\n{done.stdout[-2000:]}\n{done.stderr[-2000:]}")
+                real_dirs.append(Path(out) / name)
+            for target_name, fraction in replay.TARGETS.items():
+                target = task.target(fraction)
+                band = [replay.compute_to_target(task, trace, target)[0] for trace in replayed]
+                low, high = np.percentile(band, [5, 95])
+                real = [real_compute_to_target(d, task, target) for d in real_dirs]
+                rows.append({"method": method, "target": target_name, "replay_p5": round(float(low), 1),
+                             "replay_p95": round(float(high), 1), "real": [round(r[0], 1) for r in real],
+                             "real_reached": [r[1] for r in real],
+                             "inside": [bool(low <= r[0] <= high) for r in real]})
+    if args.json:
+        print(json.dumps({"table": Path(args.table).name, "trials": args.trials, "rows": rows}))
+    else:
+        for row in rows:
+            print(f"{row['method']:<18}{row['target']:<10} replay 90% band [{row['replay_p5']}, {row['replay_p95']}] s, "
+                  f"real {row['real']} s, inside {row['inside']}")
+
+
+if __name__ == "__main__":
+    main()

@@ -543,6 +543,27 @@ def print_table(summary: dict[str, Any]) -> None:
               f"{row['success_rate']:>9}{row['median_compute']:>11}")
 
 
+def markdown(summary: dict[str, Any]) -> str:
+    """The result table as BENCHMARKS.md shows it: one row per method, the three targets side by side."""
+    targets = list(TARGETS)
+    rows = {}
+    for row in summary["results"]:
+        rows.setdefault(row["method"], {})[row["target"]] = row
+    lines = ["| method | " + " | ".join(f"{t}: median ratio [95% interval], P(>1), success" for t in targets) + " |",
+             "|---|" + "---|" * len(targets)]
+    for method, by_target in rows.items():
+        cells = []
+        for target in targets:
+            row = by_target[target]
+            if row["ci95_low"] is None:
+                cells.append(f"{row['median_ratio']:.2f} ({row['median_compute']:.0f} s)")
+            else:
+                cells.append(f"{row['median_ratio']:.2f} [{row['ci95_low']:.2f}, {row['ci95_high']:.2f}], "
+                             f"{row['p_better']:.2f}, {row['success_rate']:.2f}")
+        lines.append(f"| {method} | " + " | ".join(cells) + " |")
+    return "\n".join(lines)
+
+
 def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("table")
@@ -553,6 +574,7 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--jobs", type=int, default=os.cpu_count() or 1, help="processes running seeds side by side")
     parser.add_argument("--plot", type=Path, help="write the anytime-regret curves (PNG) here")
     parser.add_argument("--json", action="store_true", help="print one JSON object instead of the table")
+    parser.add_argument("--markdown", action="store_true", help="print the table as BENCHMARKS.md shows it")
     args = parser.parse_args(argv)
     methods = [m for m in args.methods.split(",") if m]
     unknown = [m for m in methods if m not in METHODS]
@@ -561,6 +583,8 @@ def main(argv: list[str] | None = None) -> None:
     summary = replay(args.table, methods, args.workers, args.trials, args.seeds, args.jobs, args.plot)
     if args.json:
         print(json.dumps(summary))
+    elif args.markdown:
+        print(markdown(summary))
     else:
         print_table(summary)
 

@@ -228,6 +228,7 @@ def bench_search(repeats: int, quick: bool) -> list[tuple[str, str, str]]:
         summary = replay.replay(str(table), list(replay.METHODS), workers=2, trials=64, seeds=20 if quick else 200,
                                 jobs=os.cpu_count() or 1, plot=SEARCH_RESULTS / f"{table.stem}_regret.png")
         (SEARCH_RESULTS / f"{table.stem}.json").write_text(json.dumps(summary, indent=1))
+        print(f"\n{table.name}\n{replay.markdown(summary)}\n", flush=True)
         for row in summary["results"]:
             if row["method"] in ("default", "ray_asha_random") and row["target"] == "top2%":
                 rows.append((f"search, {table.stem}: random compute / {row['method']} compute, top 2%",

@@ -13,10 +13,9 @@ from __future__ import annotations
 import math
 import pickle
 from pathlib import Path
-
-import pyarrow.fs as pafs
 from typing import Any, Optional
 
+import pyarrow.fs as pafs
 from ray.tune import Callback
 from ray.tune.experiment import Trial
 from ray.tune.schedulers import FIFOScheduler, TrialScheduler

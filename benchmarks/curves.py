@@ -22,6 +22,7 @@ stopped when started again with the same arguments.
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import math
 import multiprocessing
@@ -100,10 +101,8 @@ class TimedReporter:
                           "device_seconds": seconds, "tokens": int(metrics["tokens_seen"]),
                           "startup_seconds": float(metrics["startup_seconds"]), "diverged": bool(metrics["diverged"])})
 
-    def restored_checkpoint(self):
-        import contextlib
-
-        return contextlib.nullcontext(None)
+    def restored_checkpoint(self) -> contextlib.AbstractContextManager[None]:
+        return contextlib.nullcontext(None)  # a table's runs always start fresh
 
 
 def run_one(job: dict[str, Any]) -> dict[str, Any]:
@@ -143,10 +142,8 @@ def build(config_path: str, out: Path, configs: int, seeds: int, workers: int, f
              "data_path": str(prepared.path), "metric": config.search.metric}
             for s in range(seeds) for i, params in enumerate(points)]
     parts = out.with_name(out.name + ".parts.jsonl")
-    done = set()
-    if parts.exists():
-        done = {(row["config_id"], row["seed"]) for row in map(json.loads, parts.read_text().splitlines() if
-                                                               parts.read_text() else [])}
+    finished = [json.loads(line) for line in parts.read_text().splitlines()] if parts.exists() else []
+    done = {(run["config_id"], run["seed"]) for run in finished}
     todo = [job for job in jobs if (job["config_id"], job["seed"]) not in done]
     print(f"{len(jobs)} runs ({configs} configurations x {seeds} seeds), {len(done)} done before, {len(todo)} to run "
           f"on {workers} workers", flush=True)
@@ -156,12 +153,12 @@ def build(config_path: str, out: Path, configs: int, seeds: int, workers: int, f
         for count, result in enumerate(pool.imap_unordered(run_one, todo), 1):
             sink.write(json.dumps(result) + "\n")
             sink.flush()
+            finished.append(result)
             if count % 8 == 0 or count == len(todo):
                 elapsed = time.perf_counter() - started
                 print(f"  {count}/{len(todo)} runs, {elapsed:.0f} s, about {elapsed / count * (len(todo) - count):.0f} s "
                       "left", flush=True)
-    runs = [json.loads(line) for line in parts.read_text().splitlines()]
-    write_table(runs, out, table_metadata(config, space, config_path))
+    write_table(finished, out, table_metadata(config, space, config_path))
     return out
 
 

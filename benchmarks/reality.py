@@ -37,12 +37,10 @@ def overrides(settings: dict, name: str, seed: int, trials: int, out: str) -> li
 
 
 def real_compute_to_target(sweep_dir: Path, task: replay.Task, target: float) -> tuple[float, bool]:
-    reports = []
-    for path in (sweep_dir / "tune").glob("*/result.json"):
-        for line in path.read_text().splitlines():
-            if line.strip():
-                row = json.loads(line)
-                reports.append((row["timestamp"], row["time_total_s"], row["trial_id"], row[task.metric]))
+    from sweep.report import trial_histories  # the engine's own reader of Tune's result.json files
+
+    reports = [(row.timestamp, row.time_total_s, trial_id, getattr(row, task.metric))
+               for trial_id, history in trial_histories(sweep_dir).items() for row in history.itertuples()]
     spent: dict[str, float] = {}
     for _, seconds, trial_id, value in sorted(reports):
         spent[trial_id] = seconds

@@ -93,9 +93,6 @@ class Curve:
     seconds: np.ndarray  # device-seconds from the run's first step to each evaluation
     startup: float = 0.0  # seconds from the trial's start to its first step (paid again on every resume)
 
-    def best_value(self, better) -> float:
-        return float(better(self.values))
-
 
 @dataclass
 class Task:
@@ -120,8 +117,17 @@ class Task:
         finals = self.finals()
         return float(np.quantile(finals, fraction) if self.mode == "min" else np.quantile(finals, 1 - fraction))
 
-    def reaches(self, value: float, target: float) -> bool:
+    def reaches(self, value: Any, target: float) -> Any:
+        """Whether `value` (a number or an array of them) is at least as good as `target`."""
         return value <= target if self.mode == "min" else value >= target
+
+    def mean_finals(self) -> dict[int, float]:
+        """Each configuration's final value, averaged over its seeds."""
+        return {config_id: float(np.mean([c.values[-1] for c in runs])) for config_id, runs in self.curves.items()}
+
+    def best_config(self) -> int:
+        finals = self.mean_finals()
+        return (min if self.mode == "min" else max)(finals, key=finals.__getitem__)
 
 
 def scaled(space: dict[str, od.BaseDistribution], params: dict[str, Any]) -> np.ndarray:
@@ -220,9 +226,6 @@ class ReplayController:
 
     def get_trials(self) -> list[ReplayTrial]:
         return self.trials
-
-    def get_live_trials(self) -> list[ReplayTrial]:
-        return [t for t in self.trials if t.status in ("PENDING", "RUNNING", "PAUSED")]
 
 
 @dataclass
@@ -380,10 +383,8 @@ def follow(config: Any, space: dict[str, od.BaseDistribution],
 
 def oracle_compute(task: Task, target: float) -> float:
     """Train only the configuration with the best mean final value: its mean compute to the target (inf: never)."""
-    better = min if task.mode == "min" else max
-    best = better(task.curves, key=lambda i: np.mean([c.values[-1] for c in task.curves[i]]))
     costs = []
-    for curve in task.curves[best]:
+    for curve in task.curves[task.best_config()]:
         hits = [s for v, s in zip(curve.values, curve.seconds) if task.reaches(v, target)]
         costs.append(hits[0] if hits else math.inf)
     return float(np.mean(costs))
@@ -392,7 +393,7 @@ def oracle_compute(task: Task, target: float) -> float:
 # --- statistics ----------------------------------------------------------------------------------------------
 
 def compute_to_target(task: Task, trace: Trace, target: float) -> tuple[float, bool]:
-    hits = np.nonzero(trace.values <= target)[0] if task.mode == "min" else np.nonzero(trace.values >= target)[0]
+    hits = np.nonzero(task.reaches(trace.values, target))[0]
     if len(hits):
         return float(trace.compute[hits[0]]), True
     return trace.total, False
@@ -428,13 +429,12 @@ def iqm(values: np.ndarray, axis: int = 0) -> np.ndarray:
 
 def regret_curves(task: Task, traces: list[Trace], grid: np.ndarray) -> np.ndarray:
     """Anytime regret (best value so far minus the table's best mean final value), IQM over seeds, on `grid`."""
-    best = min(np.mean([c.values[-1] for c in runs]) for runs in task.curves.values()) if task.mode == "min" else \
-        max(np.mean([c.values[-1] for c in runs]) for runs in task.curves.values())
+    best = task.mean_finals()[task.best_config()]
+    worst = np.max(task.finals()) if task.mode == "min" else np.min(task.finals())  # before any evaluation
     rows = []
     for trace in traces:
         so_far = np.minimum.accumulate(trace.values) if task.mode == "min" else np.maximum.accumulate(trace.values)
         index = np.searchsorted(trace.compute, grid, side="right") - 1
-        worst = np.max(task.finals()) if task.mode == "min" else np.min(task.finals())
         regret = np.where(index >= 0, so_far[np.clip(index, 0, None)], worst)
         rows.append(task.sign() * (regret - best))
     return iqm(np.array(rows), axis=0)

@@ -17,11 +17,8 @@ import json
 import random
 from pathlib import Path
 
-import torch
-from transformers import AutoModelForCausalLM, AutoTokenizer
-
 from sweep.templates import Example, render_default
-from sweep.tiny_model import build_tiny_llama
+from sweep.tiny_model import build_tiny_llama, pretrain
 
 ROOT = Path(__file__).resolve().parent.parent
 SYSTEMS = ["", "You are a careful assistant that answers with the word only."]
@@ -69,27 +66,6 @@ def pretraining_text(rng: random.Random) -> str:
     return render_default(Example(instruction=instruction, input=w, response=response)) + response
 
 
-def pretrain(model_dir: Path, steps: int, seed: int) -> None:
-    """Full training of the tiny model with a plain AdamW loop (a one-off asset build, not a trial)."""
-    tokenizer = AutoTokenizer.from_pretrained(model_dir)
-    model = AutoModelForCausalLM.from_pretrained(model_dir)
-    rng = random.Random(seed)
-    torch.manual_seed(seed)
-    optimizer = torch.optim.AdamW(model.parameters(), lr=3e-3)
-    schedule = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda step: 1 - step / steps)
-    for step in range(steps):
-        batch = tokenizer([pretraining_text(rng) for _ in range(32)], return_tensors="pt", padding=True)
-        labels = batch["input_ids"].masked_fill(batch["attention_mask"] == 0, -100)
-        loss = model(**batch, labels=labels).loss
-        loss.backward()
-        optimizer.step()
-        schedule.step()
-        optimizer.zero_grad()
-        if step % 300 == 0 or step == steps - 1:
-            print(f"pretrain step {step}: loss {loss.item():.3f}", flush=True)
-    model.save_pretrained(model_dir, safe_serialization=True)
-
-
 def main() -> None:
     data = ROOT / "examples" / "data" / "demo.jsonl"
     data.parent.mkdir(parents=True, exist_ok=True)
@@ -99,7 +75,7 @@ def main() -> None:
     model_dir = build_tiny_llama(
         ROOT / "examples" / "tiny-llama", hidden_size=64, num_layers=2, num_heads=4, intermediate_size=128, seed=7
     )
-    pretrain(model_dir, steps=1500, seed=1)
+    pretrain(model_dir, pretraining_text, steps=1500, seed=1, log_every=300)
     print(f"wrote {data} and {ROOT / 'examples' / 'tiny-llama'}")
 
 

@@ -19,30 +19,38 @@ import pytest
 
 from sweep.config import SweepConfig
 from sweep.data import prepare_data
+from sweep.report import trial_histories
 from trainables.lora_causal_lm import ListReporter, load_tokenizer, run_trial
 
 pytestmark = pytest.mark.integration
 QUIET = {"LORA_SWEEP_TUNE_VERBOSE": "0"}
+PROMOTION = {"type": "promotion_asha", "grace_period": 3, "reduction_factor": 2}
 
 
 def results_of(sweep_dir: Path) -> dict[str, list[dict]]:
-    out = {}
-    for result_file in (sweep_dir / "tune").glob("*/result.json"):
-        rows = [json.loads(line) for line in result_file.read_text().splitlines() if line.strip()]
-        if rows:
-            out[rows[0]["trial_id"]] = rows
-    return out
+    """Every trial's reports, by trial id, read by the engine's own reader of Tune's result.json files."""
+    return {trial_id: history.to_dict("records") for trial_id, history in trial_histories(sweep_dir).items()}
+
+
+def short_sweep(raw_config: dict, write_config, trials: int, at_once: int, scheduler: dict) -> Path:
+    """The config of a sweep of 12-step trials evaluated every 3 steps."""
+    raw_config["training"].update({"max_steps": 12, "eval_steps": 3})
+    raw_config["search"].update({"num_trials": trials, "max_concurrent_trials": at_once})
+    raw_config["scheduler"] = scheduler
+    return write_config(raw_config)
+
+
+def sweep_to_its_end(config_path: Path, tmp_path: Path) -> Path:
+    """`sweep run` to its end; the sweep folder."""
+    done = subprocess.run([sys.executable, "-m", "sweep.cli", "run", str(config_path)], cwd=tmp_path,
+                          capture_output=True, text=True, timeout=600, env={**os.environ, **QUIET})
+    assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]
+    return tmp_path / "results" / "tiny"
 
 
 def test_paused_trials_resume_exactly_and_the_sweep_ends(raw_config, write_config, tmp_path):
-    raw_config["training"].update({"max_steps": 12, "eval_steps": 3})
-    raw_config["search"].update({"num_trials": 5, "max_concurrent_trials": 2})
-    raw_config["scheduler"] = {"type": "promotion_asha", "grace_period": 3, "reduction_factor": 2}
-    path = write_config(raw_config)
-    done = subprocess.run([sys.executable, "-m", "sweep.cli", "run", str(path)], cwd=tmp_path, capture_output=True,
-                          text=True, timeout=600, env={**os.environ, **QUIET})
-    assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]
-    sweep_dir = tmp_path / "results" / "tiny"
+    sweep_dir = sweep_to_its_end(short_sweep(raw_config, write_config, trials=5, at_once=2, scheduler=PROMOTION),
+                                 tmp_path)
     results = results_of(sweep_dir)
     assert len(results) == 5
     for rows in results.values():  # never a step redone or skipped, paused or not
@@ -80,17 +88,12 @@ def test_the_replay_takes_the_decisions_a_real_sweep_took(raw_config, write_conf
     sys.path.insert(0, str(Path(__file__).resolve().parent.parent / "benchmarks"))
     import replay
 
-    raw_config["training"].update({"max_steps": 12, "eval_steps": 3})
-    raw_config["search"].update({"num_trials": 6, "max_concurrent_trials": 1})
-    raw_config["scheduler"] = {"type": "asha", "grace_period": 3, "reduction_factor": 2}
-    path = write_config(raw_config)
-    done = subprocess.run([sys.executable, "-m", "sweep.cli", "run", str(path)], cwd=tmp_path, capture_output=True,
-                          text=True, timeout=600, env={**os.environ, **QUIET})
-    assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]
+    asha = {"type": "asha", "grace_period": 3, "reduction_factor": 2}
+    sweep_dir = sweep_to_its_end(short_sweep(raw_config, write_config, trials=6, at_once=1, scheduler=asha), tmp_path)
     # Tune numbers its trials in the order it made them: tune_trainable_<id>_<number>_<params>_<date>
-    files = sorted((tmp_path / "results" / "tiny" / "tune").glob("*/result.json"),
-                   key=lambda path: int(path.parent.name.split("_")[3]))
-    ordered = [[json.loads(line) for line in path.read_text().splitlines() if line.strip()] for path in files]
+    files = sorted((sweep_dir / "tune").glob("*/result.json"), key=lambda path: int(path.parent.name.split("_")[3]))
+    results = results_of(sweep_dir)
+    ordered = [results[json.loads(path.read_text().splitlines()[0])["trial_id"]] for path in files]
     real = [(rows[0]["config"], rows[-1]["step"]) for rows in ordered]
     assert any(step < 12 for _, step in real), "ASHA stopped no trial: the test shows nothing"
     config = SweepConfig.model_validate(raw_config)
@@ -107,11 +110,8 @@ def test_a_sweep_killed_with_paused_trials_resumes_losing_nothing(raw_config, wr
     reported keep their reports, no trial starts over, and the sweep ends."""
     from test_crash_resume import assert_never_started_over, kill, resume, start_sweep, trial_histories, wait_for
 
-    raw_config["training"].update({"max_steps": 12, "eval_steps": 3})
-    raw_config["search"].update({"num_trials": 5, "max_concurrent_trials": 2})
-    raw_config["scheduler"] = {"type": "promotion_asha", "grace_period": 3, "reduction_factor": 2}
     sweep_dir = tmp_path / "results" / "tiny"
-    process = start_sweep(write_config(raw_config), tmp_path)
+    process = start_sweep(short_sweep(raw_config, write_config, trials=5, at_once=2, scheduler=PROMOTION), tmp_path)
     # three trials have reported: the first ones reached the first rung alone and were paused there
     wait_for(lambda: len(trial_histories(sweep_dir)) >= 3, process, timeout=300)
     kill(process)

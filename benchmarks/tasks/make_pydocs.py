@@ -18,16 +18,14 @@ from __future__ import annotations
 import importlib
 import inspect
 import json
-import random
 import re
 import sys
 from pathlib import Path
 
-import torch
-from transformers import AutoModelForCausalLM, GPTNeoXConfig, GPTNeoXForCausalLM
+from transformers import GPTNeoXConfig, GPTNeoXForCausalLM
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[2]))
-from sweep.tiny_model import build_byte_tokenizer  # noqa: E402
+from sweep.tiny_model import build_byte_tokenizer, pretrain, save_initialised_model  # noqa: E402
 
 HERE = Path(__file__).resolve().parent / "pydocs"
 MODULES = [
@@ -87,43 +85,13 @@ def documented_functions() -> tuple[list[tuple[str, str]], list[str]]:
     return found, docs
 
 
-def pretrain(model_dir: Path, texts: list[str], steps: int, seed: int) -> None:
-    """Full training of the tiny model on the docstrings (a one-off asset build, not a trial)."""
-    from transformers import AutoTokenizer
-
-    tokenizer = AutoTokenizer.from_pretrained(model_dir)
-    model = AutoModelForCausalLM.from_pretrained(model_dir)
-    rng = random.Random(seed)
-    torch.manual_seed(seed)
-    optimizer = torch.optim.AdamW(model.parameters(), lr=3e-3)
-    schedule = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda step: 1 - step / steps)
-    for step in range(steps):
-        batch = tokenizer([rng.choice(texts)[:256] for _ in range(32)], return_tensors="pt", padding=True,
-                          truncation=True, max_length=256)
-        labels = batch["input_ids"].masked_fill(batch["attention_mask"] == 0, -100)
-        loss = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"], labels=labels).loss
-        loss.backward()
-        torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
-        optimizer.step()
-        schedule.step()
-        optimizer.zero_grad()
-        if step % 100 == 0 or step == steps - 1:
-            print(f"pretrain step {step}: loss {loss.item():.3f}", flush=True)
-    model.save_pretrained(model_dir, safe_serialization=True)
-
-
 def build_tiny_neox(out_dir: Path, seed: int) -> Path:
     tokenizer = build_byte_tokenizer()
     config = GPTNeoXConfig(vocab_size=len(tokenizer), hidden_size=64, intermediate_size=256, num_hidden_layers=2,
                            num_attention_heads=4, max_position_embeddings=512, rotary_pct=0.5,
                            bos_token_id=tokenizer.bos_token_id, eos_token_id=tokenizer.eos_token_id,
                            pad_token_id=tokenizer.pad_token_id, tie_word_embeddings=False)
-    torch.manual_seed(seed)
-    model = GPTNeoXForCausalLM(config)
-    model.generation_config.pad_token_id = tokenizer.pad_token_id
-    model.save_pretrained(out_dir, safe_serialization=True)
-    tokenizer.save_pretrained(out_dir)
-    return out_dir
+    return save_initialised_model(GPTNeoXForCausalLM, config, tokenizer, out_dir, seed)
 
 
 def main() -> None:
@@ -136,7 +104,7 @@ def main() -> None:
             handle.write(json.dumps(row) + "\n")
     print(f"{len(rows)} rows from {len(MODULES)} modules of Python {sys.version.split()[0]}")
     model_dir = build_tiny_neox(HERE / "tiny-neox", seed=3)
-    pretrain(model_dir, docs, steps=800, seed=1)
+    pretrain(model_dir, lambda rng: rng.choice(docs)[:256], steps=800, seed=1, max_length=256, clip_norm=1.0)
 
 
 if __name__ == "__main__":

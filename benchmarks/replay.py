@@ -79,6 +79,10 @@ METHODS: dict[str, dict[str, Any]] = {
                       "scheduler.grace_period": "EVAL", "scheduler.reduction_factor": 3},
     "tpe_promotion_rf4": {"search.startup_trials": 10, "scheduler.type": "promotion_asha",
                           "scheduler.grace_period": "EVAL", "scheduler.reduction_factor": 4},
+    "tpe_promotion_startup5": {"search.startup_trials": 5, "scheduler.type": "promotion_asha",
+                               "scheduler.grace_period": "EVAL", "scheduler.reduction_factor": 3},
+    "tpe_promotion_startup20": {"search.startup_trials": 20, "scheduler.type": "promotion_asha",
+                                "scheduler.grace_period": "EVAL", "scheduler.reduction_factor": 3},
     "random_promotion": {"search.sampler": "random", "scheduler.type": "promotion_asha",
                          "scheduler.grace_period": "EVAL", "scheduler.reduction_factor": 3},
 }

@@ -330,6 +330,19 @@ class BudgetConfig(_Strict):
         None, gt=0.0, description="Trial hours times the devices each holds (its GPUs, or its CPUs when it has none).")
 
 
+class ConfirmConfig(_Strict):
+    """Re-train the sweep's best configurations with more seeds before promotion, and promote by the mean."""
+
+    top: Int = Field(3, ge=1, description="The best trials (by the sweep metric) whose configurations are re-trained.")
+    seeds: Int = Field(1, ge=1, le=100, description="More seeds each configuration is trained with (seed+1, seed+2, ...).")
+
+
+class PromotionConfig(_Strict):
+    confirm: Optional[ConfirmConfig] = Field(
+        None, description="None: promote the single best trial. {top: K, seeds: N}: train the top K configurations "
+        "with N more seeds each and promote the configuration with the best mean (see BENCHMARKS.md, Search).")
+
+
 class SweepConfig(_Strict):
     # One path segment: <output_dir>/<name> is the only folder the sweep writes to (no '/', no '..').
     name: str = Field(pattern=r"^[A-Za-z0-9][A-Za-z0-9_.-]*$", max_length=NAME_MAX_LENGTH)
@@ -350,6 +363,7 @@ class SweepConfig(_Strict):
     evaluation: EvaluationConfig = Field(default_factory=EvaluationConfig)
     ray: RayConfig = Field(default_factory=RayConfig)
     budget: BudgetConfig = Field(default_factory=BudgetConfig)
+    promotion: PromotionConfig = Field(default_factory=PromotionConfig)
 
     @property
     def objectives(self) -> list[tuple[str, str]]:
@@ -433,9 +447,26 @@ class SweepConfig(_Strict):
         if warm is not None and warm.top > self.search.num_trials:
             problems.append(
                 f"search.warm_start.top must be <= search.num_trials ({self.search.num_trials}), but got {warm.top}")
+        confirm = self.promotion.confirm
+        if confirm is not None and confirm.top > self.search.num_trials:
+            problems.append(
+                f"promotion.confirm.top must be <= search.num_trials ({self.search.num_trials}), but got {confirm.top}")
+        if confirm is not None and self.search.also_minimize:
+            problems.append(f"promotion.confirm averages `{self.search.metric}` over seeds, but with "
+                            f"search.also_minimize ({self.search.also_minimize}) promotion picks from a Pareto front: "
+                            "leave one of them unset")
+        if confirm is not None and self.seed + confirm.seeds > SEED_MAX:
+            problems.append(f"promotion.confirm.seeds {confirm.seeds} trains with seeds {self.seed + 1} to "
+                            f"{self.seed + confirm.seeds}, but seeds must be <= {SEED_MAX}: lower `seed`")
         if problems:
             raise ValueError("; ".join(problems))
         return self
+
+    @property
+    def confirm_seeds(self) -> list[int]:
+        """The seeds `promotion.confirm` trains the top configurations with, beside the sweep's own `seed`."""
+        confirm = self.promotion.confirm
+        return [self.seed + i for i in range(1, confirm.seeds + 1)] if confirm else []
 
     @property
     def sweep_dir(self) -> Path:

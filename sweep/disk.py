@@ -19,7 +19,7 @@ from pyarrow import ArrowException
 
 from sweep.config import ConfigError, SweepConfig
 from sweep.results import TrialRecord
-from sweep.storage import TUNE_DIR_NAME, open_storage, tree_bytes
+from sweep.storage import CONFIRM_DIR_NAME, TUNE_DIR_NAME, open_storage, tree_bytes
 
 log = logging.getLogger(__name__)
 
@@ -92,18 +92,19 @@ def prune_checkpoints(records: list[TrialRecord], best: TrialRecord, config: Swe
     everything.sort(key=lambda item: item[0], reverse=config.search.mode == "max")
     keep = {path for _, path in everything[: config.checkpoints.keep]} | {best.best_checkpoint}
     storage = open_storage(config)
+    experiments = (TUNE_DIR_NAME, CONFIRM_DIR_NAME)
     if storage is None:
         filesystem: pafs.FileSystem = pafs.LocalFileSystem()
-        tune_dir, normal = str((sweep_dir / TUNE_DIR_NAME).resolve()), lambda p: str(Path(p).resolve())
+        roots, normal = [str((sweep_dir / name).resolve()) for name in experiments], lambda p: str(Path(p).resolve())
     else:
-        filesystem, tune_dir, normal = storage.filesystem, storage.path(TUNE_DIR_NAME), os.path.normpath
+        filesystem, roots, normal = storage.filesystem, [storage.path(name) for name in experiments], os.path.normpath
     pruned = []
     for record in records:
         kept = []
         for checkpoint in record.checkpoints:
             if checkpoint["path"] in keep:
                 kept.append(checkpoint)
-            elif normal(checkpoint["path"]).startswith(tune_dir + "/"):  # never delete outside the sweep's folder
+            elif any(normal(checkpoint["path"]).startswith(root + "/") for root in roots):  # never outside the sweep's folder
                 try:
                     filesystem.delete_dir(checkpoint["path"])
                 except FileNotFoundError:

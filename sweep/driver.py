@@ -33,9 +33,9 @@ from sweep.signals import SweepInterrupted, ctrl_c_handler_kept, sigterm_stops_l
 from sweep.config import CONFIG_FILE, ConfigError, SweepConfig, cut, read_yaml, shown
 from sweep.progress import ProgressCallback
 from sweep.results import read_json
-from sweep.storage import TUNE_DIR_NAME, open_storage
+from sweep.storage import CONFIRM_DIR_NAME, TUNE_DIR_NAME, open_storage
 from sweep.tensorboard_logs import TensorBoardCallback
-from trainables.lora_causal_lm import tune_trainable
+from trainables.lora_causal_lm import confirm_trainable, tune_trainable
 
 STUDY_FILE = "optuna_study.db"
 log = logging.getLogger(__name__)
@@ -396,28 +396,13 @@ def run_sweep(config: SweepConfig, space: dict[str, Any], data_path: Path, sweep
     """
     start_ray(config)
     check_cluster_resources(config)
-    storage = open_storage(config)
-    parameters: dict[str, Any] = {"base_config": config.model_dump(mode="json"), "data_path": str(data_path)}
-    if storage is not None:  # nodes that do not see the driver's disk fetch the prepared data from storage
-        parameters["data_in_storage"] = storage.path("data", Path(data_path).name)
-    trainable = tune.with_resources(
-        tune.with_parameters(trial_function, **parameters), {"cpu": config.resources.cpu, "gpu": config.resources.gpu},
-    )
-    # Where Tune keeps trials: the sweep folder, or <storage>/<name>/ written straight from each node.
-    storage_path = storage.root if storage else str(sweep_dir.resolve())
-    filesystem = storage.filesystem if storage else None
-    tune_dir = f"{storage_path}/{TUNE_DIR_NAME}"
-    if resume and tune.Tuner.can_restore(tune_dir, storage_filesystem=filesystem):
+    trainable = _bound_trainable(config, data_path, trial_function)
+    storage_path, filesystem = _experiment_root(config, sweep_dir)
+    restored = _restored(config, sweep_dir, TUNE_DIR_NAME, trainable) if resume else None
+    if restored is not None:
         # Finished trials stay finished; unfinished ones restart from their last checkpoint; the
         # searcher (and through it the Optuna study) continues from its saved state.
-        if storage is None:  # again, right before Tune unpickles them (the first check ran before preflight)
-            check_state_files_are_ours(sweep_dir)
-            for name in recover_truncated_tune_snapshot(Path(tune_dir), Path(get_default_ray_temp_dir())):
-                log.warning("%s was empty (the driver was killed while Ray Tune copied it); its complete copy from "
-                            "Ray's temp folder was put back", name)
-        tuner = tune.Tuner.restore(tune_dir, trainable, resume_unfinished=True, resume_errored=False,
-                                   storage_filesystem=filesystem)
-        return _fit(tuner, sweep_dir)
+        return _fit(restored, sweep_dir)
     callbacks: list[Callback] = [
         TensorBoardCallback(sweep_dir / "tensorboard", config.search.metric, config.search.mode,
                             config.training.max_steps),
@@ -465,6 +450,73 @@ def run_sweep(config: SweepConfig, space: dict[str, Any], data_path: Path, sweep
         ),
     )
     return _fit(tuner, sweep_dir)
+
+
+def run_confirmation(config: SweepConfig, runs: list[dict[str, Any]], data_path: Path, sweep_dir: Path,
+                     resume: bool = False) -> Any:
+    """Train `promotion.confirm`'s runs ({"of", "seed", "params"} each) to the end, side by side as trials fit,
+    as the Tune experiment `confirm` beside the sweep's own; returns its ResultGrid. A stopped one continues."""
+    start_ray(config)
+    check_cluster_resources(config)
+    trainable = _bound_trainable(config, data_path, confirm_trainable)
+    restored = _restored(config, sweep_dir, CONFIRM_DIR_NAME, trainable) if resume else None
+    if restored is not None:
+        return _fit(restored, sweep_dir)
+    storage_path, filesystem = _experiment_root(config, sweep_dir)
+    at_once = trials_that_fit(config, ray.cluster_resources().get("CPU", 0.0), ray.cluster_resources().get("GPU", 0.0))
+    tuner = tune.Tuner(
+        trainable,
+        param_space={"run": tune.grid_search(runs)},
+        tune_config=tune.TuneConfig(metric=config.search.metric, mode=config.search.mode,
+                                    max_concurrent_trials=at_once, reuse_actors=True,
+                                    trial_dirname_creator=_confirm_run_folder),
+        run_config=tune.RunConfig(
+            name=CONFIRM_DIR_NAME, storage_path=storage_path, storage_filesystem=filesystem,
+            checkpoint_config=tune.CheckpointConfig(num_to_keep=1, checkpoint_score_attribute=config.search.metric,
+                                                    checkpoint_score_order=config.search.mode),
+            failure_config=tune.FailureConfig(max_failures=config.failure_retries),
+            verbose=faults.tune_verbosity(),
+        ),
+    )
+    return _fit(tuner, sweep_dir)
+
+
+def _confirm_run_folder(trial: Any) -> str:
+    """A confirm run's folder: the trial it trains again and its seed (Tune's default spells out every param)."""
+    run = trial.config["run"]
+    return f"{run['of']}_seed{run['seed']}_{trial.trial_id}"
+
+
+def _bound_trainable(config: SweepConfig, data_path: Path, trial_function: Callable[..., None]) -> Any:
+    """The trial function with the sweep's config, its prepared data and each trial's resources."""
+    storage = open_storage(config)
+    parameters: dict[str, Any] = {"base_config": config.model_dump(mode="json"), "data_path": str(data_path)}
+    if storage is not None:  # nodes that do not see the driver's disk fetch the prepared data from storage
+        parameters["data_in_storage"] = storage.path("data", Path(data_path).name)
+    return tune.with_resources(
+        tune.with_parameters(trial_function, **parameters), {"cpu": config.resources.cpu, "gpu": config.resources.gpu},
+    )
+
+
+def _experiment_root(config: SweepConfig, sweep_dir: Path) -> tuple[str, Any]:
+    """Where Tune keeps a sweep's experiments: the sweep folder, or <storage>/<name>/ written straight from each node."""
+    storage = open_storage(config)
+    return (storage.root, storage.filesystem) if storage else (str(sweep_dir.resolve()), None)
+
+
+def _restored(config: SweepConfig, sweep_dir: Path, name: str, trainable: Any) -> tune.Tuner | None:
+    """The Tune experiment `name` of a stopped sweep, ready to continue; None when it never started."""
+    storage_path, filesystem = _experiment_root(config, sweep_dir)
+    experiment = f"{storage_path}/{name}"
+    if not tune.Tuner.can_restore(experiment, storage_filesystem=filesystem):
+        return None
+    if filesystem is None:  # again, right before Tune unpickles them (the first check ran before preflight)
+        check_state_files_are_ours(sweep_dir)
+        for file in recover_truncated_tune_snapshot(Path(experiment), Path(get_default_ray_temp_dir())):
+            log.warning("%s was empty (the driver was killed while Ray Tune copied it); its complete copy from "
+                        "Ray's temp folder was put back", file)
+    return tune.Tuner.restore(experiment, trainable, resume_unfinished=True, resume_errored=False,
+                              storage_filesystem=filesystem)
 
 
 def _fit(tuner: tune.Tuner, sweep_dir: Path) -> Any:

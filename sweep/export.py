@@ -18,13 +18,14 @@ import pyarrow.fs as pafs
 import torch
 from transformers import AutoModelForCausalLM
 
-from sweep.config import REWRITES_BASE_WEIGHTS, SweepConfig, config_to_yaml
+from sweep.config import REWRITES_BASE_WEIGHTS, PromotionConfig, SweepConfig, config_to_yaml
 from sweep.data import load_prepared, prompt_token_ids
 from sweep.evaluate import EvalMetrics, evaluate_model
 from sweep.lora import lora_settings
 from sweep.placement import visible_gpus
 from sweep.driver import budget_spent
-from sweep.results import TrialRecord, cost, promotion_rule, replace_folder, sweep_totals, write_atomically
+from sweep.results import (CONFIRM_FILE, TrialRecord, cost, promotion_rule, replace_folder, seed_spread, sweep_totals,
+                           write_atomically)
 from sweep.search_space import apply_params
 from sweep.storage import is_directory, local_checkpoint, open_storage
 from trainables.lora_causal_lm import load_base_model, load_tokenizer
@@ -55,6 +56,7 @@ def best_trial_config(config: SweepConfig, best: TrialRecord) -> SweepConfig:
         "search": fixed.search.model_copy(update={"space": None, "parameters": {}, "num_trials": 1,
                                                   "warm_start": None, "also_minimize": None}),
         "scheduler": fixed.scheduler.model_copy(update={"type": "none"}),
+        "promotion": PromotionConfig(),
     })
 
 
@@ -86,6 +88,27 @@ def adapter_note(config: SweepConfig, best: TrialRecord) -> str:
             "that applies to the unmodified base model")
 
 
+def confirm_report(config: SweepConfig, best: TrialRecord) -> dict[str, Any]:
+    """final_metrics.json's `confirm`: the setting, and the promoted configuration's metric per seed, mean and spread
+    (no seeds when the confirm step was skipped: a spent budget)."""
+    confirm = config.promotion.confirm
+    spread = seed_spread(best)
+    summary = {"mean": spread[0], "std": spread[1], "seeds": spread[2]} if spread else {"seeds": 0}
+    return {"top": confirm.top, "extra_seeds": confirm.seeds, "metric": config.search.metric,
+            "seed_metrics": best.seed_metrics, **summary, "runs_file": CONFIRM_FILE}
+
+
+def _confirm_sentence(config: SweepConfig, best: TrialRecord) -> str:
+    spread = seed_spread(best)
+    if spread is None:
+        return ""
+    mean, std, runs = spread
+    per_seed = ", ".join(f"seed {seed}: {value:.4f}" for seed, value in best.seed_metrics.items())
+    return (f"\nPromoted by `promotion.confirm`: validation `{config.search.metric}` of this configuration over {runs} "
+            f"seeds {mean:.4f} ± {std:.2g} (mean ± std; {per_seed}); every confirmed configuration is in "
+            f"`leaderboard.csv` (mean and std columns) and each run in `{CONFIRM_FILE}`.\n\n")
+
+
 def model_card(config: SweepConfig, best: TrialRecord, base: EvalMetrics, tuned: EvalMetrics,
                provenance: dict[str, Any], difference: float, tolerance: float, totals: dict[str, Any]) -> str:
     params = "\n".join(f"| `{k}` | {v} |" for k, v in sorted(best.params.items())) or "| (fixed config) | |"
@@ -115,11 +138,11 @@ Promotion rule: {promotion_rule(config)}.{f" Its {config.search.also_minimize}: 
 | test | tuned | {tuned.loss:.4f} | {tuned.perplexity:.3f} | {tuned.exact_match:.3f} |
 
 Test split: {tuned.examples} examples, {tuned.response_tokens} response tokens, never seen during the search.
-Prompt template: `{config.data.template}`.
+{_confirm_sentence(config, best)}Prompt template: `{config.data.template}`.
 
 ## Cost
 The sweep's {totals['trials']} trials used {totals['device_seconds']:,.1f} device-seconds ({"GPU" if config.resources.gpu > 0 else "CPU"}
-seconds times the devices each trial held) and processed {totals['tokens_seen']:,} training tokens; this trial
+seconds times the devices each trial held){f", and its {totals['confirm_runs']} confirm runs {totals['confirm_device_seconds']:,.1f} more," if totals.get('confirm_runs') else ""} and processed {totals['tokens_seen']:,} training tokens; this trial
 {best.device_seconds:,.1f} device-seconds and {best.tokens_seen:,} tokens.{f" The sweep ended early: {totals['budget_spent']}." if totals.get('budget_spent') else ""}
 
 ## Provenance
@@ -184,6 +207,7 @@ def finalize(sweep_dir: Path, config: SweepConfig, best: TrialRecord, data_path:
         "trial_id": best.trial_id, "step": best.best_step, "params": best.params,
         "validation": best.best_metrics, "test": {"base": asdict(base_metrics), "tuned": asdict(tuned_metrics)},
         "sweep": totals, "promotion": promotion_rule(config),
+        **({"confirm": confirm_report(config, best)} if config.promotion.confirm else {}),
     }, indent=2))
 
     staging = sweep_dir / f".{EXPORT_DIR}.tmp"

@@ -1,4 +1,5 @@
-"""`sweep run` / `sweep resume` end to end: preflight -> data -> Ray Tune -> leaderboard -> promote -> eval + export.
+"""`sweep run` / `sweep resume` end to end: preflight -> data -> Ray Tune -> leaderboard -> [confirm] -> promote -> eval
++ export.
 
 Everything that can be checked is checked before Ray starts and before anything
 is written. A sweep folder records enough to be resumed from any point: the
@@ -15,7 +16,7 @@ import os
 import pickle
 import re
 import zipfile
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any, Iterator
 
@@ -33,7 +34,9 @@ from sweep import faults
 from sweep.config import CONFIG_FILE, ConfigError, SweepConfig, config_to_yaml, cut, load_config, shown, shown_path
 from sweep.data import TokenizedData, load_examples, save_prepared, tokenize_splits
 from sweep.disk import check_free_space, disk_needs, nearest_existing, prune_checkpoints
-from sweep.driver import STUDY_FILE, budget_spent, check_cluster_address, check_study, concurrent_trials, local_ray_resources, run_sweep
+from sweep.confirm import ConfirmRun, confirm_plan, confirm_runs, with_seed_metrics, write_confirm_runs
+from sweep.driver import (STUDY_FILE, budget_spent, check_cluster_address, check_study, concurrent_trials,
+                          local_ray_resources, run_confirmation, run_sweep)
 from sweep.export import FinalReport, finalize
 from sweep.faults import check_test_hooks
 from sweep.lora import largest_adapter, resolve_target_modules
@@ -388,29 +391,54 @@ def _tune_and_export(config: SweepConfig, space: dict[str, od.BaseDistribution],
         storage = open_storage(config)
         if storage is not None:  # trials' result files beside the driver's own, for `sweep report`
             fetch_trial_results(storage, sweep_dir)
+        write_leaderboard(records, sweep_dir, config)
+        ended = result_grid.num_terminated + result_grid.num_errors
+        budget = budget_spent(sweep_dir)
+        if budget:
+            log.warning("%s after %d of %d trials: promoting from what ran", budget, ended, config.search.num_trials)
+        elif ended < config.search.num_trials:
+            raise SweepInterrupted(
+                f"the sweep stopped with {ended} of {config.search.num_trials} trials ended; "
+                f"its state is saved: continue with `sweep resume {sweep_dir}`"
+            )
+        runs = _confirm(config, records, data_path, sweep_dir, resume, budget)
     finally:
         # Ray's part is done: its workers (and the base models they keep) free their memory before the
         # final evaluation loads models here, and no late worker log reaches the terminal after the live view.
         if ours:
             ray.shutdown()
-    write_leaderboard(records, sweep_dir, config)
-    ended = result_grid.num_terminated + result_grid.num_errors
-    budget = budget_spent(sweep_dir)
-    if budget:
-        log.warning("%s after %d of %d trials: promoting from what ran", budget, ended, config.search.num_trials)
-    elif ended < config.search.num_trials:
-        raise SweepInterrupted(
-            f"the sweep stopped with {ended} of {config.search.num_trials} trials ended; "
-            f"its state is saved: continue with `sweep resume {sweep_dir}`"
-        )
+    if runs:
+        records = with_seed_metrics(records, runs, config)
+        write_leaderboard(records, sweep_dir, config)
     best = promote(records, config)
     write_best(best, sweep_dir)
     mark_state(sweep_dir, "exporting")
     faults.stall_if_asked("export", sweep_dir)
     final = finalize(sweep_dir, config, best, data_path, record)
-    records = prune_checkpoints(records, best, config, sweep_dir)
+    # The confirm runs' checkpoints compete for `checkpoints.keep` with the trials' (a luckier seed's adapter).
+    pruned = prune_checkpoints(records + [run.record for run in runs], best, config, sweep_dir)
+    records, kept = pruned[:len(records)], pruned[len(records):]
     write_leaderboard(records, sweep_dir, config)
+    if runs:
+        write_confirm_runs([replace(run, record=r) for run, r in zip(runs, kept)], sweep_dir, config)
     return SweepOutcome(sweep_dir, records, final)
+
+
+def _confirm(config: SweepConfig, records: list[TrialRecord], data_path: Path, sweep_dir: Path, resume: bool,
+             budget: str | None) -> list[ConfirmRun]:
+    """`promotion.confirm`'s runs (none when it is off), trained before promotion; confirm.csv lists them."""
+    plan = confirm_plan(records, config)
+    if not plan:
+        return []
+    if budget:  # the budget bounds the whole tuning phase, the confirm runs included
+        log.warning("promotion.confirm skipped (%s): promoting the single best trial", budget)
+        return []
+    confirm = config.promotion.confirm
+    log.info("promotion.confirm: training the top %d configurations with %d more seed(s) each (%d runs)",
+             len(plan) // confirm.seeds, confirm.seeds, len(plan))
+    runs = confirm_runs(run_confirmation(config, plan, data_path, sweep_dir, resume=resume), config)
+    write_confirm_runs(runs, sweep_dir, config)
+    return runs
 
 
 def load_sweep(sweep_dir: Path, data: bool = False) -> tuple[SweepConfig, dict[str, Any]]:

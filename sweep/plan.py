@@ -45,6 +45,8 @@ class SweepPlan:
     warm_start_points: list[dict[str, Any]]  # the earlier sweep's configs that run first
     warm_start_sources: list[str]  # the earlier trial of each
     warm_start_skipped: list[str]  # earlier trials not used, and why
+    confirm_runs: int  # promotion.confirm: runs to the end before promotion (top K configurations x N seeds)
+    confirm_seeds: list[int]
 
 
 def asha_rungs(config: SweepConfig) -> list[int]:
@@ -106,6 +108,8 @@ def make_plan(config: SweepConfig) -> SweepPlan:
         warm_start_points=warm.points,
         warm_start_sources=warm.sources,
         warm_start_skipped=warm.skipped,
+        confirm_runs=config.promotion.confirm.top * config.promotion.confirm.seeds if config.promotion.confirm else 0,
+        confirm_seeds=config.confirm_seeds,
     )
 
 
@@ -133,6 +137,10 @@ def plan_lines(plan: SweepPlan) -> list[str]:
         f"{human_bytes(plan.disk_bytes['during_sweep_at_most'])} of checkpoints while it runs, "
         f"{human_bytes(plan.disk_bytes['after_sweep'])} after; export {human_bytes(plan.disk_bytes['export'])}",
     ]
+    if plan.confirm_runs:
+        lines.append(f"promotion: the top {plan.confirm_runs // len(plan.confirm_seeds)} configurations train again "
+                     f"with seeds {plan.confirm_seeds} ({plan.confirm_runs} more runs of {plan.max_steps} steps); "
+                     "the best mean is promoted")
     if plan.warm_start_points:
         lines.append(f"warm start: {len(plan.warm_start_points)} configs of an earlier sweep run first:")
         lines += [f"  trial {source}: " + ", ".join(f"{k}={v}" for k, v in point.items())

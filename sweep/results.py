@@ -26,6 +26,7 @@ from sweep.storage import is_directory, tree_bytes
 TrialStatus = Literal["completed", "stopped early", "errored"]
 LEADERBOARD_FILE = "leaderboard.csv"
 BEST_FILE = "best.json"
+CONFIRM_FILE = "confirm.csv"  # promotion.confirm's runs, one row each
 PARAM_PREFIX = "param:"  # leaderboard columns of sampled values: param:<dotted field>
 
 
@@ -47,6 +48,18 @@ class TrialRecord:
     device_seconds: float = 0.0  # wall seconds times the devices the trial held (config.devices_per_trial)
     tokens_seen: int = 0  # training tokens (not padding) the trial processed
     adapter_params: int = 0  # trainable LoRA parameters (DoRA's magnitudes included)
+    # promotion.confirm: the best metric of this configuration per training seed, the sweep's own seed included.
+    seed_metrics: dict[str, float] = field(default_factory=dict)
+
+
+def seed_spread(record: TrialRecord) -> Optional[tuple[float, float, int]]:
+    """Mean, sample standard deviation (0 for one run) and count of a confirmed configuration's per-seed metric."""
+    values = list(record.seed_metrics.values())
+    if not values:
+        return None
+    mean = sum(values) / len(values)
+    spread = math.sqrt(sum((v - mean) ** 2 for v in values) / (len(values) - 1)) if len(values) > 1 else 0.0
+    return mean, spread, len(values)
 
 
 def ended_status(errored: bool, steps_run: int, max_steps: int) -> TrialStatus:
@@ -177,8 +190,15 @@ def write_leaderboard(records: list[TrialRecord], sweep_dir: Path, config: Sweep
         if config.search.also_minimize:
             row[f"best_step_{config.search.also_minimize}"] = cost(r, config)
             row["pareto"] = r.trial_id in front
+        if config.promotion.confirm:
+            spread = seed_spread(r)
+            row.update({f"mean_{config.search.metric}": spread[0] if spread else None,
+                        f"std_{config.search.metric}": spread[1] if spread else None,
+                        "seeds": spread[2] if spread else None})
         rows.append(row)
     frame = pd.DataFrame(rows)
+    if "seeds" in frame:  # a whole number, blank for the trials not confirmed
+        frame["seeds"] = frame["seeds"].astype("Int64")
     if len(frame):
         frame = frame.sort_values(
             by=f"best_{config.search.metric}", ascending=config.search.mode == "min", na_position="last", kind="stable"
@@ -222,11 +242,15 @@ def promote(records: list[TrialRecord], config: SweepConfig) -> TrialRecord:
     go to the better metric. That trial is on the Pareto front of the trials with a checkpoint; a
     tolerance of 0 promotes the best metric, as a single-objective sweep does.
     """
-    candidates = [r for r in records if r.best_metric is not None and r.best_checkpoint]
+    candidates = promotable(records, config)
     if not candidates:
         reasons = "; ".join(f"{r.trial_id}: {r.status} {r.error}".strip() for r in records) or "no trials ran"
         raise NoUsableTrialError(f"no trial reported a finite `{config.search.metric}` with a checkpoint ({reasons})")
-    best = min(candidates, key=lambda r: _oriented(r, config))
+    confirmed = [r for r in candidates if r.seed_metrics]
+    if confirmed:  # promotion.confirm: the best mean over seeds; a tie goes to the better single run
+        sign = 1.0 if config.search.mode == "min" else -1.0
+        return min(confirmed, key=lambda r: (sign * seed_spread(r)[0], _oriented(r, config)))
+    best = candidates[0]
     if not config.search.also_minimize:
         return best
     allowed = config.search.pareto_tolerance * abs(best.best_metric)
@@ -234,9 +258,19 @@ def promote(records: list[TrialRecord], config: SweepConfig) -> TrialRecord:
     return min(close, key=lambda r: (cost(r, config), _oriented(r, config)))
 
 
+def promotable(records: list[TrialRecord], config: SweepConfig) -> list[TrialRecord]:
+    """Trials with a finite best metric and its checkpoint, best first: what `promote` and the confirm step pick from."""
+    return sorted((r for r in records if r.best_metric is not None and r.best_checkpoint),
+                  key=lambda r: _oriented(r, config))
+
+
 def promotion_rule(config: SweepConfig) -> str:
     """How `promote` picked, in words (model card, final_metrics.json)."""
     metric = f"`{config.search.metric}` ({config.search.mode})"
+    confirm = config.promotion.confirm
+    if confirm:
+        return (f"the best mean {metric} over {confirm.seeds + 1} seeds (the sweep's seed and {confirm.seeds} more) "
+                f"of the top {confirm.top} trials' configurations; the sweep's own trial of that configuration is promoted")
     if not config.search.also_minimize:
         return f"the best {metric} over every evaluation of every trial"
     return (f"from the Pareto front of {metric} and `{config.search.also_minimize}` (min): the lowest "
@@ -259,14 +293,19 @@ def read_best(sweep_dir: Path) -> TrialRecord:
 
 
 def sweep_totals(sweep_dir: Path) -> dict[str, Any]:
-    """What the whole sweep spent, from its leaderboard: trials, device-seconds, training tokens."""
+    """What the whole sweep spent, from its leaderboard: trials, device-seconds, training tokens; and its
+    `promotion.confirm` runs with their device-seconds, from confirm.csv, when it has them."""
     board = read_leaderboard(sweep_dir)
 
-    def column(name: str) -> float:  # a cell that is not a number counts as 0, as an empty one does
-        return float(pd.to_numeric(board[name], errors="coerce").fillna(0).sum()) if name in board else 0.0
+    def column(table: pd.DataFrame, name: str) -> float:  # a cell that is not a number counts as 0, as an empty one
+        return float(pd.to_numeric(table[name], errors="coerce").fillna(0).sum()) if name in table else 0.0
 
-    return {"trials": int(len(board)), "device_seconds": round(column("device_seconds"), 1),
-            "tokens_seen": int(column("tokens_seen"))}
+    totals = {"trials": int(len(board)), "device_seconds": round(column(board, "device_seconds"), 1),
+              "tokens_seen": int(column(board, "tokens_seen"))}
+    if (Path(sweep_dir) / CONFIRM_FILE).is_file():  # the confirm runs, apart: the trials' figures stay the sweep's own
+        runs = read_leaderboard(sweep_dir, ("of", "seed", "device_seconds"), CONFIRM_FILE)
+        totals.update(confirm_runs=int(len(runs)), confirm_device_seconds=round(column(runs, "device_seconds"), 1))
+    return totals
 
 
 # Reading a sweep folder. The read commands (status, best, report, export, generate) get every file of the
@@ -373,11 +412,12 @@ def read_shape(kind: type[T], path: Path, remedy: str) -> T:
     return parse_shape(kind, read_json(path, remedy), path, remedy)
 
 
-def read_leaderboard(sweep_dir: Path, required: tuple[str, ...] = ("trial_id", "status")) -> pd.DataFrame:
-    """leaderboard.csv (an empty table when the sweep has not written one); a file that is not a CSV table
-    with the `required` columns is a ConfigError naming it."""
+def read_leaderboard(sweep_dir: Path, required: tuple[str, ...] = ("trial_id", "status"),
+                     file: str = LEADERBOARD_FILE) -> pd.DataFrame:
+    """leaderboard.csv, or another of the sweep's tables (`file`: confirm.csv); an empty table when the sweep has
+    not written it; a file that is not a CSV table with the `required` columns is a ConfigError naming it."""
     folder = Path(sweep_dir)
-    path = folder / LEADERBOARD_FILE
+    path = folder / file
     if not path.exists():
         return pd.DataFrame()
     remedy = rewritten_by_resume(folder)

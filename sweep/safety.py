@@ -28,7 +28,7 @@ import pyarrow as pa
 import pyarrow.fs as pafs
 
 from sweep.config import ConfigError
-from sweep.storage import MARKER_FILE, TUNE_DIR_NAME
+from sweep.storage import CONFIRM_DIR_NAME, MARKER_FILE, TUNE_DIR_NAME
 
 LOCK_FILE = ".driver.lock"
 _MARKER_CONTENT = {"created_by": "lora-sweep", "what": "a sweep folder; `sweep run --overwrite` may replace it"}
@@ -218,11 +218,11 @@ def check_state_files_are_ours(sweep_dir: Path) -> None:
     """Before a resume (and again right before Tune restores): every file Ray Tune will unpickle, and every
     folder above it up to the sweep folder, is owned by this user and writable by no one else."""
     sweep_dir = Path(sweep_dir)
-    tune_dir = sweep_dir / TUNE_DIR_NAME
+    experiments = [sweep_dir / TUNE_DIR_NAME, sweep_dir / CONFIRM_DIR_NAME]
     prefixes = tuple(pattern[:pattern.index("-*")] for pattern in TUNE_SNAPSHOT_PATTERNS)
-    candidates = [p for p in tune_dir.rglob("*") if p.name.endswith(_UNPICKLED_SUFFIXES) or p.name.startswith(prefixes)
-                  ] if tune_dir.is_dir() else []
-    folders = {sweep_dir, tune_dir, *(p.parent for p in candidates)}
+    candidates = [p for experiment in experiments if experiment.is_dir() for p in experiment.rglob("*")
+                  if p.name.endswith(_UNPICKLED_SUFFIXES) or p.name.startswith(prefixes)]
+    folders = {sweep_dir, *experiments, *(p.parent for p in candidates)}
     problems = []
     for path in [*sorted(folders), *candidates]:
         try:

@@ -27,6 +27,7 @@ import pyarrow.fs as pafs
 from sweep.config import ConfigError, SweepConfig, redact_uri
 
 TUNE_DIR_NAME = "tune"
+CONFIRM_DIR_NAME = "confirm"  # promotion.confirm's runs: a Tune experiment beside the sweep's
 MARKER_FILE = ".lora-sweep"  # marks a folder the engine made, locally and in storage (sweep.safety writes it)
 # Tune's per-trial files the driver reads back (report, learning curves); checkpoints stay in storage.
 TRIAL_RESULT_FILES = ("result.json", "params.json", "progress.csv")
@@ -99,11 +100,11 @@ def tree_bytes(filesystem: pafs.FileSystem, path: str) -> int:
 
 
 def mirror_to_storage(sweep_dir: Path, storage: Storage) -> None:
-    """Copy the local sweep folder to storage: everything but Tune's folder (Tune stores that itself) and
+    """Copy the local sweep folder to storage: everything but Tune's folders (Tune stores those itself) and
     hidden staging folders. Prepared data (data/<hash>/, content-hashed) is copied once; other folders
     (export/, tensorboard/, report/) replace what storage had, so a re-export leaves no stale files."""
     for entry in sorted(Path(sweep_dir).iterdir()):
-        if entry.name == TUNE_DIR_NAME or entry.name.startswith("."):
+        if entry.name in (TUNE_DIR_NAME, CONFIRM_DIR_NAME) or entry.name.startswith("."):
             continue
         if entry.name == "data" and entry.is_dir():
             for prepared in sorted(entry.iterdir()):

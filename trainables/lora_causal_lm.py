@@ -447,3 +447,11 @@ def tune_trainable(params: dict[str, Any], base_config: dict[str, Any], data_pat
     """Ray Tune's entry point (bound with `tune.with_parameters`)."""
     data_path = local_prepared_data(data_path, data_in_storage, base_config["storage"])
     run_trial(params, base_config, data_path, TuneReporter())
+
+
+def confirm_trainable(params: dict[str, Any], base_config: dict[str, Any], data_path: str,
+                      data_in_storage: Optional[str] = None) -> None:
+    """Ray Tune's entry point for `promotion.confirm`'s runs: `params` is {"run": {"of", "seed", "params"}},
+    one of the sweep's configurations trained again with another seed (its initialisation and data order)."""
+    run = params["run"]
+    tune_trainable(run["params"], {**base_config, "seed": run["seed"]}, data_path, data_in_storage)

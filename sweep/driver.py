@@ -171,11 +171,14 @@ def check_study(sweep_dir: Path, study_name: str | None = None) -> None:
 
 
 class ResumableOptunaSearch(OptunaSearch):
-    """OptunaSearch that survives a driver killed between a trial's end and Tune's next state snapshot.
+    """OptunaSearch that survives a driver killed between Tune's state snapshots.
 
     The study (SQLite) is written at once, the searcher's pickled state only at
-    snapshots; after such a kill a restored trial can be one the study already
-    closed. The study is the record: such a trial is treated as finished.
+    snapshots. After such a kill a restored trial can be one the study already
+    closed: the study is the record, and such a trial is treated as finished. And
+    a suggestion asked after the snapshot belongs to a trial Tune never recorded:
+    its study trial is handed out again for the next trial Tune starts, so that the
+    study holds each trial once, with the configuration the sampler chose then.
     """
 
     def __init__(self, *args: Any, stopped_as_pruned_before: int | None = None, **kwargs: Any):
@@ -183,6 +186,31 @@ class ResumableOptunaSearch(OptunaSearch):
         # `search.stopped_trials: pruned`: a trial whose last result is before this step was stopped by the
         # scheduler, and enters the study as pruned rather than complete with an early value.
         self.stopped_as_pruned_before = stopped_as_pruned_before
+
+    def restore(self, checkpoint_path: str) -> None:
+        super().restore(checkpoint_path)
+        owned = {ot_trial._trial_id for ot_trial in self._ot_trials.values()}
+        running = self._ot_study.get_trials(deepcopy=False, states=(optuna.trial.TrialState.RUNNING,))
+        unclaimed = [t for t in running if t._trial_id not in owned]
+        if not callable(self._space):
+            for trial in unclaimed:
+                self._draw_again(trial)
+        self._unclaimed = [t._trial_id for t in unclaimed]
+
+    def _draw_again(self, trial: optuna.trial.FrozenTrial) -> None:
+        """Draw the unclaimed trial's values again and drop them: the sampler's random state comes from the
+        snapshot, from before it drew them, and the next new trial would otherwise get the same configuration."""
+        study, sampler = self._ot_study, self._ot_study.sampler
+        relative = sampler.sample_relative(study, trial, sampler.infer_relative_search_space(study, trial))
+        for name, distribution in self._space.items():
+            if name not in relative:
+                sampler.sample_independent(study, trial, name, distribution)
+
+    def suggest(self, trial_id: str) -> dict | None:
+        unclaimed = getattr(self, "_unclaimed", [])  # set by restore only
+        if trial_id not in self._ot_trials and unclaimed and not callable(self._space):
+            self._ot_trials[trial_id] = optuna.trial.Trial(self._ot_study, unclaimed.pop(0))
+        return super().suggest(trial_id)
 
     def _stopped_early(self, result: dict | None) -> bool:
         limit = getattr(self, "stopped_as_pruned_before", None)  # a searcher pickled before the option lacks it

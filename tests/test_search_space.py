@@ -102,3 +102,30 @@ def test_lora_variants_are_searchable(raw_config, write_config):
     raw_config["resources"] = {"gpu": 1}
     with pytest.raises(ConfigError, match=r"lora.init pissa rewrites the base weights.*a value the search space can pick"):
         space_of(raw_config, write_config, {"lora.init": {"type": "choice", "values": ["default", "pissa"]}})
+
+
+def test_a_suggestion_asked_after_the_last_snapshot_is_handed_out_again_on_restore(raw_config, write_config, tmp_path):
+    # The driver is killed after the searcher asked the study for trial C but before Tune's next snapshot:
+    # on resume Tune knows A and B only and asks for a new trial. It must get C's study trial, not a new one.
+    import optuna
+
+    from sweep.driver import make_search
+
+    raw_config["search"] = {"space": "lr_only", "num_trials": 3}
+    config = load_config(write_config(raw_config))
+    search = make_search(config, build_search_space(config), tmp_path)
+    first = [search.suggest("A"), search.suggest("B")]
+    search.save(str(tmp_path / "snapshot.pkl"))
+    lost = search.suggest("C")
+    restored = make_search(config, build_search_space(config), tmp_path)
+    restored.restore(str(tmp_path / "snapshot.pkl"))
+    assert [restored.suggest("A"), restored.suggest("B")] == first  # known trials keep theirs
+    assert restored.suggest("D") == lost  # the study trial asked before the kill, not a new one
+    fresh = restored.suggest("E")  # after that, new suggestions as usual
+    study = optuna.load_study(study_name=config.name, storage=f"sqlite:///{tmp_path / 'optuna_study.db'}")
+    assert len(study.trials) == 4 and fresh != lost
+    (tmp_path / "uninterrupted").mkdir()  # and the same as a sweep never killed would have suggested 4th
+    uninterrupted = make_search(config, build_search_space(config), tmp_path / "uninterrupted")
+    assert [uninterrupted.suggest(t) for t in "ABCE"] == [*first, lost, fresh]
+    restored.on_trial_complete("D", {"eval_loss": 1.0})
+    assert study.trials[2].state == optuna.trial.TrialState.COMPLETE and study.trials[2].value == 1.0

@@ -81,7 +81,7 @@ def test_tpe_startup_trials_reach_the_sampler(raw_config, write_config, tmp_path
 
     raw_config["search"] = {"space": "lr_only", "num_trials": 12}
     config = load_config(write_config(raw_config))
-    assert config.search.startup_trials == 10  # Optuna's own default
+    assert config.search.startup_trials == 20  # chosen on the learning-curve tables (Optuna's own is 10)
     config = load_config(write_config(raw_config), ["search.startup_trials=3"])
     assert make_search(config, build_search_space(config), tmp_path)._sampler._n_startup_trials == 3
 

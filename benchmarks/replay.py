@@ -83,11 +83,6 @@ METHODS: dict[str, dict[str, Any]] = {
                                "scheduler.grace_period": "EVAL", "scheduler.reduction_factor": 3},
     "tpe_promotion_startup20": {"search.startup_trials": 20, "scheduler.type": "promotion_asha",
                                 "scheduler.grace_period": "EVAL", "scheduler.reduction_factor": 3},
-    # The BOHB idea: TPE fitted on the highest step that `startup_trials` trials reached (paused ones included).
-    "tpe_rungs_promotion": {"search.sampler": "tpe_rungs", "search.startup_trials": 10, "scheduler.type": "promotion_asha",
-                            "scheduler.grace_period": "EVAL", "scheduler.reduction_factor": 3},
-    "tpe_rungs5_promotion": {"search.sampler": "tpe_rungs", "search.startup_trials": 5, "scheduler.type": "promotion_asha",
-                             "scheduler.grace_period": "EVAL", "scheduler.reduction_factor": 3},
     "random_promotion": {"search.sampler": "random", "scheduler.type": "promotion_asha",
                          "scheduler.grace_period": "EVAL", "scheduler.reduction_factor": 3},
 }

@@ -233,10 +233,7 @@ class SearchConfig(_Strict):
     max_concurrent_trials: Optional[Int] = Field(None, ge=1)
     metric: str = "eval_loss"
     mode: Literal["min", "max"] = "min"
-    sampler: Literal["tpe", "random", "tpe_rungs"] = Field(
-        "tpe", description="`tpe` (Optuna's TPE on finished trials), `random`, or `tpe_rungs`: TPE fitted on the "
-        "results at the highest evaluation step that `startup_trials` trials have reached, paused and stopped "
-        "trials included (the BOHB idea; random until a step has that many).")
+    sampler: Literal["tpe", "random"] = "tpe"
     startup_trials: Int = Field(
         20, ge=1, description="Random trials before TPE models the results (Optuna's default is 10; 20 was as good "
         "on the replay's targets and better on anytime regret: see BENCHMARKS.md, Search)."
@@ -451,9 +448,6 @@ class SweepConfig(_Strict):
         if warm is not None and warm.top > self.search.num_trials:
             problems.append(
                 f"search.warm_start.top must be <= search.num_trials ({self.search.num_trials}), but got {warm.top}")
-        if self.search.sampler == "tpe_rungs" and self.search.also_minimize:
-            problems.append(f"search.sampler tpe_rungs models one metric, but search.also_minimize is "
-                            f"{self.search.also_minimize}: use tpe for two objectives")
         confirm = self.promotion.confirm
         if confirm is not None and confirm.top > self.search.num_trials:
             problems.append(

@@ -9,7 +9,6 @@ from __future__ import annotations
 import contextlib
 import json
 import logging
-import math
 import os
 import socket
 import sqlite3
@@ -182,18 +181,11 @@ class ResumableOptunaSearch(OptunaSearch):
     study holds each trial once, with the configuration the sampler chose then.
     """
 
-    def __init__(self, *args: Any, stopped_as_pruned_before: int | None = None, rung_model_after: int | None = None,
-                 rung_model_seed: int = 0, **kwargs: Any):
+    def __init__(self, *args: Any, stopped_as_pruned_before: int | None = None, **kwargs: Any):
         super().__init__(*args, **kwargs)
         # `search.stopped_trials: pruned`: a trial whose last result is before this step was stopped by the
         # scheduler, and enters the study as pruned rather than complete with an early value.
         self.stopped_as_pruned_before = stopped_as_pruned_before
-        # `search.sampler: tpe_rungs`: once this many trials have reported at one step, each new trial's values
-        # come from TPE fitted on the results at the highest such step (the study's own sampler is random).
-        self.rung_model_after = rung_model_after
-        self._results_by_step: dict[int, dict[str, float]] = {}
-        self._rung_seed = rung_model_seed
-        self._rung_suggestions = 0
 
     def restore(self, checkpoint_path: str) -> None:
         super().restore(checkpoint_path)
@@ -218,30 +210,7 @@ class ResumableOptunaSearch(OptunaSearch):
         unclaimed = getattr(self, "_unclaimed", [])  # set by restore only
         if trial_id not in self._ot_trials and unclaimed and not callable(self._space):
             self._ot_trials[trial_id] = optuna.trial.Trial(self._ot_study, unclaimed.pop(0))
-        elif trial_id not in self._ot_trials and getattr(self, "rung_model_after", None):
-            params = self._from_the_highest_rung()
-            waiting = self._ot_study.get_trials(deepcopy=False, states=(optuna.trial.TrialState.WAITING,))
-            if params is not None and not waiting:  # a warm start's configs run first
-                self._ot_study.enqueue_trial(params)
         return super().suggest(trial_id)
-
-    def _from_the_highest_rung(self) -> dict[str, Any] | None:
-        """TPE's next configuration, fitted on every trial's result at the highest step that enough trials reached
-        (a paused or stopped trial counts with its value there); None while no step has enough."""
-        reached = [step for step, values in self._results_by_step.items() if len(values) >= self.rung_model_after]
-        if not reached:
-            return None
-        values = self._results_by_step[max(reached)]
-        distributions = self._space
-        model = optuna.create_study(
-            direction="minimize" if self._mode == "min" else "maximize",
-            sampler=optuna.samplers.TPESampler(seed=(self._rung_seed + self._rung_suggestions) % 2**32,
-                                               n_startup_trials=0),
-        )
-        model.add_trials([optuna.trial.create_trial(params=self._ot_trials[t].params, distributions=distributions,
-                                                    value=value) for t, value in values.items()])
-        self._rung_suggestions += 1
-        return model.ask(fixed_distributions=distributions).params
 
     def _stopped_early(self, result: dict | None) -> bool:
         limit = getattr(self, "stopped_as_pruned_before", None)  # a searcher pickled before the option lacks it
@@ -272,18 +241,11 @@ class ResumableOptunaSearch(OptunaSearch):
         # Optuna keeps intermediate values (and prunes) for one objective only.
         return not isinstance(self.metric, list)
 
-    def _remember_at_step(self, trial_id: str, result: dict) -> None:
-        value = result[self.metric]
-        if getattr(self, "rung_model_after", None) and isinstance(value, (int, float)) and math.isfinite(value) \
-                and not result.get("diverged"):
-            self._results_by_step.setdefault(int(result["step"]), {})[trial_id] = float(value)
-
     def on_trial_result(self, trial_id: str, result: dict) -> None:
         if self._closed_in_study(trial_id) or not self._reports_steps:
             return
         if "step" in result and self.metric in result:
             self._report_step(trial_id, result)
-            self._remember_at_step(trial_id, result)
             return
         super().on_trial_result(trial_id, result)
 
@@ -294,7 +256,6 @@ class ResumableOptunaSearch(OptunaSearch):
         # it as an intermediate value too, so the trial's curve in the study reaches its last step.
         if result and self._reports_steps and "step" in result and self.metric in result:
             self._report_step(trial_id, result)
-            self._remember_at_step(trial_id, result)
         if not error and self._stopped_early(result):
             # Optuna's TPE ranks pruned trials below finished ones, by the last step they reached and their value
             # there: an early stop's value is not compared as if it were a finished trial's.
@@ -319,13 +280,11 @@ def make_search(config: SweepConfig, space: dict[str, Any], sweep_dir: Path | No
                                    multivariate=search.multivariate, group=search.multivariate,
                                    constant_liar=search.constant_liar)
         if search.sampler == "tpe"
-        else optuna.samplers.RandomSampler(seed=config.seed)  # also tpe_rungs' own, before a rung has enough
+        else optuna.samplers.RandomSampler(seed=config.seed)
     )
     metrics, modes = zip(*config.objectives)
     return ResumableOptunaSearch(
         stopped_as_pruned_before=config.training.max_steps if search.stopped_trials == "pruned" else None,
-        rung_model_after=search.startup_trials if search.sampler == "tpe_rungs" else None,
-        rung_model_seed=config.seed,
         space=space,
         points_to_evaluate=seeds or None,
         # With a cost to minimise too, a two-objective study (TPE handles both): its trials' values are

@@ -219,35 +219,3 @@ def test_every_replay_method_is_a_valid_config_with_the_scheduler_its_name_says(
             else "asha"
         assert config.scheduler.type == expected, method
 
-
-def test_tpe_rungs_models_the_highest_step_enough_trials_reached():
-    search = make_search(config(search={"sampler": "tpe_rungs", "startup_trials": 3, "num_trials": 30}), SPACE, None,
-                         storage=optuna.storages.InMemoryStorage())
-    assert isinstance(search._ot_study.sampler, optuna.samplers.RandomSampler)  # until a step has enough results
-    first = {t: search.suggest(t) for t in ("a", "b", "c")}
-    for t in ("a", "b"):
-        search.on_trial_result(t, {"step": 10, "eval_loss": 1.0})
-    search.suggest("d")
-    fixed = [t.system_attrs.get("fixed_params") for t in search._ot_study.get_trials(deepcopy=False)]
-    assert fixed == [None] * 4  # two results at step 10: not enough, the study's own random draw
-    search.on_trial_result("c", {"step": 10, "eval_loss": float("nan")})  # a diverged value is no evidence
-    search.suggest("e")
-    assert search._ot_study.trials[-1].system_attrs.get("fixed_params") is None
-    # Three results at step 10, the best by far at the lowest learning rate; then a paused trial's step 20.
-    lowest = min(first, key=lambda t: first[t]["training.learning_rate"])
-    for t in ("a", "b", "c"):
-        search.on_trial_result(t, {"step": 10, "eval_loss": 0.1 if t == lowest else 5.0})
-    search.on_trial_result("a", {"step": 20, "eval_loss": 0.5})
-    suggested = [search.suggest(t) for t in ("f", "g", "h", "i")]
-    trials = search._ot_study.get_trials(deepcopy=False)
-    assert all(t.system_attrs.get("fixed_params") for t in trials[-4:])  # each came from the rung model
-    assert [t.params for t in trials[-4:]] == suggested
-    # When step 20 has three results too, it is the one modelled: the values at step 10 no longer count.
-    for t in ("b", "c"):
-        search.on_trial_result(t, {"step": 20, "eval_loss": 0.5})
-    assert max(s for s, v in search._results_by_step.items() if len(v) >= 3) == 20
-
-
-def test_tpe_rungs_with_two_objectives_is_refused():
-    with pytest.raises(Exception, match="search.sampler tpe_rungs models one metric"):
-        config(search={"sampler": "tpe_rungs", "also_minimize": "adapter_params"})

@@ -27,17 +27,14 @@ import json
 import math
 import multiprocessing
 import os
-import sys
 import tempfile
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Optional
 
-sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
-
-import optuna  # noqa: E402
-import optuna.distributions as od  # noqa: E402
+import optuna
+import optuna.distributions as od
 
 LEARNING_RATE = "training.learning_rate"
 PARAM_PREFIX = "param:"
@@ -107,7 +104,7 @@ class TimedReporter:
 
 def run_one(job: dict[str, Any]) -> dict[str, Any]:
     """Train one configuration with one seed to its end; the rows of its curve."""
-    from trainables.lora_causal_lm import run_trial
+    from lora_sweep.trainables.lora_causal_lm import run_trial
 
     base = dict(job["base_config"])
     base["seed"] = job["seed"]
@@ -126,10 +123,10 @@ def _worker_init() -> None:
 # --- build ----------------------------------------------------------------------------------------------
 
 def build(config_path: str, out: Path, configs: int, seeds: int, workers: int, first_seed: int = 0) -> Path:
-    from sweep.config import load_config
-    from sweep.data import prepare_data
-    from sweep.search_space import build_search_space
-    from trainables.lora_causal_lm import load_tokenizer
+    from lora_sweep.config import load_config
+    from lora_sweep.data import prepare_data
+    from lora_sweep.search_space import build_search_space
+    from lora_sweep.trainables.lora_causal_lm import load_tokenizer
 
     config = load_config(config_path)
     space = build_search_space(config)

@@ -28,11 +28,11 @@ from ray.tune.search.optuna import OptunaSearch
 from transformers import (AutoModelForCausalLM, AutoTokenizer, DataCollatorForSeq2Seq, Trainer, TrainerCallback,
                           TrainingArguments)
 
-from sweep.config import load_config
-from sweep.data import IGNORE_INDEX, load_examples, tokenize_example
-from sweep.lora import lora_settings
-from sweep.search_space import apply_params, build_search_space
-from sweep.templates import prompt_renderer
+from lora_sweep.config import load_config
+from lora_sweep.data import IGNORE_INDEX, load_examples, tokenize_example
+from lora_sweep.lora import lora_settings
+from lora_sweep.search_space import apply_params, build_search_space
+from lora_sweep.templates import prompt_renderer
 
 
 def trainable(params, base_config):

@@ -24,7 +24,6 @@ from pathlib import Path
 import numpy as np
 
 HERE = Path(__file__).resolve().parent
-sys.path.insert(0, str(HERE.parent))
 sys.path.insert(0, str(HERE))
 
 import replay  # noqa: E402
@@ -39,7 +38,7 @@ def overrides(settings: dict, name: str, seed: int, trials: int, out: str) -> li
 
 
 def real_compute_to_target(sweep_dir: Path, task: replay.Task, target: float) -> tuple[float, bool]:
-    from sweep.report import trial_histories  # the engine's own reader of Tune's result.json files
+    from lora_sweep.report import trial_histories  # the engine's own reader of Tune's result.json files
 
     reports = [(row.timestamp, row.time_total_s, trial_id, getattr(row, task.metric))
                for trial_id, history in trial_histories(sweep_dir).items() for row in history.itertuples()]
@@ -56,7 +55,7 @@ def machine_factor(sweep_dirs: list[Path], task: replay.Task) -> float:
     that ran without a pause, of their seconds to their last report over the table's seconds for the same
     configuration (nearest row, mean over its seeds) to the same step, start-up included. Compute-to-target
     in seconds can only be compared on one clock; the ratios within a table do not need this."""
-    from sweep.report import trial_histories
+    from lora_sweep.report import trial_histories
 
     ratios = []
     for sweep_dir in sweep_dirs:
@@ -114,7 +113,7 @@ def main() -> None:
 def real_sweep(config: str, method: str, seed: int, trials: int, out: str) -> Path:
     """`sweep run CONFIG` with the method's settings, 2 trials at a time; its folder."""
     name = f"reality-{method}-{seed}"
-    done = subprocess.run([sys.executable, "-m", "sweep.cli", "run", config,
+    done = subprocess.run([sys.executable, "-m", "lora_sweep.cli", "run", config,
                            *overrides(replay.METHODS[method], name, 100 + seed, trials, out)],
                           capture_output=True, text=True, cwd=HERE.parent, env={**os.environ, "LORA_SWEEP_TUNE_VERBOSE": "0"})
     if done.returncode != 0:

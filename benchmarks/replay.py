@@ -42,7 +42,6 @@ from typing import Any, Optional
 
 import numpy as np
 
-sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 import optuna  # noqa: E402
@@ -181,7 +180,7 @@ def nearest(task: Task, params: dict[str, Any]) -> int:
 # --- the engine's objects ------------------------------------------------------------------------------------
 
 def method_config(task: Task, settings: dict[str, Any], trials: int, workers: int, seed: int):
-    from sweep.config import SweepConfig
+    from lora_sweep.config import SweepConfig
 
     raw: dict[str, Any] = {
         "name": f"replay-{task.name}", "seed": seed,
@@ -258,7 +257,7 @@ def simulate(task: Task, settings: dict[str, Any], workers: int, trials: int, se
              perfect_ranking: bool = False) -> Trace:
     from ray.tune.schedulers import TrialScheduler
 
-    from sweep.driver import make_scheduler, make_search
+    from lora_sweep.driver import make_scheduler, make_search
 
     config = method_config(task, settings, trials, workers, seed)
     np.random.seed(seed)  # Ray's ASHA draws a bracket per trial from numpy's global generator
@@ -360,7 +359,7 @@ def follow(config: Any, space: dict[str, od.BaseDistribution],
     """A recorded real sweep of trials run one at a time, fed to fresh engine objects through the replay's own
     `deliver`: each trial's suggested configuration, and the step at which the scheduler ended it (-1 when it
     would have gone on past the last recorded result). A real run and its replay must agree on both."""
-    from sweep.driver import make_scheduler, make_search
+    from lora_sweep.driver import make_scheduler, make_search
 
     with quiet():
         searcher = make_search(config, space, None, storage=optuna.storages.InMemoryStorage())
@@ -389,7 +388,7 @@ def oracle_compute(task: Task, target: float) -> float:
     """Train only the configuration with the best mean final value: its mean compute to the target (inf: never)."""
     costs = []
     for curve in task.curves[task.best_config()]:
-        hits = [s for v, s in zip(curve.values, curve.seconds) if task.reaches(v, target)]
+        hits = [s for v, s in zip(curve.values, curve.seconds, strict=True) if task.reaches(v, target)]
         costs.append(hits[0] if hits else math.inf)
     return float(np.mean(costs))
 
@@ -473,7 +472,7 @@ def replay(path: str, methods: list[str], workers: int, trials: int, seeds: int,
     else:
         done = [_run(job) for job in runs]
     traces: dict[str, list[Trace]] = {}
-    for method, seed, trace in sorted(done, key=lambda item: (item[0], item[1])):
+    for method, _seed, trace in sorted(done, key=lambda item: (item[0], item[1])):
         traces.setdefault(method, []).append(trace)
     results = []
     for target_name, fraction in TARGETS.items():
@@ -481,7 +480,7 @@ def replay(path: str, methods: list[str], workers: int, trials: int, seeds: int,
         reference = [compute_to_target(task, trace, target) for trace in traces["random"]]
         for method in [*methods, "perfect_asha"]:
             reached = [compute_to_target(task, trace, target) for trace in traces[method]]
-            ratios = np.array([paired_ratio(r, m) for r, m in zip(reference, reached)])
+            ratios = np.array([paired_ratio(r, m) for r, m in zip(reference, reached, strict=True)])
             median, low, high = median_interval(ratios)
             results.append({"method": method, "target": target_name, "target_value": round(target, 4),
                             "median_ratio": round(median, 3), "ci95_low": round(low, 3), "ci95_high": round(high, 3),

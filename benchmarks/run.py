@@ -29,7 +29,6 @@ import tempfile
 import time
 from pathlib import Path
 
-sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -58,10 +57,10 @@ import json, sys, time, tempfile, torch, peft
 from pathlib import Path
 from torch.utils.data import DataLoader
 from transformers import DataCollatorForSeq2Seq
-from sweep.config import load_config
-from sweep.data import prepare_data, load_prepared, IGNORE_INDEX, MODEL_COLUMNS
-from sweep.lora import lora_settings
-from trainables.lora_causal_lm import ListReporter, load_tokenizer, load_base_model, run_trial
+from lora_sweep.config import load_config
+from lora_sweep.data import prepare_data, load_prepared, IGNORE_INDEX, MODEL_COLUMNS
+from lora_sweep.lora import lora_settings
+from lora_sweep.trainables.lora_causal_lm import ListReporter, load_tokenizer, load_base_model, run_trial
 steps = int(sys.argv[1])
 config = load_config(sys.argv[2], [f"training.max_steps={steps}", f"training.eval_steps={steps}", "training.batch_size=16", "scheduler.type=none",
                                    "lora.target_modules=all-linear", "training.learning_rate=1e-3"])
@@ -108,11 +107,11 @@ def bench_throughput(repeats: int, quick: bool) -> list[tuple[str, str, str]]:
 STARTUP = r'''
 import json, sys, tempfile, torch
 from pathlib import Path
-from sweep.config import load_config
-from sweep.data import prepare_data
-from sweep.tiny_model import build_tiny_llama
-from trainables import lora_causal_lm as trainable
-from trainables.lora_causal_lm import ListReporter, load_tokenizer, run_trial
+from lora_sweep.config import load_config
+from lora_sweep.data import prepare_data
+from lora_sweep.tiny_model import build_tiny_llama
+from lora_sweep.trainables import lora_causal_lm as trainable
+from lora_sweep.trainables.lora_causal_lm import ListReporter, load_tokenizer, run_trial
 model_dir = Path(sys.argv[2])
 if not (model_dir / "config.json").exists():
     build_tiny_llama(model_dir, hidden_size=768, num_layers=12, num_heads=12, intermediate_size=2048, seed=0)
@@ -150,7 +149,7 @@ def bench_startup(repeats: int, quick: bool) -> list[tuple[str, str, str]]:
          f"{median([r['startup'] for r in cold]):.2f} s of {median([r['trial'] for r in cold]):.1f} s, {params / 1e6:.0f}M params"),
         ("trial start-up share, later trials on that worker", f"{share(warm):.3f}",
          f"{median([r['startup'] for r in warm]):.2f} s of {median([r['trial'] for r in warm]):.1f} s; "
-         f"later/first {median([w['startup'] / c['startup'] for w, c in zip(warm, cold)]):.2f}"),
+         f"later/first {median([w['startup'] / c['startup'] for w, c in zip(warm, cold, strict=True)]):.2f}"),
     ]
 
 
@@ -160,9 +159,9 @@ def bench_startup(repeats: int, quick: bool) -> list[tuple[str, str, str]]:
 SWEEP_SETUP = r'''
 import json, sys, time
 from pathlib import Path
-from sweep.config import load_config
-from sweep.pipeline import preflight, prepare_sweep_dir, _write_data_and_provenance
-from sweep.driver import run_sweep, start_ray
+from lora_sweep.config import load_config
+from lora_sweep.pipeline import preflight, prepare_sweep_dir, _write_data_and_provenance
+from lora_sweep.driver import run_sweep, start_ray
 config = load_config(sys.argv[1], sys.argv[3:] + [f"output_dir={sys.argv[2]}"])
 space, _, tokenized = preflight(config)
 sweep_dir = prepare_sweep_dir(config, overwrite=True)
@@ -244,9 +243,9 @@ DRIVER = r'''
 import json, resource, sys, time
 from pathlib import Path
 from ray import tune
-from sweep.config import load_config
-from sweep.pipeline import preflight, prepare_sweep_dir, _write_data_and_provenance
-from sweep.driver import run_sweep, start_ray
+from lora_sweep.config import load_config
+from lora_sweep.pipeline import preflight, prepare_sweep_dir, _write_data_and_provenance
+from lora_sweep.driver import run_sweep, start_ray
 
 def no_training(params, base_config, data_path):
     tune.report({"eval_loss": float(params.get("training.learning_rate", 0.0)), "step": 1})

@@ -20,14 +20,14 @@ from typing import TYPE_CHECKING, Callable, List, Optional
 
 import typer
 
-from sweep.config import CONFIG_FILE, ConfigError, cut, load_config, shown
+from lora_sweep import examples
+from lora_sweep.config import CONFIG_FILE, ConfigError, cut, load_config, shown
 
 if TYPE_CHECKING:
-    from sweep.pipeline import SweepOutcome
+    from lora_sweep.pipeline import SweepOutcome
 
 app = typer.Typer(add_completion=False, no_args_is_help=True, help="Hyperparameter sweeps for LoRA fine-tuning.")
-PROJECT_ROOT = Path(__file__).resolve().parent.parent
-DEMO_CONFIG = PROJECT_ROOT / "examples" / "demo.yaml"
+DEMO_CONFIG = Path(examples.__file__).resolve().parent / "demo.yaml"  # package data: works outside a checkout
 
 
 def _fail(message: str, code: int) -> None:
@@ -48,7 +48,7 @@ class _WarningLines(logging.Handler):
 
 
 def _show_warnings() -> None:
-    logger = logging.getLogger("sweep")
+    logger = logging.getLogger("lora_sweep")
     if not any(isinstance(handler, _WarningLines) for handler in logger.handlers):
         handler = _WarningLines(logging.WARNING)
         logger.addHandler(handler)
@@ -111,10 +111,10 @@ def _fail_os_error(error: OSError) -> None:
 
 
 def _run_and_report(start: Callable[[], "SweepOutcome"]) -> None:
-    from sweep.export import ExportVerificationError
-    from sweep.pipeline import SweepInterrupted
-    from sweep.results import NoUsableTrialError
-    from sweep.signals import stop_exit_code, stop_on_sigterm_like_ctrl_c
+    from lora_sweep.export import ExportVerificationError
+    from lora_sweep.pipeline import SweepInterrupted
+    from lora_sweep.results import NoUsableTrialError
+    from lora_sweep.signals import stop_exit_code, stop_on_sigterm_like_ctrl_c
 
     stop_on_sigterm_like_ctrl_c()
     try:
@@ -161,8 +161,8 @@ def run(
 
 
 def _run_config(config_path: Path, overrides: list[str], overwrite: bool, resume: bool = False) -> None:
-    from sweep.pipeline import resume as resume_sweep
-    from sweep.pipeline import run as run_sweep
+    from lora_sweep.pipeline import resume as resume_sweep
+    from lora_sweep.pipeline import run as run_sweep
 
     def start():
         config = load_config(config_path, overrides)
@@ -184,7 +184,7 @@ def resume(sweep_dir: Path = typer.Argument(..., help="The folder of a stopped o
 
     Example: sweep resume results/demo
     """
-    from sweep.pipeline import resume as resume_sweep
+    from lora_sweep.pipeline import resume as resume_sweep
 
     def start():
         try:
@@ -217,7 +217,7 @@ def best(
 
     Example: sweep best results/demo
     """
-    from sweep.results import read_best
+    from lora_sweep.results import read_best
 
     try:
         record = read_best(sweep_dir)
@@ -248,7 +248,7 @@ def plan(
 
     Example: sweep plan examples/demo.yaml search.num_trials=24
     """
-    from sweep.plan import make_plan, plan_json, plan_lines
+    from lora_sweep.plan import make_plan, plan_json, plan_lines
 
     try:
         the_plan = make_plan(load_config(config, overrides or []))
@@ -277,7 +277,7 @@ def status(
     from rich.console import Console
     from rich.live import Live
 
-    from sweep.progress import ACTIVE_STATES, read_status, render
+    from lora_sweep.progress import ACTIVE_STATES, read_status, render
 
     try:
         current = read_status(sweep_dir)
@@ -310,7 +310,7 @@ def report(sweep_dir: Path = typer.Argument(..., help="A sweep folder, e.g. resu
 
     Example: sweep report results/demo && xdg-open results/demo/report/index.html
     """
-    from sweep.report import write_report
+    from lora_sweep.report import write_report
 
     try:
         result = write_report(sweep_dir)
@@ -339,8 +339,8 @@ def generate(
     Examples: sweep generate results/demo "Repeat the word." --input hello
               sweep generate results/demo --file prompts.jsonl --json
     """
-    from sweep.generate import ExportedModel, example_for, examples_from_file
-    from sweep.pipeline import load_sweep
+    from lora_sweep.generate import ExportedModel, example_for, examples_from_file
+    from lora_sweep.pipeline import load_sweep
 
     if (question is None) == (file is None):
         _fail("error: give either a QUESTION or --file PROMPTS (exactly one of them)", 2)
@@ -377,9 +377,9 @@ def export(sweep_dir: Path = typer.Argument(..., help="A finished sweep folder, 
 
     Example: sweep export results/demo
     """
-    from sweep.export import ExportVerificationError
-    from sweep.pipeline import export as export_sweep
-    from sweep.signals import stop_exit_code, stop_on_sigterm_like_ctrl_c
+    from lora_sweep.export import ExportVerificationError
+    from lora_sweep.pipeline import export as export_sweep
+    from lora_sweep.signals import stop_exit_code, stop_on_sigterm_like_ctrl_c
 
     stop_on_sigterm_like_ctrl_c()
     try:
@@ -396,7 +396,7 @@ def export(sweep_dir: Path = typer.Argument(..., help="A finished sweep folder, 
     typer.echo(f"test loss base {report.base.loss:.4f} -> tuned {report.tuned.loss:.4f}")
 
 
-def main() -> None:  # pragma: no cover - console entry for `python -m sweep`
+def main() -> None:  # pragma: no cover - console entry for `python -m lora_sweep.cli`
     app()
 
 

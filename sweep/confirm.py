@@ -16,8 +16,8 @@ from typing import Any
 
 import pandas as pd
 
-from sweep.config import SweepConfig
-from sweep.results import CONFIRM_FILE, TrialRecord, promotable, seed_spread, trial_record, write_atomically
+from lora_sweep.config import SweepConfig
+from lora_sweep.results import CONFIRM_FILE, TrialRecord, promotable, seed_spread, trial_record, write_atomically
 
 log = logging.getLogger(__name__)
 

@@ -25,8 +25,8 @@ import torch
 import datasets
 from datasets import Dataset, DatasetDict, load_from_disk
 
-from sweep.config import ColumnMapping, ConfigError, DataConfig, byte_order_mark_codec, cut
-from sweep.templates import Example, prompt_renderer, tokenizer_adds_special_tokens
+from lora_sweep.config import ColumnMapping, ConfigError, DataConfig, byte_order_mark_codec, cut
+from lora_sweep.templates import Example, prompt_renderer, tokenizer_adds_special_tokens
 
 SPLITS = ("train", "val", "test")
 MAX_CHARACTERS_PER_TOKEN = 256  # far above any tokenizer's average: longer texts are dropped as too long untokenized
@@ -359,7 +359,7 @@ def tokenize_splits(data: DataConfig, tokenizer, seed: int,
         rows = [tokenize_example(ex, render, tokenizer, data.max_length, special) for ex in splits[split]]
         kept = [
             {**row, "prompt": render(ex), "response": ex.response}
-            for row, ex in zip(rows, splits[split])
+            for row, ex in zip(rows, splits[split], strict=True)
             if row is not None
         ]
         too_long[split] = len(rows) - len(kept)
@@ -400,7 +400,7 @@ def prepare_data(data: DataConfig, tokenizer, seed: int, out_dir: Path) -> Prepa
 
 def prompt_token_ids(dataset: Dataset) -> list[list[int]]:
     """Each prepared example's prompt tokens, exactly as in training (for generation)."""
-    return [ids[:length] for ids, length in zip(dataset["input_ids"], dataset["prompt_length"])]
+    return [ids[:length] for ids, length in zip(dataset["input_ids"], dataset["prompt_length"], strict=True)]
 
 
 def load_prepared(path: str | Path) -> DatasetDict:

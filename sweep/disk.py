@@ -17,9 +17,9 @@ from typing import Optional
 import pyarrow.fs as pafs
 from pyarrow import ArrowException
 
-from sweep.config import ConfigError, SweepConfig
-from sweep.results import TrialRecord
-from sweep.storage import CONFIRM_DIR_NAME, TUNE_DIR_NAME, open_storage, tree_bytes
+from lora_sweep.config import ConfigError, SweepConfig
+from lora_sweep.results import TrialRecord
+from lora_sweep.storage import CONFIRM_DIR_NAME, TUNE_DIR_NAME, open_storage, tree_bytes
 
 log = logging.getLogger(__name__)
 

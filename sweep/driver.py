@@ -26,16 +26,16 @@ from ray.tune import Callback
 from ray.tune.schedulers import ASHAScheduler, FIFOScheduler
 from ray.tune.search.optuna import OptunaSearch
 
-from sweep import faults
-from sweep.schedulers import KeepResultsAcrossPauses, PausingConcurrencyLimiter, PromotionASHA
-from sweep.safety import check_state_files_are_ours, recover_truncated_tune_snapshot
-from sweep.signals import SweepInterrupted, ctrl_c_handler_kept, sigterm_stops_like_ctrl_c
-from sweep.config import CONFIG_FILE, ConfigError, SweepConfig, cut, read_yaml, shown
-from sweep.progress import ProgressCallback
-from sweep.results import read_json
-from sweep.storage import CONFIRM_DIR_NAME, TUNE_DIR_NAME, open_storage
-from sweep.tensorboard_logs import TensorBoardCallback
-from trainables.lora_causal_lm import confirm_trainable, tune_trainable
+from lora_sweep import faults
+from lora_sweep.schedulers import KeepResultsAcrossPauses, PausingConcurrencyLimiter, PromotionASHA
+from lora_sweep.safety import check_state_files_are_ours, recover_truncated_tune_snapshot
+from lora_sweep.signals import SweepInterrupted, ctrl_c_handler_kept, sigterm_stops_like_ctrl_c
+from lora_sweep.config import CONFIG_FILE, ConfigError, SweepConfig, cut, read_yaml, shown
+from lora_sweep.progress import ProgressCallback
+from lora_sweep.results import read_json
+from lora_sweep.storage import CONFIRM_DIR_NAME, TUNE_DIR_NAME, open_storage
+from lora_sweep.tensorboard_logs import TensorBoardCallback
+from lora_sweep.trainables.lora_causal_lm import confirm_trainable, tune_trainable
 
 STUDY_FILE = "optuna_study.db"
 log = logging.getLogger(__name__)
@@ -282,7 +282,7 @@ def make_search(config: SweepConfig, space: dict[str, Any], sweep_dir: Path | No
         if search.sampler == "tpe"
         else optuna.samplers.RandomSampler(seed=config.seed)
     )
-    metrics, modes = zip(*config.objectives)
+    metrics, modes = zip(*config.objectives, strict=True)
     return ResumableOptunaSearch(
         stopped_as_pruned_before=config.training.max_steps if search.stopped_trials == "pruned" else None,
         space=space,

@@ -13,7 +13,7 @@ from typing import Any, Optional
 import torch
 from datasets import Dataset
 
-from sweep.data import IGNORE_INDEX, MODEL_COLUMNS, PaddingCollator, prompt_token_ids
+from lora_sweep.data import IGNORE_INDEX, MODEL_COLUMNS, PaddingCollator, prompt_token_ids
 
 
 @dataclass
@@ -79,10 +79,10 @@ def evaluate_model(
     prompts = prompt_token_ids(subset)
     completions = greedy_completions(model, tokenizer, prompts, max_new_tokens, batch_size)
     references = [r.strip() for r in subset["response"]]
-    matches = sum(c == r for c, r in zip(completions, references))
+    matches = sum(c == r for c, r in zip(completions, references, strict=True))
     samples = [
         {"prompt": p, "reference": r, "completion": c}
-        for p, r, c in list(zip(subset["prompt"], references, completions))[:keep_samples]
+        for p, r, c in list(zip(subset["prompt"], references, completions, strict=True))[:keep_samples]
     ]
     return EvalMetrics(
         loss=loss, perplexity=math.exp(min(loss, 50.0)), exact_match=matches / max(len(references), 1),

@@ -25,7 +25,7 @@ import time
 from pathlib import Path
 from typing import Optional
 
-from sweep.config import ConfigError, shown
+from lora_sweep.config import ConfigError, shown
 
 STALL_POINTS = ("data_preparation", "between_trials", "export")
 FAULT_KINDS = ("exception", "oom", "nan")

@@ -18,11 +18,11 @@ from transformers.utils import logging as transformers_logging
 
 from safetensors import SafetensorError
 
-from sweep.config import ConfigError, SweepConfig, cut
-from sweep.data import check_text_columns, read_table, row_to_example
-from sweep.pipeline import load_sweep
-from sweep.placement import model_positions
-from sweep.templates import Example, prompt_renderer, tokenizer_adds_special_tokens
+from lora_sweep.config import ConfigError, SweepConfig, cut
+from lora_sweep.data import check_text_columns, read_table, row_to_example
+from lora_sweep.pipeline import load_sweep
+from lora_sweep.placement import model_positions
+from lora_sweep.templates import Example, prompt_renderer, tokenizer_adds_special_tokens
 
 EXPORT_MODEL = Path("export") / "merged"
 

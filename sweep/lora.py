@@ -15,8 +15,8 @@ import peft
 import torch
 from torch import nn
 
-from sweep.config import ConfigError, LoraConfig, SweepConfig
-from sweep.search_space import apply_params
+from lora_sweep.config import ConfigError, LoraConfig, SweepConfig
+from lora_sweep.search_space import apply_params
 
 _ATTENTION_MARKERS = ("attn", "attention")
 _NOT_TARGETS = ("lm_head", "embed_out", "output_layer", "score", "classifier")

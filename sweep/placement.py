@@ -16,8 +16,8 @@ from typing import Any, Optional
 
 import torch
 
-from sweep.config import ConfigError, SweepConfig
-from sweep.lora import torch_dtype
+from lora_sweep.config import ConfigError, SweepConfig
+from lora_sweep.lora import torch_dtype
 
 QLORA_INSTALL = "pip install 'lora-sweep[qlora]'"
 

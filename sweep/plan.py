@@ -10,13 +10,13 @@ from __future__ import annotations
 from dataclasses import asdict, dataclass
 from typing import Any, Optional
 
-from sweep.config import SweepConfig, asha_rung_count
-from sweep.disk import human_bytes
-from sweep.pipeline import preflight
-from sweep.safety import holds_anything, is_sweep_folder
-from sweep.search_space import describe
-from sweep.storage import open_storage
-from sweep.warm_start import warm_start_points
+from lora_sweep.config import SweepConfig, asha_rung_count
+from lora_sweep.disk import human_bytes
+from lora_sweep.pipeline import preflight
+from lora_sweep.safety import holds_anything, is_sweep_folder
+from lora_sweep.search_space import describe
+from lora_sweep.storage import open_storage
+from lora_sweep.warm_start import warm_start_points
 
 
 @dataclass
@@ -144,7 +144,7 @@ def plan_lines(plan: SweepPlan) -> list[str]:
     if plan.warm_start_points:
         lines.append(f"warm start: {len(plan.warm_start_points)} configs of an earlier sweep run first:")
         lines += [f"  trial {source}: " + ", ".join(f"{k}={v}" for k, v in point.items())
-                  for source, point in zip(plan.warm_start_sources, plan.warm_start_points)]
+                  for source, point in zip(plan.warm_start_sources, plan.warm_start_points, strict=True)]
         lines += [f"  skipped {reason}" for reason in plan.warm_start_skipped]
     if plan.sweep_dir_exists and not plan.sweep_dir_is_ours:
         lines.append(f"note: {plan.sweep_dir} exists and was not made by lora-sweep: `sweep run` refuses to write "

@@ -26,7 +26,7 @@ from rich.console import Console
 from rich.live import Live
 from rich.text import Text
 
-from sweep.results import (ended_status, parse_shape, read_json, require_sweep_folder, sweep_folder,
+from lora_sweep.results import (ended_status, parse_shape, read_json, require_sweep_folder, sweep_folder,
                            write_atomically)
 
 STATUS_FILE = "status.json"

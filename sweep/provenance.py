@@ -10,7 +10,7 @@ from pathlib import Path
 from typing import Any
 
 PACKAGES = ("lora-sweep", "torch", "transformers", "peft", "ray", "optuna", "datasets", "tensorboard", "accelerate")
-PROJECT_ROOT = Path(__file__).resolve().parent.parent
+PROJECT_ROOT = Path(__file__).resolve().parent.parent  # the checkout, when the package runs from one
 
 
 def package_versions() -> dict[str, str]:
@@ -24,6 +24,8 @@ def package_versions() -> dict[str, str]:
 
 
 def git_sha() -> str:
+    if not (PROJECT_ROOT / ".git").exists():  # an installed wheel: site-packages may sit inside someone's repository
+        return "unknown (an installed package, not a checkout)"
     try:
         out = subprocess.run(
             ["git", "-C", str(PROJECT_ROOT), "rev-parse", "HEAD"], capture_output=True, text=True, timeout=5, check=True

@@ -27,10 +27,10 @@ import optuna  # noqa: E402
 import pandas as pd  # noqa: E402
 from pydantic import BaseModel  # noqa: E402
 
-from sweep.config import ConfigError, SweepConfig  # noqa: E402
-from sweep.driver import STUDY_FILE, TUNE_DIR_NAME, check_study, study_storage  # noqa: E402
-from sweep.pipeline import load_sweep  # noqa: E402
-from sweep.results import (parse_shape, read_json, read_leaderboard, replace_folder, rewritten_by_resume,  # noqa: E402
+from lora_sweep.config import ConfigError, SweepConfig  # noqa: E402
+from lora_sweep.driver import STUDY_FILE, TUNE_DIR_NAME, check_study, study_storage  # noqa: E402
+from lora_sweep.pipeline import load_sweep  # noqa: E402
+from lora_sweep.results import (parse_shape, read_json, read_leaderboard, replace_folder, rewritten_by_resume,  # noqa: E402
                            write_atomically)
 
 REPORT_DIR = "report"
@@ -133,7 +133,7 @@ def _optuna_figure(plot: Callable[..., Any], study: optuna.Study, **kwargs: Any)
 
 
 def learning_curves(histories: dict[str, pd.DataFrame], board: pd.DataFrame, metric: str) -> Any:
-    status = dict(zip(board["trial_id"].astype(str), board["status"])) if len(board) else {}
+    status = dict(zip(board["trial_id"].astype(str), board["status"], strict=True)) if len(board) else {}
     figure, axes = plt.subplots()
     colours = {"completed": "tab:blue", "stopped early": "tab:gray", "errored": "tab:red"}
     for trial_id, history in histories.items():

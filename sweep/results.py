@@ -20,8 +20,8 @@ from typing import Any, Callable, Literal, NoReturn, Optional, TypeVar
 import pandas as pd
 from pydantic import TypeAdapter, ValidationError
 
-from sweep.config import CONFIG_FILE, COST_METRICS, ConfigError, SweepConfig, cut, shown
-from sweep.storage import is_directory, tree_bytes
+from lora_sweep.config import CONFIG_FILE, COST_METRICS, ConfigError, SweepConfig, cut, shown
+from lora_sweep.storage import is_directory, tree_bytes
 
 TrialStatus = Literal["completed", "stopped early", "errored"]
 LEADERBOARD_FILE = "leaderboard.csv"

@@ -27,8 +27,8 @@ from typing import Any, Iterator, Optional
 import pyarrow as pa
 import pyarrow.fs as pafs
 
-from sweep.config import ConfigError
-from sweep.storage import CONFIRM_DIR_NAME, MARKER_FILE, TUNE_DIR_NAME
+from lora_sweep.config import ConfigError
+from lora_sweep.storage import CONFIRM_DIR_NAME, MARKER_FILE, TUNE_DIR_NAME
 
 LOCK_FILE = ".driver.lock"
 _MARKER_CONTENT = {"created_by": "lora-sweep", "what": "a sweep folder; `sweep run --overwrite` may replace it"}

@@ -119,7 +119,7 @@ class PromotionASHA(FIFOScheduler):
 
     def debug_string(self) -> str:
         rungs = ", ".join(f"step {m:g}: {len(s)} ({len(p)} promoted)"
-                          for m, s, p in zip(self.milestones, self.scores, self.promoted))
+                          for m, s, p in zip(self.milestones, self.scores, self.promoted, strict=True))
         return f"PromotionASHA: {rungs}; {len(self.paused_at)} paused"
 
     def save(self, checkpoint_path: str) -> None:

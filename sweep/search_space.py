@@ -14,9 +14,10 @@ from typing import Any
 import optuna.distributions as od
 from pydantic import ValidationError
 
-from sweep.config import ConfigError, SweepConfig, format_errors, read_yaml, shown
+from lora_sweep import search_spaces
+from lora_sweep.config import ConfigError, SweepConfig, format_errors, read_yaml, shown
 
-SHIPPED_SPACES_DIR = Path(__file__).resolve().parent.parent / "search_spaces"
+SHIPPED_SPACES_DIR = Path(search_spaces.__file__).resolve().parent
 
 # The config fields a search space may vary, and the Python type each must take.
 TUNABLE_FIELDS: dict[str, type] = {

@@ -24,7 +24,7 @@ from typing import Iterator, Optional
 import pyarrow as pa
 import pyarrow.fs as pafs
 
-from sweep.config import ConfigError, SweepConfig, redact_uri
+from lora_sweep.config import ConfigError, SweepConfig, redact_uri
 
 TUNE_DIR_NAME = "tune"
 CONFIRM_DIR_NAME = "confirm"  # promotion.confirm's runs: a Tune experiment beside the sweep's

@@ -14,7 +14,7 @@ from ray.tune import Callback
 from torch.utils.tensorboard import SummaryWriter
 from torch.utils.tensorboard.summary import hparams
 
-from sweep.results import ended_status
+from lora_sweep.results import ended_status
 
 SCALARS = ("eval_loss", "eval_perplexity", "train_loss", "learning_rate", "tokens_per_second", "eval_ms_per_example")
 

@@ -17,9 +17,9 @@ from typing import Any
 import optuna.distributions as od
 import pandas as pd
 
-from sweep.config import CONFIG_FILE, ConfigError, SweepConfig, load_config
-from sweep.results import LEADERBOARD_FILE, PARAM_PREFIX
-from sweep.search_space import TUNABLE_FIELDS, apply_params, describe
+from lora_sweep.config import CONFIG_FILE, ConfigError, SweepConfig, load_config
+from lora_sweep.results import LEADERBOARD_FILE, PARAM_PREFIX
+from lora_sweep.search_space import TUNABLE_FIELDS, apply_params, describe
 
 OUTSIDE = object()  # a value the search space cannot pick
 

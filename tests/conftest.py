@@ -7,7 +7,7 @@ from pathlib import Path
 import pytest
 import yaml
 
-from sweep.tiny_model import build_tiny_llama
+from lora_sweep.tiny_model import build_tiny_llama
 
 ASSETS = Path(__file__).parent / "assets"
 
@@ -51,8 +51,8 @@ def peft_trainable_parameters():
     import peft
     from transformers import AutoModelForCausalLM
 
-    from sweep.config import LoraConfig
-    from sweep.lora import lora_settings
+    from lora_sweep.config import LoraConfig
+    from lora_sweep.lora import lora_settings
 
     def count(model_path: str, rank: int) -> int:
         base = AutoModelForCausalLM.from_pretrained(model_path)
@@ -83,7 +83,7 @@ def refused_case(command: str, change, expected: str, raw_config: dict, write_co
     refusal that wrote nothing and names the config file. Returns the CLI result for further checks."""
     from typer.testing import CliRunner
 
-    from sweep.cli import app
+    from lora_sweep.cli import app
 
     change(raw_config, tmp_path)
     config_path = write_config(raw_config)

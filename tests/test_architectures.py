@@ -23,8 +23,8 @@ from transformers import (
     AutoModelForCausalLM,
 )
 
-from sweep.config import ConfigError, LoraConfig
-from sweep.lora import linear_module_names, lora_settings, resolve_target_modules
+from lora_sweep.config import ConfigError, LoraConfig
+from lora_sweep.lora import linear_module_names, lora_settings, resolve_target_modules
 
 DECODER = dict(hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=4, vocab_size=128)
 LLAMA_LIKE = ({"q_proj", "k_proj", "v_proj", "o_proj"}, {"gate_proj", "up_proj", "down_proj"})

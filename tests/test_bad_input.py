@@ -6,7 +6,7 @@ import pytest
 from typer.testing import CliRunner
 
 from conftest import refused_case
-from sweep.cli import app
+from lora_sweep.cli import app
 
 
 def _missing_column_rows(tmp_path):

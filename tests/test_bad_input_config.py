@@ -10,7 +10,7 @@ import yaml
 from typer.testing import CliRunner
 
 from conftest import assert_refused, listing, refused_case
-from sweep.cli import app
+from lora_sweep.cli import app
 
 
 def _set(section: str, **values):
@@ -148,7 +148,7 @@ def test_a_config_in_utf16_or_utf8_with_a_bom_is_read(raw_config, write_config, 
 
 
 def test_yaml_1_1_words_are_text_and_1e_4_is_a_number(raw_config, write_config):
-    from sweep.config import load_config
+    from lora_sweep.config import load_config
 
     raw_config["training"]["learning_rate"] = "1e-4"
     path = write_config(raw_config)
@@ -172,7 +172,7 @@ def test_armed_test_hooks_with_malformed_values_are_refused(variable, value, exp
 
 
 def test_test_hooks_are_inert_unless_armed(raw_config, write_config, monkeypatch):
-    from sweep import faults
+    from lora_sweep import faults
 
     monkeypatch.setenv("LORA_SWEEP_STALL_AT", "export")
     monkeypatch.setenv("LORA_SWEEP_INJECT_FAULT", "exception@1")
@@ -189,7 +189,7 @@ def test_test_hooks_are_inert_unless_armed(raw_config, write_config, monkeypatch
 
 
 def test_yaml_1_2_integers_and_storage_uris_that_name_places(raw_config, write_config):
-    from sweep.config import load_config, redact_uri
+    from lora_sweep.config import load_config, redact_uri
 
     path = write_config(raw_config)
     path.write_text(path.read_text().replace("seed: 0", "seed: 010"))
@@ -207,7 +207,7 @@ def test_a_path_beyond_the_systems_limits_is_one_error_line(command, tmp_path):
 
 
 def test_a_search_space_path_is_relative_to_its_config(raw_config, write_config, tmp_path):
-    from sweep.config import load_config
+    from lora_sweep.config import load_config
 
     (tmp_path / "spaces").mkdir()
     (tmp_path / "spaces" / "mine.yaml").write_text("parameters:\n  lora.rank: {type: choice, values: [2, 4]}\n")

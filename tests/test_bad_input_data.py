@@ -15,10 +15,10 @@ import pytest
 from typer.testing import CliRunner
 
 from conftest import ASSETS, assert_refused, listing
-from sweep.cli import app
-from sweep.config import ConfigError, DataConfig, load_config
-from sweep.data import load_examples, read_table, to_examples
-from sweep.generate import examples_from_file
+from lora_sweep.cli import app
+from lora_sweep.config import ConfigError, DataConfig, load_config
+from lora_sweep.data import load_examples, read_table, to_examples
+from lora_sweep.generate import examples_from_file
 
 ROWS = [{"instruction": f"Say {i}.", "response": str(i)} for i in range(6)]
 JSONL = "".join(json.dumps(row) + "\n" for row in ROWS)

@@ -15,7 +15,7 @@ import torch
 from typer.testing import CliRunner
 
 from conftest import assert_refused, listing, refused_case
-from sweep.cli import app
+from lora_sweep.cli import app
 
 
 def _space(raw: dict, name: str, **spec) -> None:
@@ -173,7 +173,7 @@ def test_pickled_weights_are_accepted_and_load_safely(raw_config, write_config, 
 
 def test_pickled_weights_on_a_torch_transformers_will_not_unpickle(raw_config, write_config, tmp_path, monkeypatch):
     """Below torch 2.6 transformers refuses every pickle (CVE-2025-32434): refused before the sweep, not per trial."""
-    from sweep import pipeline
+    from lora_sweep import pipeline
 
     def too_old() -> None:
         raise ValueError("upgrade torch to at least v2.6")
@@ -207,8 +207,8 @@ def test_an_encoder_configured_as_a_decoder_is_a_causal_lm(raw_config, write_con
 ])
 def test_steps_that_divide_the_range_are_kept(spec, shown, raw_config):
     """Decimal arithmetic: 0.1 - 0.0 is a multiple of 0.01 although it is not in floating point."""
-    from sweep.config import validate_config
-    from sweep.search_space import build_search_space, describe
+    from lora_sweep.config import validate_config
+    from lora_sweep.search_space import build_search_space, describe
 
     name = "lora.dropout" if spec["type"] == "uniform" else "lora.rank"
     _space(raw_config, name, **spec)

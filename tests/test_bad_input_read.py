@@ -21,11 +21,11 @@ import pytest
 import yaml
 from typer.testing import CliRunner
 
-from sweep.cli import app
-from sweep.config import ConfigError, config_to_yaml, load_config
-from sweep.driver import STUDY_FILE, check_study, study_storage
-from sweep.progress import SweepStatus, TrialProgress
-from sweep.results import TrialRecord
+from lora_sweep.cli import app
+from lora_sweep.config import ConfigError, config_to_yaml, load_config
+from lora_sweep.driver import STUDY_FILE, check_study, study_storage
+from lora_sweep.progress import SweepStatus, TrialProgress
+from lora_sweep.results import TrialRecord
 
 from conftest import assert_refused, listing
 
@@ -64,7 +64,7 @@ def sweep_folder(raw_config, write_config, tiny_model_dir) -> Path:
     (sweep_dir / "final_metrics.json").write_text(json.dumps(
         {"trial_id": "t0", "step": 3, "params": best.params, "test": {"base": scores, "tuned": scores}}))
     study = optuna.create_study(study_name=config.name, storage=f"sqlite:///{sweep_dir / STUDY_FILE}")
-    for trial_id, lr, losses in (("t0", 1e-3, [2.6, 2.4]), ("t1", 1e-2, [3.1])):
+    for trial_id, _lr, losses in (("t0", 1e-3, [2.6, 2.4]), ("t1", 1e-2, [3.1])):
         trial = study.ask({"training.learning_rate": optuna.distributions.FloatDistribution(1e-5, 1e-1, log=True)})
         lines = []
         for k, loss in enumerate(losses):
@@ -256,7 +256,7 @@ def test_a_report_that_fails_part_way_leaves_the_earlier_report_as_it_was(sweep_
     def broken(final):
         raise KeyError("a figure that crashes after others were drawn")
 
-    monkeypatch.setattr("sweep.report.best_vs_base", broken)
+    monkeypatch.setattr("lora_sweep.report.best_vs_base", broken)
     result = CliRunner().invoke(app, ["report", str(sweep_folder)])
     assert result.exit_code != 0 and isinstance(result.exception, KeyError)
     assert {p: p.stat().st_mtime_ns for p in (sweep_folder / "report").iterdir()} == before

@@ -6,9 +6,9 @@ import pandas as pd
 import pytest
 import ray
 
-from sweep.config import load_config
-from sweep.driver import BUDGET_FILE, BudgetStopper, budget_spent
-from sweep.pipeline import run
+from lora_sweep.config import load_config
+from lora_sweep.driver import BUDGET_FILE, BudgetStopper, budget_spent
+from lora_sweep.pipeline import run
 
 
 def test_device_budget_counts_each_trials_time_times_its_devices(tmp_path):
@@ -23,7 +23,7 @@ def test_device_budget_counts_each_trials_time_times_its_devices(tmp_path):
 
 def test_wall_budget_counts_from_the_first_check(tmp_path, monkeypatch):
     now = [1000.0]
-    monkeypatch.setattr("sweep.driver.time.time", lambda: now[0])
+    monkeypatch.setattr("lora_sweep.driver.time.time", lambda: now[0])
     stopper = BudgetStopper(tmp_path, wall_hours=1.0, device_hours=None, devices_per_trial=1.0)
     assert not stopper.stop_all()
     now[0] += 3599

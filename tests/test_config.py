@@ -2,7 +2,7 @@ from pathlib import Path
 
 import pytest
 
-from sweep.config import ConfigError, load_config
+from lora_sweep.config import ConfigError, load_config
 
 DEMO = Path(__file__).resolve().parent.parent / "examples" / "demo.yaml"
 

@@ -12,9 +12,9 @@ import time
 import pandas as pd
 import pytest
 
-from sweep.config import ConfigError, SweepConfig, load_config
-from sweep.confirm import ConfirmRun, confirm_plan, with_seed_metrics
-from sweep.results import TrialRecord, promote, read_best, seed_spread, sweep_totals, write_leaderboard
+from lora_sweep.config import ConfigError, SweepConfig, load_config
+from lora_sweep.confirm import ConfirmRun, confirm_plan, with_seed_metrics
+from lora_sweep.results import TrialRecord, promote, read_best, seed_spread, sweep_totals, write_leaderboard
 
 QUIET = {"LORA_SWEEP_TUNE_VERBOSE": "0"}
 
@@ -101,7 +101,7 @@ def test_a_sweep_confirms_its_top_configurations_and_reports_mean_and_spread(raw
     raw_config["training"].update({"max_steps": 6, "eval_steps": 3})
     raw_config["search"].update({"num_trials": 3, "max_concurrent_trials": 2})
     raw_config["promotion"] = {"confirm": {"top": 2, "seeds": 1}}
-    done = subprocess.run([sys.executable, "-m", "sweep.cli", "run", str(write_config(raw_config))], cwd=tmp_path,
+    done = subprocess.run([sys.executable, "-m", "lora_sweep.cli", "run", str(write_config(raw_config))], cwd=tmp_path,
                           capture_output=True, text=True, timeout=600, env={**os.environ, **QUIET})
     assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]
     sweep_dir = tmp_path / "results" / "tiny"
@@ -138,7 +138,7 @@ def test_a_driver_killed_during_the_confirm_runs_resumes_them_from_their_checkpo
     sweep_dir = tmp_path / "results" / "tiny"
     confirm_dir = sweep_dir / "confirm"
     log = (tmp_path / "run.log").open("w")
-    driver = subprocess.Popen([sys.executable, "-m", "sweep.cli", "run", str(write_config(raw_config))], cwd=tmp_path,
+    driver = subprocess.Popen([sys.executable, "-m", "lora_sweep.cli", "run", str(write_config(raw_config))], cwd=tmp_path,
                               stdout=log, stderr=subprocess.STDOUT, env={**os.environ, **QUIET})
 
     def confirm_reports() -> dict[str, list[dict]]:
@@ -153,7 +153,7 @@ def test_a_driver_killed_during_the_confirm_runs_resumes_them_from_their_checkpo
     driver.send_signal(signal.SIGKILL)
     driver.wait(timeout=60)
     assert not (sweep_dir / "confirm.csv").exists()  # killed before the confirm step ended
-    done = subprocess.run([sys.executable, "-m", "sweep.cli", "resume", str(sweep_dir)], cwd=tmp_path,
+    done = subprocess.run([sys.executable, "-m", "lora_sweep.cli", "resume", str(sweep_dir)], cwd=tmp_path,
                           capture_output=True, text=True, timeout=600, env={**os.environ, **QUIET})
     assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]
     after = confirm_reports()

@@ -19,7 +19,7 @@ import optuna
 import pandas as pd
 import pytest
 
-from sweep.progress import read_status
+from lora_sweep.progress import read_status
 
 pytestmark = pytest.mark.integration
 NUM_TRIALS = 3
@@ -32,7 +32,7 @@ def start_sweep(config_path: Path, tmp_path: Path, stall_at: str | None = None) 
     if stall_at:
         env["LORA_SWEEP_STALL_AT"] = stall_at
     log = (tmp_path / "run.log").open("w")
-    return subprocess.Popen([sys.executable, "-m", "sweep.cli", "run", str(config_path)], env=env,
+    return subprocess.Popen([sys.executable, "-m", "lora_sweep.cli", "run", str(config_path)], env=env,
                             stdout=log, stderr=subprocess.STDOUT, cwd=tmp_path)
 
 
@@ -54,7 +54,7 @@ def kill(process: subprocess.Popen, sig: int = signal.SIGKILL) -> int:
 
 
 def resume(sweep_dir: Path, tmp_path: Path) -> subprocess.CompletedProcess:
-    return subprocess.run([sys.executable, "-m", "sweep.cli", "resume", str(sweep_dir)], cwd=tmp_path,
+    return subprocess.run([sys.executable, "-m", "lora_sweep.cli", "resume", str(sweep_dir)], cwd=tmp_path,
                           env={**os.environ, **QUIET}, capture_output=True, text=True, timeout=600)
 
 
@@ -73,7 +73,7 @@ def assert_never_started_over(steps: list[int], eval_steps: int) -> None:
     one evaluation interval. One interval can repeat: a kill can land after Tune logged a result but before
     it registered that result's checkpoint, and the trial then redoes the steps since the one before."""
     assert steps[-1] == max(steps)
-    for earlier, later in zip(steps, steps[1:]):
+    for earlier, later in zip(steps, steps[1:], strict=False):
         assert later > earlier - eval_steps, steps
 
 
@@ -140,7 +140,7 @@ def test_kill_between_trials(crash_config, tmp_path):
     process = start_sweep(crash_config, tmp_path, stall_at="between_trials")
     wait_for(lambda: (sweep_dir / ".stalled-at-between_trials").exists(), process)
     # `sweep status` from another process sees the running sweep ...
-    seen = subprocess.run([sys.executable, "-m", "sweep.cli", "status", str(sweep_dir), "--json"], cwd=tmp_path,
+    seen = subprocess.run([sys.executable, "-m", "lora_sweep.cli", "status", str(sweep_dir), "--json"], cwd=tmp_path,
                           capture_output=True, text=True, timeout=60)
     assert seen.returncode == 0, seen.stderr
     status = json.loads(seen.stdout)

@@ -5,8 +5,8 @@ import pytest
 import torch
 from transformers import DataCollatorForSeq2Seq
 
-from sweep.config import ConfigError, DataConfig
-from sweep.data import (
+from lora_sweep.config import ConfigError, DataConfig
+from lora_sweep.data import (
     IGNORE_INDEX,
     MODEL_COLUMNS,
     PaddingCollator,
@@ -19,8 +19,8 @@ from sweep.data import (
     tokenize_example,
     tokenize_splits,
 )
-from sweep.templates import Example, render_alpaca, render_default
-from sweep.tiny_model import build_byte_tokenizer
+from lora_sweep.templates import Example, render_alpaca, render_default
+from lora_sweep.tiny_model import build_byte_tokenizer
 
 from conftest import ASSETS
 

@@ -13,9 +13,9 @@ import pyarrow.fs as pafs
 import pytest
 import ray
 
-from sweep.config import load_config
-from sweep.pipeline import run
-from sweep.storage import tree_bytes
+from lora_sweep.config import load_config
+from lora_sweep.pipeline import run
+from lora_sweep.storage import tree_bytes
 
 pytestmark = pytest.mark.integration
 KEEP = 2

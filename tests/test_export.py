@@ -6,11 +6,11 @@ import pytest
 import torch
 from transformers import AutoModelForCausalLM
 
-from sweep import export
-from sweep.config import load_config
-from sweep.data import prepare_data
-from sweep.results import TrialRecord
-from trainables.lora_causal_lm import ListReporter, load_tokenizer, run_trial
+from lora_sweep import export
+from lora_sweep.config import load_config
+from lora_sweep.data import prepare_data
+from lora_sweep.results import TrialRecord
+from lora_sweep.trainables.lora_causal_lm import ListReporter, load_tokenizer, run_trial
 
 
 @pytest.fixture
@@ -82,8 +82,8 @@ def test_a_full_disk_ends_in_one_line_and_exit_1(monkeypatch, raw_config, write_
 
     from typer.testing import CliRunner
 
-    from sweep import pipeline
-    from sweep.cli import app
+    from lora_sweep import pipeline
+    from lora_sweep.cli import app
 
     def disk_full(*args, **kwargs):
         raise OSError(errno.ENOSPC, "No space left on device", "/results/tiny/export")

@@ -7,12 +7,12 @@ import pytest
 from transformers import AutoModelForCausalLM, AutoTokenizer
 from typer.testing import CliRunner
 
-from sweep.cli import app
-from sweep.config import config_to_yaml, load_config
-from sweep.data import tokenize_example
-from sweep.evaluate import greedy_completions
-from sweep.generate import ExportedModel
-from sweep.templates import Example, render_default
+from lora_sweep.cli import app
+from lora_sweep.config import config_to_yaml, load_config
+from lora_sweep.data import tokenize_example
+from lora_sweep.evaluate import greedy_completions
+from lora_sweep.generate import ExportedModel
+from lora_sweep.templates import Example, render_default
 
 
 @pytest.fixture

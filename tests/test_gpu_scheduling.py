@@ -12,9 +12,9 @@ import pandas as pd
 import pytest
 import ray
 
-from sweep.config import load_config
-from sweep.pipeline import run
-from sweep.report import trial_histories
+from lora_sweep.config import load_config
+from lora_sweep.pipeline import run
+from lora_sweep.report import trial_histories
 
 pytestmark = pytest.mark.integration
 

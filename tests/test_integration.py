@@ -13,9 +13,9 @@ from tensorboard.plugins.hparams import plugin_data_pb2
 from transformers import AutoModelForCausalLM
 from typer.testing import CliRunner
 
-from sweep.cli import app
-from sweep.config import load_config
-from sweep.pipeline import run
+from lora_sweep.cli import app
+from lora_sweep.config import load_config
+from lora_sweep.pipeline import run
 
 pytestmark = pytest.mark.integration
 
@@ -121,7 +121,7 @@ def test_two_trial_sweep_end_to_end(raw_config, write_config, ray_session, monke
 
     # A failed verification fails loudly and leaves the earlier, verified export in place.
     card_before = (export / "README.md").read_text()
-    monkeypatch.setattr("sweep.export.max_logit_difference", lambda *args: 1.0)
+    monkeypatch.setattr("lora_sweep.export.max_logit_difference", lambda *args: 1.0)
     result = CliRunner().invoke(app, ["export", str(sweep_dir)])
     assert result.exit_code == 1 and "differ by 1.000e+00" in result.output
     assert (export / "README.md").read_text() == card_before

@@ -9,8 +9,8 @@ import pytest
 import ray
 from ray._private.utils import get_ray_address_file, read_ray_address, write_ray_address
 
-from sweep.config import load_config
-from sweep.driver import start_ray
+from lora_sweep.config import load_config
+from lora_sweep.driver import start_ray
 
 pytestmark = pytest.mark.integration
 

@@ -3,10 +3,10 @@ import re
 import pytest
 from transformers import GPT2Config, GPT2LMHeadModel
 
-from sweep.config import ConfigError, LoraConfig
-from sweep.lora import linear_module_names, lora_settings, resolve_target_modules
-from trainables.lora_causal_lm import load_base_model
-from sweep.config import load_config
+from lora_sweep.config import ConfigError, LoraConfig
+from lora_sweep.lora import linear_module_names, lora_settings, resolve_target_modules
+from lora_sweep.trainables.lora_causal_lm import load_base_model
+from lora_sweep.config import load_config
 
 
 @pytest.fixture(scope="module")

@@ -8,8 +8,8 @@ import pytest
 import ray
 from ray.cluster_utils import Cluster
 
-from sweep.config import load_config
-from sweep.pipeline import run
+from lora_sweep.config import load_config
+from lora_sweep.pipeline import run
 from test_crash_resume import assert_never_started_over, trial_histories
 
 pytestmark = pytest.mark.integration

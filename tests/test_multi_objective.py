@@ -8,10 +8,10 @@ import pandas as pd
 import pytest
 import ray
 
-from sweep.config import load_config
-from sweep.pipeline import run
-from sweep.report import write_report
-from sweep.results import TrialRecord, pareto_front, promote
+from lora_sweep.config import load_config
+from lora_sweep.pipeline import run
+from lora_sweep.report import write_report
+from lora_sweep.results import TrialRecord, pareto_front, promote
 
 
 def config_with(raw_config, write_config, **search):

@@ -7,9 +7,9 @@ from accelerate import infer_auto_device_map
 from transformers import AutoModelForCausalLM, Trainer, TrainingArguments
 from typer.testing import CliRunner
 
-from sweep.cli import app
-from sweep.config import ConfigError, load_config
-from sweep.placement import check_placement, trial_loading_kwargs
+from lora_sweep.cli import app
+from lora_sweep.config import ConfigError, load_config
+from lora_sweep.placement import check_placement, trial_loading_kwargs
 
 
 def config_with(raw_config, write_config, **model):

@@ -7,10 +7,10 @@ import ray
 from ray.tune.schedulers import ASHAScheduler
 from typer.testing import CliRunner
 
-from sweep.cli import app
-from sweep.safety import mark_sweep_folder
-from sweep.config import load_config
-from sweep.plan import asha_rungs, expected_steps
+from lora_sweep.cli import app
+from lora_sweep.safety import mark_sweep_folder
+from lora_sweep.config import load_config
+from lora_sweep.plan import asha_rungs, expected_steps
 
 
 def test_plan_prints_space_trials_steps_disk_and_resources(raw_config, write_config, tmp_path, peft_trainable_parameters):

@@ -12,8 +12,8 @@ import pytest
 from rich.console import Console
 from typer.testing import CliRunner
 
-from sweep.cli import app
-from sweep.progress import STATUS_FILE, ProgressCallback, mark_state, read_status, render
+from lora_sweep.cli import app
+from lora_sweep.progress import STATUS_FILE, ProgressCallback, mark_state, read_status, render
 
 REPO = Path(__file__).resolve().parent.parent
 
@@ -124,7 +124,7 @@ def test_live_progress_sends_other_output_to_the_log(tmp_path):
     script = textwrap.dedent(f"""
         import os, subprocess, sys
         from pathlib import Path
-        from sweep.progress import ProgressCallback, live_progress
+        from lora_sweep.progress import ProgressCallback, live_progress
         from types import SimpleNamespace
         sweep_dir = Path({str(tmp_path)!r})
         with live_progress(sweep_dir, refresh_seconds=0.05):
@@ -175,7 +175,7 @@ def test_live_progress_gives_the_terminal_back_after_an_error(tmp_path):
     script = textwrap.dedent(f"""
         import os, sys
         from pathlib import Path
-        from sweep.progress import live_progress
+        from lora_sweep.progress import live_progress
         try:
             with live_progress(Path({str(tmp_path)!r}), refresh_seconds=0.05):
                 raise KeyboardInterrupt
@@ -192,8 +192,8 @@ def test_live_progress_gives_the_terminal_back_after_an_error(tmp_path):
 
 
 def test_ctrl_c_during_a_sweep_is_recorded_as_stopped(tmp_path, monkeypatch, raw_config, write_config):
-    from sweep import pipeline
-    from sweep.config import load_config
+    from lora_sweep import pipeline
+    from lora_sweep.config import load_config
 
     callback = ProgressCallback(tmp_path, "demo", "eval_loss", "min", 2, 1, 10)
     callback.setup()

@@ -17,10 +17,10 @@ import optuna
 import pandas as pd
 import pytest
 
-from sweep.config import SweepConfig
-from sweep.data import prepare_data
-from sweep.report import trial_histories
-from trainables.lora_causal_lm import ListReporter, load_tokenizer, run_trial
+from lora_sweep.config import SweepConfig
+from lora_sweep.data import prepare_data
+from lora_sweep.report import trial_histories
+from lora_sweep.trainables.lora_causal_lm import ListReporter, load_tokenizer, run_trial
 
 pytestmark = pytest.mark.integration
 QUIET = {"LORA_SWEEP_TUNE_VERBOSE": "0"}
@@ -42,7 +42,7 @@ def short_sweep(raw_config: dict, write_config, trials: int, at_once: int, sched
 
 def sweep_to_its_end(config_path: Path, tmp_path: Path) -> Path:
     """`sweep run` to its end; the sweep folder."""
-    done = subprocess.run([sys.executable, "-m", "sweep.cli", "run", str(config_path)], cwd=tmp_path,
+    done = subprocess.run([sys.executable, "-m", "lora_sweep.cli", "run", str(config_path)], cwd=tmp_path,
                           capture_output=True, text=True, timeout=600, env={**os.environ, **QUIET})
     assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]
     return tmp_path / "results" / "tiny"
@@ -70,7 +70,7 @@ def test_paused_trials_resume_exactly_and_the_sweep_ends(raw_config, write_confi
         reporter = ListReporter()
         run_trial(params, config.model_dump(mode="json"), str(prepared.path), reporter)
         assert [r["step"] for r in reporter.reports] == [3, 6, 9, 12]
-        for swept, alone in zip(rows, reporter.reports):
+        for swept, alone in zip(rows, reporter.reports, strict=True):
             assert swept["eval_loss"] == pytest.approx(alone["eval_loss"], abs=1e-5), (swept["step"], params)
         resumed_somewhere |= any(row["iterations_since_restore"] < row["training_iteration"] for row in rows)
     assert resumed_somewhere, "no promoted trial was ever paused and resumed"
@@ -97,7 +97,7 @@ def test_the_replay_takes_the_decisions_a_real_sweep_took(raw_config, write_conf
     real = [(rows[0]["config"], rows[-1]["step"]) for rows in ordered]
     assert any(step < 12 for _, step in real), "ASHA stopped no trial: the test shows nothing"
     config = SweepConfig.model_validate(raw_config)
-    from sweep.search_space import build_search_space
+    from lora_sweep.search_space import build_search_space
 
     replayed = replay.follow(config, build_search_space(config),
                              [[(row["step"], row["eval_loss"]) for row in rows] for rows in ordered])

@@ -10,9 +10,9 @@ import pandas as pd
 import pytest
 from typer.testing import CliRunner
 
-from sweep.cli import app
-from sweep.config import config_to_yaml, load_config
-from sweep.driver import study_storage
+from lora_sweep.cli import app
+from lora_sweep.config import config_to_yaml, load_config
+from lora_sweep.driver import study_storage
 
 FIGURES = {"optimization_history.png", "param_importances.png", "parallel_coordinates.png", "learning_curves.png",
            "best_vs_base.png"}

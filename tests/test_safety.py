@@ -15,10 +15,10 @@ import pytest
 from typer.testing import CliRunner
 
 from conftest import assert_refused, listing
-from sweep.cli import app
-from sweep.config import ConfigError, load_config
-from sweep.pipeline import check_sweep_dir_free, prepare_sweep_dir
-from sweep.safety import (LOCK_FILE, MARKER_FILE, check_state_files_are_ours, driver_lock, is_sweep_folder,
+from lora_sweep.cli import app
+from lora_sweep.config import ConfigError, load_config
+from lora_sweep.pipeline import check_sweep_dir_free, prepare_sweep_dir
+from lora_sweep.safety import (LOCK_FILE, MARKER_FILE, check_state_files_are_ours, driver_lock, is_sweep_folder,
                           lock_holder)
 
 
@@ -82,7 +82,7 @@ def test_credentials_are_never_printed_or_saved(raw_config, write_config, tmp_pa
 
 HOLD_LOCK = """
 import sys, time
-from sweep.safety import driver_lock
+from lora_sweep.safety import driver_lock
 with driver_lock(sys.argv[1], "a test driver"):
     print("locked", flush=True)
     time.sleep(120)
@@ -146,7 +146,7 @@ def test_free_disk_is_compared_with_the_plan_before_anything_is_written(raw_conf
                                                                         monkeypatch):
     import shutil as real_shutil
 
-    from sweep import disk
+    from lora_sweep import disk
 
     config_path = write_config(raw_config)
     plan = json.loads(CliRunner().invoke(app, ["plan", str(config_path), "--json"]).output)
@@ -216,7 +216,7 @@ def test_resume_refuses_a_corrupt_study_before_ray_starts(raw_config, write_conf
 def test_tunes_ctrl_c_handler_is_not_left_behind_and_ray_inits_sigterm_exit_becomes_a_stop():
     import signal
 
-    from sweep import signals
+    from lora_sweep import signals
 
     def tunes_handler(signum, frame):  # what Tune installs during fit() and leaves after a normal end
         pass
@@ -240,7 +240,7 @@ def test_tunes_ctrl_c_handler_is_not_left_behind_and_ray_inits_sigterm_exit_beco
 
 
 def test_a_tune_snapshot_left_empty_by_a_kill_is_recovered_from_rays_staging_copy_or_the_resume_refused(tmp_path):
-    from sweep.safety import recover_truncated_tune_snapshot
+    from lora_sweep.safety import recover_truncated_tune_snapshot
 
     tune_dir = tmp_path / "sweep" / "tune"
     tune_dir.mkdir(parents=True)

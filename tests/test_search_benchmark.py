@@ -11,9 +11,9 @@ import optuna.distributions as od
 import pytest
 from ray.tune.schedulers import AsyncHyperBandScheduler, TrialScheduler
 
-from sweep.config import SweepConfig
-from sweep.driver import make_scheduler, make_search
-from sweep.schedulers import PromotionASHA
+from lora_sweep.config import SweepConfig
+from lora_sweep.driver import make_scheduler, make_search
+from lora_sweep.schedulers import PromotionASHA
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent / "benchmarks"))
 import curves  # noqa: E402
@@ -186,7 +186,10 @@ def test_promotion_asha_pauses_at_a_rung_until_a_trial_is_in_its_top_third():
     assert isinstance(scheduler, PromotionASHA) and scheduler.milestones == [10, 30, 90]
     trials = [FakeTrial(name) for name in "abc"]
     controller = FakeController(trials)
-    decide = lambda trial, step, loss: scheduler.on_trial_result(controller, trial, {"step": step, "eval_loss": loss})
+
+    def decide(trial, step, loss):
+        return scheduler.on_trial_result(controller, trial, {"step": step, "eval_loss": loss})
+
     # the first trials have nothing to be compared with: they wait at the first rung
     assert decide(trials[0], 10, 2.0) == TrialScheduler.PAUSE
     trials[0].status = "PAUSED"

@@ -1,8 +1,8 @@
 import optuna.distributions as od
 import pytest
 
-from sweep.config import ConfigError, load_config
-from sweep.search_space import apply_params, build_search_space, shipped_spaces
+from lora_sweep.config import ConfigError, load_config
+from lora_sweep.search_space import apply_params, build_search_space, shipped_spaces
 
 
 def space_of(raw_config, write_config, parameters, space=None):
@@ -77,7 +77,7 @@ def test_apply_params_writes_sampled_values_over_the_fixed_config(raw_config, wr
 
 
 def test_tpe_startup_trials_reach_the_sampler(raw_config, write_config, tmp_path):
-    from sweep.driver import make_search
+    from lora_sweep.driver import make_search
 
     raw_config["search"] = {"space": "lr_only", "num_trials": 12}
     config = load_config(write_config(raw_config))
@@ -109,7 +109,7 @@ def test_a_suggestion_asked_after_the_last_snapshot_is_handed_out_again_on_resto
     # on resume Tune knows A and B only and asks for a new trial. It must get C's study trial, not a new one.
     import optuna
 
-    from sweep.driver import make_search
+    from lora_sweep.driver import make_search
 
     raw_config["search"] = {"space": "lr_only", "num_trials": 3}
     config = load_config(write_config(raw_config))

@@ -12,9 +12,9 @@ import pytest
 import ray
 from typer.testing import CliRunner
 
-from sweep.cli import app
-from sweep.config import ConfigError, load_config
-from sweep.storage import check_storage, local_prepared_data, mirror_to_storage, open_storage
+from lora_sweep.cli import app
+from lora_sweep.config import ConfigError, load_config
+from lora_sweep.storage import check_storage, local_prepared_data, mirror_to_storage, open_storage
 
 
 @pytest.fixture
@@ -91,8 +91,8 @@ def test_mirror_copies_the_driver_files_and_replaces_folders(raw_config, write_c
 
 
 def test_a_node_without_the_data_fetches_it_from_storage_once(raw_config, write_config, s3, tmp_path, monkeypatch):
-    from sweep.data import prepare_data
-    from trainables.lora_causal_lm import load_tokenizer
+    from lora_sweep.data import prepare_data
+    from lora_sweep.trainables.lora_causal_lm import load_tokenizer
 
     raw_config["storage"] = uri(s3)
     config = load_config(write_config(raw_config))
@@ -112,8 +112,8 @@ def test_a_node_without_the_data_fetches_it_from_storage_once(raw_config, write_
 
 @pytest.mark.integration
 def test_a_sweep_with_s3_storage_keeps_checkpoints_there_and_mirrors_its_folder(raw_config, write_config, s3):
-    from sweep.pipeline import run
-    from sweep.report import write_report
+    from lora_sweep.pipeline import run
+    from lora_sweep.report import write_report
 
     raw_config["storage"] = uri(s3)
     raw_config["search"].update(num_trials=3)
@@ -142,7 +142,7 @@ def test_a_sweep_with_s3_storage_keeps_checkpoints_there_and_mirrors_its_folder(
     assert "Learning curves" in {f.title for f in report.figures}
 
     # `sweep resume` restores Tune's experiment from storage: nothing left to run, promotion and export again.
-    from sweep.pipeline import resume
+    from lora_sweep.pipeline import resume
 
     try:
         again = resume(outcome.sweep_dir)
@@ -154,7 +154,7 @@ def test_a_sweep_with_s3_storage_keeps_checkpoints_there_and_mirrors_its_folder(
 def test_a_new_sweep_refuses_a_name_storage_already_holds(raw_config, write_config, s3, tmp_path):
     import shutil
 
-    from sweep.pipeline import prepare_sweep_dir
+    from lora_sweep.pipeline import prepare_sweep_dir
 
     raw_config["storage"] = uri(s3)
     config = load_config(write_config(raw_config))
@@ -186,7 +186,7 @@ def test_a_new_sweep_refuses_a_name_storage_already_holds(raw_config, write_conf
     # The folder that made it may replace it.
     config = config.model_copy(update={"output_dir": str(tmp_path / "second")})
     (config.sweep_dir).mkdir(parents=True)
-    from sweep.safety import MARKER_FILE
+    from lora_sweep.safety import MARKER_FILE
     with storage.filesystem.open_input_stream(storage.path(MARKER_FILE)) as handle:
         (config.sweep_dir / MARKER_FILE).write_bytes(handle.read())
     prepare_sweep_dir(config, overwrite=True)

@@ -4,9 +4,9 @@ import torch
 
 import pytest
 
-from sweep.config import load_config
-from sweep.data import prepare_data
-from trainables.lora_causal_lm import ListReporter, load_tokenizer, run_trial
+from lora_sweep.config import load_config
+from lora_sweep.data import prepare_data
+from lora_sweep.trainables.lora_causal_lm import ListReporter, load_tokenizer, run_trial
 
 
 @pytest.fixture
@@ -73,7 +73,7 @@ def test_a_restarted_trial_resumes_from_its_checkpoint_and_matches_an_uninterrup
 
 
 def test_the_base_model_is_reused_between_trials_and_comes_back_untouched(prepared):
-    from trainables import lora_causal_lm as trainable
+    from lora_sweep.trainables import lora_causal_lm as trainable
 
     config, data_path = prepared
     trainable._BASE_MODELS.clear()
@@ -92,7 +92,7 @@ def test_the_base_model_is_reused_between_trials_and_comes_back_untouched(prepar
     {"lora.init": "pissa"}, {"lora.init": "olora"}, {"lora.init": "pissa", "lora.target_modules": ["q_proj", "down_proj"]},
 ])
 def test_lora_variants_train_and_leave_the_kept_base_model_untouched(prepared, variant):
-    from trainables import lora_causal_lm as trainable
+    from lora_sweep.trainables import lora_causal_lm as trainable
 
     config, data_path = prepared
     trainable._BASE_MODELS.clear()
@@ -108,9 +108,9 @@ def test_lora_variants_train_and_leave_the_kept_base_model_untouched(prepared, v
 def test_variants_reach_peft_and_loraplus_gives_b_its_own_learning_rate(prepared):
     import peft
 
-    from sweep.lora import lora_settings
-    from sweep.search_space import apply_params
-    from trainables.lora_causal_lm import load_base_model, loraplus_optimizer
+    from lora_sweep.lora import lora_settings
+    from lora_sweep.search_space import apply_params
+    from lora_sweep.trainables.lora_causal_lm import load_base_model, loraplus_optimizer
 
     config, _ = prepared
     config = apply_params(config, {"lora.use_dora": True, "lora.use_rslora": True, "lora.init": "gaussian",
@@ -131,7 +131,7 @@ def test_variants_reach_peft_and_loraplus_gives_b_its_own_learning_rate(prepared
 
 @pytest.mark.parametrize("init", ["pissa", "olora"])
 def test_pissa_and_olora_train_on_rewritten_base_weights_that_are_put_back(prepared, init):
-    from trainables import lora_causal_lm as trainable
+    from lora_sweep.trainables import lora_causal_lm as trainable
 
     config, data_path = prepared
     trainable._BASE_MODELS.clear()

@@ -6,8 +6,8 @@ import pandas as pd
 import pytest
 import ray
 
-from sweep.config import load_config
-from sweep.pipeline import run
+from lora_sweep.config import load_config
+from lora_sweep.pipeline import run
 
 pytestmark = pytest.mark.integration
 

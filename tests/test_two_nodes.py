@@ -6,9 +6,9 @@ import ray
 from ray.cluster_utils import Cluster
 from typer.testing import CliRunner
 
-from sweep.cli import app
-from sweep.config import load_config
-from sweep.report import trial_histories
+from lora_sweep.cli import app
+from lora_sweep.config import load_config
+from lora_sweep.report import trial_histories
 
 pytestmark = pytest.mark.integration
 

@@ -5,11 +5,11 @@ import pytest
 import ray
 import yaml
 
-from sweep.config import CONFIG_FILE, ConfigError, config_to_yaml, load_config
-from sweep.pipeline import run
-from sweep.results import TrialRecord, write_leaderboard
-from sweep.search_space import build_search_space
-from sweep.warm_start import warm_start_points
+from lora_sweep.config import CONFIG_FILE, ConfigError, config_to_yaml, load_config
+from lora_sweep.pipeline import run
+from lora_sweep.results import TrialRecord, write_leaderboard
+from lora_sweep.search_space import build_search_space
+from lora_sweep.warm_start import warm_start_points
 
 
 def record(trial_id: str, status: str, metric, **params) -> TrialRecord:
@@ -111,7 +111,7 @@ def test_seeded_sweep_runs_the_earlier_best_first(raw_config, write_config, earl
 def test_plan_lists_what_runs_first_and_what_was_skipped(raw_config, write_config, earlier_sweep):
     from typer.testing import CliRunner
 
-    from sweep.cli import app
+    from lora_sweep.cli import app
 
     new_sweep(raw_config, write_config, earlier_sweep)
     result = CliRunner().invoke(app, ["plan", str(write_config(raw_config))])
@@ -123,7 +123,7 @@ def test_plan_lists_what_runs_first_and_what_was_skipped(raw_config, write_confi
 
 def test_values_match_the_spaces_own_choices(raw_config, write_config, earlier_sweep):
     """The shipped default space lists alpha multiples as [0.5, 1, 2, 4]; the config holds 2.0: a match."""
-    from sweep.warm_start import OUTSIDE, in_space
+    from lora_sweep.warm_start import OUTSIDE, in_space
 
     choices = optuna.distributions.CategoricalDistribution([0.5, 1, 2, 4])
     assert in_space(choices, 2.0) == 2 and type(in_space(choices, 2.0)) is int
@@ -136,7 +136,7 @@ def test_values_match_the_spaces_own_choices(raw_config, write_config, earlier_s
 
 
 def test_the_exported_best_config_runs_without_the_warm_start(raw_config, write_config, earlier_sweep):
-    from sweep.export import best_trial_config
+    from lora_sweep.export import best_trial_config
 
     config, _ = new_sweep(raw_config, write_config, earlier_sweep, top=3)
     best = record("t", "completed", 1.0, **{"training.learning_rate": 1e-3, "lora.rank": 4})

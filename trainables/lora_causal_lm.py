@@ -33,13 +33,13 @@ from transformers import (
     set_seed,
 )
 
-from sweep import faults
-from sweep.config import REWRITES_BASE_WEIGHTS, ConfigError, SweepConfig, shown_path
-from sweep.data import MODEL_COLUMNS, PaddingCollator, load_prepared
-from sweep.lora import lora_settings, targeted_module_names
-from sweep.placement import cuda_devices_for_trial, loading_kwargs, trial_loading_kwargs
-from sweep.storage import local_prepared_data
-from sweep.search_space import apply_params
+from lora_sweep import faults
+from lora_sweep.config import REWRITES_BASE_WEIGHTS, ConfigError, SweepConfig, shown_path
+from lora_sweep.data import MODEL_COLUMNS, PaddingCollator, load_prepared
+from lora_sweep.lora import lora_settings, targeted_module_names
+from lora_sweep.placement import cuda_devices_for_trial, loading_kwargs, trial_loading_kwargs
+from lora_sweep.storage import local_prepared_data
+from lora_sweep.search_space import apply_params
 
 class Reporter(Protocol):
     def report(self, metrics: dict[str, Any], checkpoint_dir: Optional[Path]) -> None: ...

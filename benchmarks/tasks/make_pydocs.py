@@ -24,8 +24,7 @@ from pathlib import Path
 
 from transformers import GPTNeoXConfig, GPTNeoXForCausalLM
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[2]))
-from sweep.tiny_model import build_byte_tokenizer, pretrain, save_initialised_model  # noqa: E402
+from lora_sweep.tiny_model import build_byte_tokenizer, pretrain, save_initialised_model
 
 HERE = Path(__file__).resolve().parent / "pydocs"
 MODULES = [

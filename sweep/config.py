@@ -19,6 +19,8 @@ import yaml
 from pydantic import (AfterValidator, BaseModel, BeforeValidator, ConfigDict, Field, Strict, StrictBool,
                       ValidationError, field_validator, model_validator)
 
+from lora_sweep.direction import Direction
+
 # Metrics the trainable reports at every evaluation; the sweep can optimise any of them.
 REPORTED_METRICS = ("eval_loss", "eval_perplexity", "train_loss")
 # Costs the trainable also reports, which a sweep can minimise beside its metric (multi-objective search).
@@ -371,6 +373,11 @@ class SweepConfig(_Strict):
         """(metric, mode) of what the sampler optimises: the metric, then the cost when one is minimised too."""
         cost = [(self.search.also_minimize, "min")] if self.search.also_minimize else []
         return [(self.search.metric, self.search.mode), *cost]
+
+    @property
+    def direction(self) -> Direction:
+        """`search.mode` as the type every comparison goes through."""
+        return Direction(self.search.mode)
 
     @property
     def grace_steps(self) -> int:

@@ -85,6 +85,5 @@ def confirm_summary(records: list[TrialRecord], config: SweepConfig) -> list[dic
         if spread is not None:
             summary.append({"trial_id": r.trial_id, "seed_metrics": r.seed_metrics, "mean": spread[0],
                             "std": spread[1], "seeds": spread[2]})
-    sign = 1.0 if config.search.mode == "min" else -1.0
-    return sorted(summary, key=lambda item: sign * item["mean"])
+    return config.direction.best_first(summary, key=lambda item: item["mean"])
 

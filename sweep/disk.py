@@ -89,7 +89,7 @@ def prune_checkpoints(records: list[TrialRecord], best: TrialRecord, config: Swe
     Checkpoints are where Tune stored them: the local sweep folder, or the sweep's storage.
     """
     everything = [(c["metric"], c["path"]) for r in records for c in r.checkpoints]
-    everything.sort(key=lambda item: item[0], reverse=config.search.mode == "max")
+    everything = config.direction.best_first(everything, key=lambda item: item[0])
     keep = {path for _, path in everything[: config.checkpoints.keep]} | {best.best_checkpoint}
     storage = open_storage(config)
     experiments = (TUNE_DIR_NAME, CONFIRM_DIR_NAME)

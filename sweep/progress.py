@@ -26,6 +26,7 @@ from rich.console import Console
 from rich.live import Live
 from rich.text import Text
 
+from lora_sweep.direction import Direction
 from lora_sweep.results import (ended_status, parse_shape, read_json, require_sweep_folder, sweep_folder,
                            write_atomically)
 
@@ -76,8 +77,7 @@ class SweepStatus:
         scored = [t for t in self.trials if t.best_metric is not None]
         if not scored:
             return None
-        pick = min if self.mode == "min" else max
-        return pick(scored, key=lambda t: t.best_metric)
+        return Direction(self.mode).best(scored, key=lambda t: t.best_metric)
 
     @property
     def elapsed_seconds(self) -> float:
@@ -200,9 +200,8 @@ def render(status: SweepStatus, max_rows: int = 12, width: int = 120) -> Text:
     Plain fixed-width text rather than a table widget: a table squeezes or drops columns on a
     narrow terminal, and here only the params may give way.
     """
-    reverse = status.mode == "max"
-    ended = sorted((t for t in status.trials if t.status != "running" and t.best_metric is not None),
-                   key=lambda t: t.best_metric, reverse=reverse)
+    ended = Direction(status.mode).best_first(
+        (t for t in status.trials if t.status != "running" and t.best_metric is not None), key=lambda t: t.best_metric)
     shown = [t for t in status.trials if t.status == "running"] + ended
     listed = {t.trial_id for t in shown}
     shown += [t for t in status.trials if t.trial_id not in listed]

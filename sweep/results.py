@@ -81,7 +81,7 @@ def _usable(value: Any) -> bool:
 
 def trial_record(result: Any, config: SweepConfig) -> TrialRecord:
     """One Ray Tune `Result` -> a TrialRecord (best over every reported evaluation)."""
-    metric, mode = config.search.metric, config.search.mode
+    metric = config.search.metric
     history: pd.DataFrame = result.metrics_dataframe if result.metrics_dataframe is not None else pd.DataFrame()
     last = result.metrics or {}
     trial_id = str(last.get("trial_id") or Path(result.path).name)
@@ -100,7 +100,7 @@ def trial_record(result: Any, config: SweepConfig) -> TrialRecord:
     if "diverged" in usable:
         usable = usable[~usable["diverged"].astype(bool)]
     if len(usable):
-        best_row = usable.loc[usable[metric].idxmin() if mode == "min" else usable[metric].idxmax()]
+        best_row = usable.loc[usable[metric].idxmin() if config.direction.ascending else usable[metric].idxmax()]
         record.best_metric = float(best_row[metric])
         record.best_step = int(best_row["step"])
         record.best_metrics = {
@@ -201,7 +201,7 @@ def write_leaderboard(records: list[TrialRecord], sweep_dir: Path, config: Sweep
         frame["seeds"] = frame["seeds"].astype("Int64")
     if len(frame):
         frame = frame.sort_values(
-            by=f"best_{config.search.metric}", ascending=config.search.mode == "min", na_position="last", kind="stable"
+            by=f"best_{config.search.metric}", ascending=config.direction.ascending, na_position="last", kind="stable"
         )
     path = sweep_dir / LEADERBOARD_FILE
     write_atomically(path, frame.to_csv(index=False))
@@ -220,7 +220,7 @@ def cost(record: TrialRecord, config: SweepConfig) -> float:
 
 def _oriented(record: TrialRecord, config: SweepConfig) -> float:
     """The trial's best metric, turned so that lower is better."""
-    return record.best_metric if config.search.mode == "min" else -record.best_metric
+    return config.direction.sign * record.best_metric
 
 
 def pareto_front(records: list[TrialRecord], config: SweepConfig) -> list[TrialRecord]:
@@ -248,8 +248,7 @@ def promote(records: list[TrialRecord], config: SweepConfig) -> TrialRecord:
         raise NoUsableTrialError(f"no trial reported a finite `{config.search.metric}` with a checkpoint ({reasons})")
     confirmed = [r for r in candidates if r.seed_metrics]
     if confirmed:  # promotion.confirm: the best mean over seeds; a tie goes to the better single run
-        sign = 1.0 if config.search.mode == "min" else -1.0
-        return min(confirmed, key=lambda r: (sign * seed_spread(r)[0], _oriented(r, config)))
+        return min(confirmed, key=lambda r: (config.direction.sign * seed_spread(r)[0], _oriented(r, config)))
     best = candidates[0]
     if not config.search.also_minimize:
         return best

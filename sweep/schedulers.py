@@ -21,6 +21,8 @@ from ray.tune.experiment import Trial
 from ray.tune.schedulers import FIFOScheduler, TrialScheduler
 from ray.tune.search import ConcurrencyLimiter
 
+from lora_sweep.direction import Direction
+
 
 class PromotionASHA(FIFOScheduler):
     """Ray Tune scheduler: pause at every rung, promote the top 1/`reduction_factor` of each rung.
@@ -58,7 +60,7 @@ class PromotionASHA(FIFOScheduler):
     def _score(self, value: float) -> float:
         if value is None or (isinstance(value, float) and math.isnan(value)):
             return -math.inf
-        return -float(value) if self._mode == "min" else float(value)
+        return -Direction(self._mode).sign * float(value)
 
     def _top(self, rung: int) -> list[str]:
         """The trials of `rung` that may go on: its best floor(n / reduction_factor)."""

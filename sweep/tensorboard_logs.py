@@ -14,6 +14,7 @@ from ray.tune import Callback
 from torch.utils.tensorboard import SummaryWriter
 from torch.utils.tensorboard.summary import hparams
 
+from lora_sweep.direction import Direction
 from lora_sweep.results import ended_status
 
 SCALARS = ("eval_loss", "eval_perplexity", "train_loss", "learning_rate", "tokens_per_second", "eval_ms_per_example")
@@ -51,8 +52,7 @@ class TensorBoardCallback(Callback):
         value = result.get(self.metric)
         if isinstance(value, (int, float)) and math.isfinite(value) and not result.get("diverged"):
             best = self._best.get(trial.trial_id)
-            better = best is None or (value < best if self.mode == "min" else value > best)
-            if better:
+            if Direction(self.mode).is_better(float(value), best):
                 self._best[trial.trial_id] = float(value)
         self._steps[trial.trial_id] = step
         if isinstance(result.get("adapter_params"), (int, float)):  # the same at every step: a cost beside the metric

@@ -96,7 +96,7 @@ def warm_start_points(config: SweepConfig, space: dict[str, od.BaseDistribution]
     board = pd.read_csv(folder / LEADERBOARD_FILE)
     metric = f"best_{earlier.search.metric}"
     usable = board[(board["status"] != "errored") & board[metric].notna()] if metric in board else board.iloc[0:0]
-    usable = usable.sort_values(metric, ascending=earlier.search.mode == "min", kind="stable")
+    usable = usable.sort_values(metric, ascending=earlier.direction.ascending, kind="stable")
     result = WarmStart()
     for _, row in usable.iterrows():
         if len(result.points) == warm.top:

@@ -36,6 +36,7 @@ from transformers import (
 from lora_sweep import faults
 from lora_sweep.config import REWRITES_BASE_WEIGHTS, ConfigError, SweepConfig, shown_path
 from lora_sweep.data import MODEL_COLUMNS, PaddingCollator, load_prepared
+from lora_sweep.direction import Direction
 from lora_sweep.lora import lora_settings, targeted_module_names
 from lora_sweep.placement import cuda_devices_for_trial, loading_kwargs, trial_loading_kwargs
 from lora_sweep.storage import local_prepared_data
@@ -123,8 +124,7 @@ class _EvaluationReporter(TrainerCallback):
         self.trial_started = trial_started
         self.startup_seconds: Optional[float] = None
         self.metric = metric
-        self.worst = math.inf if mode == "min" else -math.inf
-        self.better = min if mode == "min" else max
+        self.direction = Direction(mode)
         self.last_train_loss: Optional[float] = None
         self.last_learning_rate: Optional[float] = None
         self.train_seconds = 0.0
@@ -187,12 +187,13 @@ class _EvaluationReporter(TrainerCallback):
         if self.diverged_reason is not None:
             # Schedulers and samplers compare numbers: a diverged trial reports the worst one,
             # and no checkpoint of a diverged model is kept.
-            report[self.metric] = self.worst
+            report[self.metric] = self.direction.worst
             report["diverged_reason"] = self.diverged_reason
             control.should_save = False
             self.reporter.report(report, None)
             return
-        self.best = report[self.metric] if self.best is None else self.better(self.best, report[self.metric])
+        if self.direction.is_better(report[self.metric], self.best):
+            self.best = report[self.metric]
         self.pending = report
         control.should_save = True
 

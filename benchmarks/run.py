@@ -109,7 +109,7 @@ import json, sys, tempfile, torch
 from pathlib import Path
 from lora_sweep.config import load_config
 from lora_sweep.data import prepare_data
-from lora_sweep.tiny_model import build_tiny_llama
+from lora_sweep.testing.tiny_model import build_tiny_llama
 from lora_sweep.trainables import lora_causal_lm as trainable
 from lora_sweep.trainables.lora_causal_lm import ListReporter, load_tokenizer, run_trial
 model_dir = Path(sys.argv[2])

@@ -18,7 +18,7 @@ import random
 from pathlib import Path
 
 from lora_sweep.templates import Example, render_default
-from lora_sweep.tiny_model import build_tiny_llama, pretrain
+from lora_sweep.testing.tiny_model import build_tiny_llama, pretrain
 
 ROOT = Path(__file__).resolve().parent.parent
 SYSTEMS = ["", "You are a careful assistant that answers with the word only."]

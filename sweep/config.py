@@ -20,11 +20,8 @@ from pydantic import (AfterValidator, BaseModel, BeforeValidator, ConfigDict, Fi
                       ValidationError, field_validator, model_validator)
 
 from lora_sweep.direction import Direction
+from lora_sweep.trial_report import EVAL_LOSS, OBJECTIVE_METRICS
 
-# Metrics the trainable reports at every evaluation; the sweep can optimise any of them.
-REPORTED_METRICS = ("eval_loss", "eval_perplexity", "train_loss")
-# Costs the trainable also reports, which a sweep can minimise beside its metric (multi-objective search).
-COST_METRICS = ("adapter_params", "eval_ms_per_example")
 TARGET_MODULE_PRESETS = ("attention", "mlp", "all-linear")
 # LoRA inits that start the adapter from a decomposition of the adapted weights and take that part out
 # of them (W_res = W - B0 A0): they rewrite the base model's weights.
@@ -233,7 +230,7 @@ class SearchConfig(_Strict):
     parameters: dict[str, dict[str, Any]] = Field(default_factory=dict, description="Inline entries; override `space`.")
     num_trials: Int = Field(8, ge=1, le=1_000_000)
     max_concurrent_trials: Optional[Int] = Field(None, ge=1)
-    metric: str = "eval_loss"
+    metric: str = EVAL_LOSS
     mode: Literal["min", "max"] = "min"
     sampler: Literal["tpe", "random"] = "tpe"
     startup_trials: Int = Field(
@@ -258,8 +255,8 @@ class SearchConfig(_Strict):
     @field_validator("metric")
     @classmethod
     def _reported(cls, value: str) -> str:
-        if value not in REPORTED_METRICS:
-            raise ValueError(f"must be one the trainable reports ({', '.join(REPORTED_METRICS)}), but got {value!r}")
+        if value not in OBJECTIVE_METRICS:
+            raise ValueError(f"must be one the trainable reports ({', '.join(OBJECTIVE_METRICS)}), but got {value!r}")
         return value
 
 

@@ -26,7 +26,6 @@ from ray.tune import Callback
 from ray.tune.schedulers import ASHAScheduler, FIFOScheduler
 from ray.tune.search.optuna import OptunaSearch
 
-from lora_sweep import faults
 from lora_sweep.schedulers import KeepResultsAcrossPauses, PausingConcurrencyLimiter, PromotionASHA
 from lora_sweep.safety import check_state_files_are_ours, recover_truncated_tune_snapshot
 from lora_sweep.signals import SweepInterrupted, ctrl_c_handler_kept, sigterm_stops_like_ctrl_c
@@ -35,6 +34,8 @@ from lora_sweep.progress import ProgressCallback
 from lora_sweep.results import read_json
 from lora_sweep.storage import CONFIRM_DIR_NAME, TUNE_DIR_NAME, open_storage
 from lora_sweep.tensorboard_logs import TensorBoardCallback
+from lora_sweep.testing import faults
+from lora_sweep.trial_report import DIVERGED, STEP
 from lora_sweep.trainables.lora_causal_lm import confirm_trainable, tune_trainable
 
 STUDY_FILE = "optuna_study.db"
@@ -214,8 +215,8 @@ class ResumableOptunaSearch(OptunaSearch):
 
     def _stopped_early(self, result: dict | None) -> bool:
         limit = getattr(self, "stopped_as_pruned_before", None)  # a searcher pickled before the option lacks it
-        return (limit is not None and bool(result) and self._reports_steps and "step" in result
-                and int(result["step"]) < limit and not result.get("diverged"))
+        return (limit is not None and bool(result) and self._reports_steps and STEP in result
+                and int(result[STEP]) < limit and not result.get(DIVERGED))
 
     def _closed_in_study(self, trial_id: str) -> bool:
         if trial_id in self._completed_trials or trial_id not in self._ot_trials:
@@ -228,7 +229,7 @@ class ResumableOptunaSearch(OptunaSearch):
 
     def _report_step(self, trial_id: str, result: dict) -> None:
         # Intermediate values by training step (what optuna-dashboard plots), not by Tune's report count.
-        step = int(result["step"])
+        step = int(result[STEP])
         if not hasattr(self, "_reported_steps"):  # set lazily: a searcher restored from an older pickle lacks it
             self._reported_steps: dict[str, set[int]] = {}
         reported = self._reported_steps.setdefault(trial_id, set())
@@ -244,7 +245,7 @@ class ResumableOptunaSearch(OptunaSearch):
     def on_trial_result(self, trial_id: str, result: dict) -> None:
         if self._closed_in_study(trial_id) or not self._reports_steps:
             return
-        if "step" in result and self.metric in result:
+        if STEP in result and self.metric in result:
             self._report_step(trial_id, result)
             return
         super().on_trial_result(trial_id, result)
@@ -254,7 +255,7 @@ class ResumableOptunaSearch(OptunaSearch):
             return
         # Tune hands the result that ended a trial (ASHA's stop, max_steps) only to this method: record
         # it as an intermediate value too, so the trial's curve in the study reaches its last step.
-        if result and self._reports_steps and "step" in result and self.metric in result:
+        if result and self._reports_steps and STEP in result and self.metric in result:
             self._report_step(trial_id, result)
         if not error and self._stopped_early(result):
             # Optuna's TPE ranks pruned trials below finished ones, by the last step they reached and their value
@@ -301,11 +302,11 @@ def make_scheduler(config: SweepConfig):
     if config.scheduler.type == "none":
         return FIFOScheduler()
     if config.scheduler.type == "promotion_asha":
-        return PromotionASHA(time_attr="step", max_t=config.training.max_steps,
+        return PromotionASHA(time_attr=STEP, max_t=config.training.max_steps,
                              grace_period=config.grace_steps,
                              reduction_factor=config.scheduler.reduction_factor)
     return ASHAScheduler(
-        time_attr="step",
+        time_attr=STEP,
         max_t=config.training.max_steps,
         grace_period=config.grace_steps,
         reduction_factor=config.scheduler.reduction_factor,
@@ -362,16 +363,6 @@ def budget_spent(sweep_dir: Path) -> str | None:
         raise ConfigError([f"`reason`: must be text, but got {reason!r}; delete it if no budget ended this sweep"],
                           str(path))
     return reason
-
-
-class _StallBetweenTrials(Callback):
-    """Test point: stop the driver right after a trial ends (see sweep.faults)."""
-
-    def __init__(self, sweep_dir: Path):
-        self.sweep_dir = sweep_dir
-
-    def on_trial_complete(self, iteration: int, trials: list, trial: Any, **info: Any) -> None:
-        faults.stall_if_asked("between_trials", self.sweep_dir)
 
 
 def trials_that_fit(config: SweepConfig, cpus: float, gpus: float) -> int:
@@ -439,8 +430,7 @@ def run_sweep(config: SweepConfig, space: dict[str, Any], data_path: Path, sweep
     ]
     if config.scheduler.type == "promotion_asha":
         callbacks.append(KeepResultsAcrossPauses())
-    if faults.stall_point() == "between_trials":
-        callbacks.append(_StallBetweenTrials(sweep_dir))
+    callbacks += faults.tune_callbacks(sweep_dir)  # test hooks: none unless armed
     # Always a number: with a searcher and no limit, Tune starts one trial at a time and waits for it to be
     # running before the next (its pending-trials default), so trials that fit side by side would start one by one.
     at_once = trials_that_fit(config, ray.cluster_resources().get("CPU", 0.0), ray.cluster_resources().get("GPU", 0.0))

@@ -30,7 +30,6 @@ from transformers.models.auto.modeling_auto import MODEL_FOR_MASKED_LM_MAPPING_N
 from transformers.utils import SAFE_WEIGHTS_INDEX_NAME, SAFE_WEIGHTS_NAME
 from transformers.utils.import_utils import check_torch_load_is_safe
 
-from lora_sweep import faults
 from lora_sweep.config import CONFIG_FILE, ConfigError, SweepConfig, config_to_yaml, cut, load_config, shown, shown_path
 from lora_sweep.data import TokenizedData, load_examples, save_prepared, tokenize_splits
 from lora_sweep.disk import check_free_space, disk_needs, nearest_existing, prune_checkpoints
@@ -38,7 +37,8 @@ from lora_sweep.confirm import ConfirmRun, confirm_plan, confirm_runs, with_seed
 from lora_sweep.driver import (STUDY_FILE, budget_spent, check_cluster_address, check_study, concurrent_trials,
                           local_ray_resources, run_confirmation, run_sweep)
 from lora_sweep.export import FinalReport, finalize
-from lora_sweep.faults import check_test_hooks
+from lora_sweep.testing import faults
+from lora_sweep.testing.faults import check_test_hooks
 from lora_sweep.lora import largest_adapter, resolve_target_modules
 from lora_sweep.placement import check_placement, model_positions
 from lora_sweep.progress import SweepState, live_progress, mark_state

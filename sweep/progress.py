@@ -29,6 +29,7 @@ from rich.text import Text
 from lora_sweep.direction import Direction
 from lora_sweep.results import (ended_status, parse_shape, read_json, require_sweep_folder, sweep_folder,
                            write_atomically)
+from lora_sweep.trial_report import DIVERGED, STEP
 
 STATUS_FILE = "status.json"
 log = logging.getLogger(__name__)
@@ -301,11 +302,11 @@ class ProgressCallback(Callback):
 
     def on_trial_result(self, iteration: int, trials: list, trial: Any, result: dict, **info: Any) -> None:
         progress = self._trial(trial)
-        progress.step = int(result.get("step", progress.step))
-        if result.get("diverged"):
+        progress.step = int(result.get(STEP, progress.step))
+        if result.get(DIVERGED):
             self._diverged.add(trial.trial_id)
         value = result.get(self.settings["metric"])
-        if isinstance(value, (int, float)) and math.isfinite(value) and not result.get("diverged"):
+        if isinstance(value, (int, float)) and math.isfinite(value) and not result.get(DIVERGED):
             progress.last_metric = float(value)
             better = progress.best_metric is None or (
                 value < progress.best_metric if self.settings["mode"] == "min" else value > progress.best_metric

@@ -32,6 +32,7 @@ from lora_sweep.driver import STUDY_FILE, TUNE_DIR_NAME, check_study, study_stor
 from lora_sweep.pipeline import load_sweep  # noqa: E402
 from lora_sweep.results import (parse_shape, read_json, read_leaderboard, replace_folder, rewritten_by_resume,  # noqa: E402
                            write_atomically)
+from lora_sweep.trial_report import STEP  # noqa: E402
 
 REPORT_DIR = "report"
 log = logging.getLogger(__name__)
@@ -137,16 +138,16 @@ def learning_curves(histories: dict[str, pd.DataFrame], board: pd.DataFrame, met
     figure, axes = plt.subplots()
     colours = {"completed": "tab:blue", "stopped early": "tab:gray", "errored": "tab:red"}
     for trial_id, history in histories.items():
-        if metric not in history or "step" not in history:  # e.g. a trial that failed before its first evaluation
+        if metric not in history or STEP not in history:  # e.g. a trial that failed before its first evaluation
             continue
         usable = history[history[metric].map(lambda v: isinstance(v, (int, float)) and math.isfinite(v))]
         if usable.empty:
             continue
         state = status.get(trial_id, "completed")
-        axes.plot(usable["step"], usable[metric], color=colours.get(state, "tab:blue"),
+        axes.plot(usable[STEP], usable[metric], color=colours.get(state, "tab:blue"),
                   alpha=0.9 if state == "completed" else 0.6, linewidth=1.2)
         if state != "completed":  # where ASHA stopped it, or where it failed
-            axes.plot(usable["step"].iloc[-1], usable[metric].iloc[-1], marker="x", color=colours[state], markersize=8)
+            axes.plot(usable[STEP].iloc[-1], usable[metric].iloc[-1], marker="x", color=colours[state], markersize=8)
     for state, colour in colours.items():
         axes.plot([], [], color=colour, marker="x" if state != "completed" else None, label=state)
     axes.set_xlabel("training step")

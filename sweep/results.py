@@ -20,8 +20,10 @@ from typing import Any, Callable, Literal, NoReturn, Optional, TypeVar
 import pandas as pd
 from pydantic import TypeAdapter, ValidationError
 
-from lora_sweep.config import CONFIG_FILE, COST_METRICS, ConfigError, SweepConfig, cut, shown
+from lora_sweep.config import CONFIG_FILE, ConfigError, SweepConfig, cut, shown
 from lora_sweep.storage import is_directory, tree_bytes
+from lora_sweep.trial_report import (ADAPTER_PARAMS, BEST_EVALUATION_KEYS, DIVERGED, DIVERGED_REASON, STEP,
+                                     TOKENS_SEEN)
 
 TrialStatus = Literal["completed", "stopped early", "errored"]
 LEADERBOARD_FILE = "leaderboard.csv"
@@ -85,7 +87,7 @@ def trial_record(result: Any, config: SweepConfig) -> TrialRecord:
     history: pd.DataFrame = result.metrics_dataframe if result.metrics_dataframe is not None else pd.DataFrame()
     last = result.metrics or {}
     trial_id = str(last.get("trial_id") or Path(result.path).name)
-    steps_run = _column_max(history, "step")
+    steps_run = _column_max(history, STEP)
     wall = float(last.get("time_total_s", 0.0) or 0.0)
     record = TrialRecord(
         trial_id=trial_id, status="completed", params=dict(result.config or {}), best_metric=None,
@@ -93,24 +95,23 @@ def trial_record(result: Any, config: SweepConfig) -> TrialRecord:
     )
     if result.error is not None:
         record.error = _error_summary(result.error)
-    elif "diverged_reason" in history and history["diverged_reason"].notna().any():
-        record.error = str(history["diverged_reason"].dropna().iloc[-1])
+    elif DIVERGED_REASON in history and history[DIVERGED_REASON].notna().any():
+        record.error = str(history[DIVERGED_REASON].dropna().iloc[-1])
     record.status = ended_status(bool(record.error), steps_run, config.training.max_steps)
     usable = history[history[metric].map(_usable)] if metric in history else history.iloc[0:0]
-    if "diverged" in usable:
-        usable = usable[~usable["diverged"].astype(bool)]
+    if DIVERGED in usable:
+        usable = usable[~usable[DIVERGED].astype(bool)]
     if len(usable):
         best_row = usable.loc[usable[metric].idxmin() if config.direction.ascending else usable[metric].idxmax()]
         record.best_metric = float(best_row[metric])
-        record.best_step = int(best_row["step"])
+        record.best_step = int(best_row[STEP])
         record.best_metrics = {
             k: best_row[k].item() if hasattr(best_row[k], "item") else best_row[k]
-            for k in ("step", "eval_loss", "eval_perplexity", "train_loss", "learning_rate", "tokens_per_second",
-                      *COST_METRICS)
+            for k in BEST_EVALUATION_KEYS
             if k in best_row
         }
     record.checkpoints = [
-        {"path": checkpoint.path, "step": int(metrics.get("step", -1)), "metric": float(metrics[metric])}
+        {"path": checkpoint.path, "step": int(metrics.get(STEP, -1)), "metric": float(metrics[metric])}
         for checkpoint, metrics in result.best_checkpoints or []
         if _usable(metrics.get(metric)) and is_directory(checkpoint.filesystem, checkpoint.path)
     ]
@@ -118,8 +119,8 @@ def trial_record(result: Any, config: SweepConfig) -> TrialRecord:
     record.trial_dir = str(result.path)
     record.disk_bytes = tree_bytes(result.filesystem, result.path)  # on the local disk or in storage
     record.device_seconds = round(wall * config.devices_per_trial, 2)
-    record.tokens_seen = _column_max(history, "tokens_seen")
-    record.adapter_params = _column_max(history, "adapter_params")
+    record.tokens_seen = _column_max(history, TOKENS_SEEN)
+    record.adapter_params = _column_max(history, ADAPTER_PARAMS)
     return record
 
 

@@ -16,8 +16,8 @@ from torch.utils.tensorboard.summary import hparams
 
 from lora_sweep.direction import Direction
 from lora_sweep.results import ended_status
+from lora_sweep.trial_report import ADAPTER_PARAMS, DIVERGED, SCALARS, STEP
 
-SCALARS = ("eval_loss", "eval_perplexity", "train_loss", "learning_rate", "tokens_per_second", "eval_ms_per_example")
 
 
 def hparam_value(value: Any) -> Any:
@@ -43,21 +43,21 @@ class TensorBoardCallback(Callback):
         return self._writers[trial.trial_id]
 
     def on_trial_result(self, iteration: int, trials: list, trial: Any, result: dict, **info: Any) -> None:
-        step = int(result.get("step", 0))
+        step = int(result.get(STEP, 0))
         writer = self._writer(trial)
         for name in SCALARS:
             value = result.get(name)
             if isinstance(value, (int, float)) and math.isfinite(value):
                 writer.add_scalar(name, value, step)
         value = result.get(self.metric)
-        if isinstance(value, (int, float)) and math.isfinite(value) and not result.get("diverged"):
+        if isinstance(value, (int, float)) and math.isfinite(value) and not result.get(DIVERGED):
             best = self._best.get(trial.trial_id)
             if Direction(self.mode).is_better(float(value), best):
                 self._best[trial.trial_id] = float(value)
         self._steps[trial.trial_id] = step
-        if isinstance(result.get("adapter_params"), (int, float)):  # the same at every step: a cost beside the metric
-            self._adapter_params[trial.trial_id] = float(result["adapter_params"])
-        if result.get("diverged"):
+        if isinstance(result.get(ADAPTER_PARAMS), (int, float)):  # the same at every step: a cost beside the metric
+            self._adapter_params[trial.trial_id] = float(result[ADAPTER_PARAMS])
+        if result.get(DIVERGED):
             self._diverged.add(trial.trial_id)
         writer.flush()
 

@@ -7,7 +7,7 @@ from pathlib import Path
 import pytest
 import yaml
 
-from lora_sweep.tiny_model import build_tiny_llama
+from lora_sweep.testing.tiny_model import build_tiny_llama
 
 ASSETS = Path(__file__).parent / "assets"
 

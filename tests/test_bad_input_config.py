@@ -172,7 +172,7 @@ def test_armed_test_hooks_with_malformed_values_are_refused(variable, value, exp
 
 
 def test_test_hooks_are_inert_unless_armed(raw_config, write_config, monkeypatch):
-    from lora_sweep import faults
+    from lora_sweep.testing import faults
 
     monkeypatch.setenv("LORA_SWEEP_STALL_AT", "export")
     monkeypatch.setenv("LORA_SWEEP_INJECT_FAULT", "exception@1")

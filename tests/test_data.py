@@ -20,7 +20,7 @@ from lora_sweep.data import (
     tokenize_splits,
 )
 from lora_sweep.templates import Example, render_alpaca, render_default
-from lora_sweep.tiny_model import build_byte_tokenizer
+from lora_sweep.testing.tiny_model import build_byte_tokenizer
 
 from conftest import ASSETS
 

@@ -33,13 +33,14 @@ from transformers import (
     set_seed,
 )
 
-from lora_sweep import faults
 from lora_sweep.config import REWRITES_BASE_WEIGHTS, ConfigError, SweepConfig, shown_path
 from lora_sweep.data import MODEL_COLUMNS, PaddingCollator, load_prepared
 from lora_sweep.direction import Direction
 from lora_sweep.lora import lora_settings, targeted_module_names
 from lora_sweep.placement import cuda_devices_for_trial, loading_kwargs, trial_loading_kwargs
 from lora_sweep.storage import local_prepared_data
+from lora_sweep.testing import faults
+from lora_sweep.trial_report import EVAL_LOSS, NODE_ID, TrialReport
 from lora_sweep.search_space import apply_params
 
 class Reporter(Protocol):
@@ -59,7 +60,7 @@ class TuneReporter:
 
         checkpoint = tune.Checkpoint.from_directory(str(checkpoint_dir)) if checkpoint_dir else None
         # Which Ray node ran the trial: on a cluster, the first thing to know about a slow or failed one.
-        tune.report({**metrics, "node_id": ray.get_runtime_context().get_node_id()}, checkpoint=checkpoint)
+        tune.report({**metrics, NODE_ID: ray.get_runtime_context().get_node_id()}, checkpoint=checkpoint)
 
     @contextlib.contextmanager
     def restored_checkpoint(self) -> Iterator[Optional[Path]]:
@@ -159,42 +160,39 @@ class _EvaluationReporter(TrainerCallback):
 
     def on_evaluate(self, args, state, control, metrics=None, **kwargs):
         metrics = metrics or {}
-        eval_loss = float(metrics.get("eval_loss", math.nan))
+        eval_loss = float(metrics.get(EVAL_LOSS, math.nan))
         if not math.isfinite(eval_loss) and self.diverged_reason is None:
             self.diverged_reason = f"eval loss became {eval_loss} at step {state.global_step}"
             control.should_training_stop = True
         tokens = int(state.num_input_tokens_seen)
         seconds = self.train_seconds - self.seconds_at_last_report
-        report = {
-            "step": state.global_step,
-            "eval_loss": eval_loss,
-            "eval_perplexity": math.exp(min(eval_loss, 50.0)) if math.isfinite(eval_loss) else math.inf,
-            "train_loss": self.last_train_loss if self.last_train_loss is not None else math.nan,
-            "learning_rate": self.last_learning_rate if self.last_learning_rate is not None else 0.0,
-            "tokens_per_second": (tokens - self.tokens_at_last_report) / seconds if seconds > 0 else 0.0,
-            "tokens_seen": tokens,
-            "train_seconds": self.train_seconds,  # optimizer steps only: no start-up, evaluation or checkpoints
-            "startup_seconds": self.startup_seconds if self.startup_seconds is not None else 0.0,
-            "diverged": self.diverged_reason is not None,
-            "device": str(args.device),  # where the trial trained: the GPU Ray assigned, or the CPU
-            # Costs a multi-objective sweep can minimise (search.also_minimize): the adapter's size, and the
-            # evaluation's time per example on this device (with whatever else runs on it at the time).
-            "adapter_params": self.adapter_params,
-            "eval_ms_per_example": 1000.0 / metrics["eval_samples_per_second"]
+        report = TrialReport(
+            step=state.global_step,
+            eval_loss=eval_loss,
+            eval_perplexity=math.exp(min(eval_loss, 50.0)) if math.isfinite(eval_loss) else math.inf,
+            train_loss=self.last_train_loss if self.last_train_loss is not None else math.nan,
+            learning_rate=self.last_learning_rate if self.last_learning_rate is not None else 0.0,
+            tokens_per_second=(tokens - self.tokens_at_last_report) / seconds if seconds > 0 else 0.0,
+            tokens_seen=tokens,
+            train_seconds=self.train_seconds,
+            startup_seconds=self.startup_seconds if self.startup_seconds is not None else 0.0,
+            diverged=False,
+            device=str(args.device),
+            adapter_params=self.adapter_params,
+            eval_ms_per_example=1000.0 / metrics["eval_samples_per_second"]
             if metrics.get("eval_samples_per_second") else math.nan,
-        }
+        )
         self.tokens_at_last_report, self.seconds_at_last_report = tokens, self.train_seconds
         if self.diverged_reason is not None:
             # Schedulers and samplers compare numbers: a diverged trial reports the worst one,
             # and no checkpoint of a diverged model is kept.
-            report[self.metric] = self.direction.worst
-            report["diverged_reason"] = self.diverged_reason
             control.should_save = False
-            self.reporter.report(report, None)
+            self.reporter.report(report.diverging(self.metric, self.direction.worst, self.diverged_reason).as_dict(), None)
             return
-        if self.direction.is_better(report[self.metric], self.best):
-            self.best = report[self.metric]
-        self.pending = report
+        value = getattr(report, self.metric)
+        if self.direction.is_better(value, self.best):
+            self.best = value
+        self.pending = report.as_dict()
         control.should_save = True
 
     def on_save(self, args, state, control, **kwargs):
@@ -209,24 +207,6 @@ class _EvaluationReporter(TrainerCallback):
             self.reporter.report(report, checkpoint)
         finally:
             shutil.rmtree(checkpoint, ignore_errors=True)
-
-
-class _FaultInjector(TrainerCallback):
-    """Makes the fault that `sweep.faults` plans happen inside a real trial (tests only)."""
-
-    def __init__(self, trial_key: str, model: Any):
-        self.trial_key = trial_key
-        self.model = model
-
-    def on_step_end(self, args, state, control, **kwargs):
-        kind = faults.fault_due(self.trial_key, state.global_step)
-        if kind == "nan":
-            with torch.no_grad():
-                for parameter in self.model.parameters():
-                    if parameter.requires_grad:
-                        parameter.fill_(math.nan)
-        elif kind is not None:
-            faults.raise_fault(kind, state.global_step)
 
 
 def load_base_model(config: SweepConfig, for_trial: bool = False, spread_over_gpus: bool = False) -> Any:
@@ -419,8 +399,8 @@ def _train(config: SweepConfig, params: dict[str, Any], model: Any, train_set: A
             callbacks=[callback],
             optimizers=(loraplus_optimizer(config, model), None),
         )
-        if faults.planned_fault():
-            trainer.add_callback(_FaultInjector(json.dumps(params, sort_keys=True, default=str), model))
+        for callback in faults.trainer_callbacks(json.dumps(params, sort_keys=True, default=str), model):
+            trainer.add_callback(callback)  # test hooks: none unless armed
         trainer.remove_callback(PrinterCallback)  # reports go to Tune; per-step prints only flood the log
         with reporter.restored_checkpoint() as resume_from:
             # A retried or resumed trial continues from its last checkpoint: weights, optimizer, step, data order.

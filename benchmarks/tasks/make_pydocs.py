@@ -24,7 +24,7 @@ from pathlib import Path
 
 from transformers import GPTNeoXConfig, GPTNeoXForCausalLM
 
-from lora_sweep.tiny_model import build_byte_tokenizer, pretrain, save_initialised_model
+from lora_sweep.testing.tiny_model import build_byte_tokenizer, pretrain, save_initialised_model
 
 HERE = Path(__file__).resolve().parent / "pydocs"
 MODULES = [

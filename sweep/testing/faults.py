@@ -20,10 +20,14 @@ with a warning); armed, a malformed value is refused before anything runs.
 from __future__ import annotations
 
 import logging
+import math
 import os
 import time
 from pathlib import Path
-from typing import Optional
+from typing import Any, Optional
+
+from ray.tune import Callback
+from transformers import TrainerCallback
 
 from lora_sweep.config import ConfigError, shown
 
@@ -125,3 +129,43 @@ def raise_fault(kind: str, step: int) -> None:
         raise torch.OutOfMemoryError(f"CUDA out of memory (injected at step {step})")
     raise InjectedFault(f"injected failure at step {step}")
 
+
+
+class FaultInjector(TrainerCallback):
+    """Makes the planned fault happen inside a real trial, at the planned optimizer step."""
+
+    def __init__(self, trial_key: str, model: Any):
+        self.trial_key = trial_key
+        self.model = model
+
+    def on_step_end(self, args: Any, state: Any, control: Any, **kwargs: Any) -> None:
+        kind = fault_due(self.trial_key, state.global_step)
+        if kind == "nan":
+            import torch
+
+            with torch.no_grad():
+                for parameter in self.model.parameters():
+                    if parameter.requires_grad:
+                        parameter.fill_(math.nan)
+        elif kind is not None:
+            raise_fault(kind, state.global_step)
+
+
+class StallBetweenTrials(Callback):
+    """Stops the driver right after a trial ends."""
+
+    def __init__(self, sweep_dir: Path):
+        self.sweep_dir = sweep_dir
+
+    def on_trial_complete(self, iteration: int, trials: list, trial: Any, **info: Any) -> None:
+        stall_if_asked("between_trials", self.sweep_dir)
+
+
+def trainer_callbacks(trial_key: str, model: Any) -> list[TrainerCallback]:
+    """The trial's fault injector when a fault is planned; none otherwise."""
+    return [FaultInjector(trial_key, model)] if planned_fault() else []
+
+
+def tune_callbacks(sweep_dir: Path) -> list[Callback]:
+    """The driver's stall between trials when asked for; none otherwise."""
+    return [StallBetweenTrials(sweep_dir)] if stall_point() == "between_trials" else []

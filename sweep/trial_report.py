@@ -1,0 +1,69 @@
+"""What a trial reports at every evaluation: one typed record, and its keys named once.
+
+As Ray Tune's `tune/result.py` does for its own keys: the trainable builds a `TrialReport`, Tune stores it
+as a flat dict (result.json), and everything that reads results back (records, progress, TensorBoard, the
+searcher and the schedulers) names a key through the constants here, never through a string of its own.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from dataclasses import dataclass
+from typing import Any, Optional
+
+# Keys of a trial's report, as Tune records them.
+STEP = "step"  # the optimizer step of the evaluation: the schedulers' time axis
+EVAL_LOSS = "eval_loss"
+EVAL_PERPLEXITY = "eval_perplexity"
+TRAIN_LOSS = "train_loss"  # the last logged training loss
+LEARNING_RATE = "learning_rate"
+TOKENS_PER_SECOND = "tokens_per_second"  # training tokens (not padding) per training second since the last report
+TOKENS_SEEN = "tokens_seen"
+TRAIN_SECONDS = "train_seconds"  # optimizer steps only: no start-up, evaluation or checkpoints
+STARTUP_SECONDS = "startup_seconds"
+DIVERGED = "diverged"
+DIVERGED_REASON = "diverged_reason"  # only in a report of a diverged trial
+DEVICE = "device"  # where the trial trained: the GPU Ray assigned, or the CPU
+ADAPTER_PARAMS = "adapter_params"
+EVAL_MS_PER_EXAMPLE = "eval_ms_per_example"
+NODE_ID = "node_id"  # added by the Tune reporter: the Ray node that ran the trial
+
+# What `search.metric` may name, and the costs `search.also_minimize` may name.
+OBJECTIVE_METRICS = (EVAL_LOSS, EVAL_PERPLEXITY, TRAIN_LOSS)
+COST_METRICS = (ADAPTER_PARAMS, EVAL_MS_PER_EXAMPLE)
+# Per-trial scalars in TensorBoard, and what a trial record keeps of its best evaluation.
+SCALARS = (EVAL_LOSS, EVAL_PERPLEXITY, TRAIN_LOSS, LEARNING_RATE, TOKENS_PER_SECOND, EVAL_MS_PER_EXAMPLE)
+BEST_EVALUATION_KEYS = (STEP, EVAL_LOSS, EVAL_PERPLEXITY, TRAIN_LOSS, LEARNING_RATE, TOKENS_PER_SECOND, *COST_METRICS)
+
+
+@dataclass(frozen=True)
+class TrialReport:
+    """One evaluation of one trial. A diverged trial reports the worst value of the sweep metric and why."""
+
+    step: int
+    eval_loss: float
+    eval_perplexity: float
+    train_loss: float
+    learning_rate: float
+    tokens_per_second: float
+    tokens_seen: int
+    train_seconds: float
+    startup_seconds: float
+    diverged: bool
+    device: str
+    # Costs a multi-objective sweep can minimise (search.also_minimize): the adapter's size, and the
+    # evaluation's time per example on this device (with whatever else runs on it at the time).
+    adapter_params: int
+    eval_ms_per_example: float
+    diverged_reason: Optional[str] = None
+
+    def as_dict(self) -> dict[str, Any]:
+        """The flat dict Tune stores (without `diverged_reason` unless the trial diverged)."""
+        report = dataclasses.asdict(self)
+        if self.diverged_reason is None:
+            del report[DIVERGED_REASON]
+        return report
+
+    def diverging(self, metric: str, worst: float, reason: str) -> TrialReport:
+        """This report as a diverged trial's: the sweep metric at its worst, so schedulers and samplers rank it last."""
+        return dataclasses.replace(self, **{metric: worst}, diverged=True, diverged_reason=reason)

@@ -375,6 +375,12 @@ def trials_that_fit(config: SweepConfig, cpus: float, gpus: float) -> int:
     return max(1, min(fits, config.search.num_trials))
 
 
+def trials_that_fit_the_cluster(config: SweepConfig) -> int:
+    """`trials_that_fit` in the resources of the Ray cluster this driver is connected to."""
+    resources = ray.cluster_resources()
+    return trials_that_fit(config, resources.get("CPU", 0.0), resources.get("GPU", 0.0))
+
+
 def local_ray_resources(config: SweepConfig) -> tuple[float, float]:
     """(CPUs, GPUs) the local Ray that `sweep run` starts will have: the config's, else this machine's."""
     cpus = config.ray.num_cpus or os.cpu_count() or 1
@@ -433,7 +439,7 @@ def run_sweep(config: SweepConfig, space: dict[str, Any], data_path: Path, sweep
     callbacks += faults.tune_callbacks(sweep_dir)  # test hooks: none unless armed
     # Always a number: with a searcher and no limit, Tune starts one trial at a time and waits for it to be
     # running before the next (its pending-trials default), so trials that fit side by side would start one by one.
-    at_once = trials_that_fit(config, ray.cluster_resources().get("CPU", 0.0), ray.cluster_resources().get("GPU", 0.0))
+    at_once = trials_that_fit_the_cluster(config)
     search = make_search(config, space, sweep_dir, seeds)
     if search is not None and config.scheduler.type == "promotion_asha":
         # Tune's own limiter would count paused trials as running, and no new trial could start beside them.
@@ -481,7 +487,7 @@ def run_confirmation(config: SweepConfig, runs: list[dict[str, Any]], data_path:
     if restored is not None:
         return _fit(restored, sweep_dir)
     storage_path, filesystem = _experiment_root(config, sweep_dir)
-    at_once = trials_that_fit(config, ray.cluster_resources().get("CPU", 0.0), ray.cluster_resources().get("GPU", 0.0))
+    at_once = trials_that_fit_the_cluster(config)
     tuner = tune.Tuner(
         trainable,
         param_space={"run": tune.grid_search(runs)},

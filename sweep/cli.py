@@ -21,7 +21,8 @@ from typing import TYPE_CHECKING, Callable, List, Optional
 import typer
 
 from lora_sweep import examples
-from lora_sweep.config import CONFIG_FILE, ConfigError, cut, load_config, shown
+from lora_sweep.config import ConfigError, cut, load_config, shown
+from lora_sweep.folder import CONFIG_FILE
 
 if TYPE_CHECKING:
     from lora_sweep.pipeline import SweepOutcome

@@ -26,7 +26,6 @@ TARGET_MODULE_PRESETS = ("attention", "mlp", "all-linear")
 # LoRA inits that start the adapter from a decomposition of the adapted weights and take that part out
 # of them (W_res = W - B0 A0): they rewrite the base model's weights.
 REWRITES_BASE_WEIGHTS = ("pissa", "olora")
-CONFIG_FILE = "config.yaml"  # a sweep folder's copy of the resolved config it runs
 
 
 def _is_control(ch: str) -> bool:

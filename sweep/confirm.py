@@ -17,7 +17,8 @@ from typing import Any
 import pandas as pd
 
 from lora_sweep.config import SweepConfig
-from lora_sweep.results import CONFIRM_FILE, TrialRecord, promotable, seed_spread, trial_record, write_atomically
+from lora_sweep.folder import CONFIRM_FILE
+from lora_sweep.results import TrialRecord, promotable, seed_spread, trial_record, write_atomically
 
 log = logging.getLogger(__name__)
 

@@ -18,8 +18,9 @@ import pyarrow.fs as pafs
 from pyarrow import ArrowException
 
 from lora_sweep.config import ConfigError, SweepConfig
+from lora_sweep.folder import CONFIRM_DIR_NAME, TUNE_DIR_NAME
 from lora_sweep.results import TrialRecord
-from lora_sweep.storage import CONFIRM_DIR_NAME, TUNE_DIR_NAME, open_storage, tree_bytes
+from lora_sweep.storage import open_storage, tree_bytes
 
 log = logging.getLogger(__name__)
 

@@ -26,19 +26,19 @@ from ray.tune import Callback
 from ray.tune.schedulers import ASHAScheduler, FIFOScheduler
 from ray.tune.search.optuna import OptunaSearch
 
+from lora_sweep.folder import BUDGET_FILE, CONFIG_FILE, CONFIRM_DIR_NAME, STUDY_FILE, TUNE_DIR_NAME
 from lora_sweep.schedulers import KeepResultsAcrossPauses, PausingConcurrencyLimiter, PromotionASHA
 from lora_sweep.safety import check_state_files_are_ours, recover_truncated_tune_snapshot
 from lora_sweep.signals import SweepInterrupted, ctrl_c_handler_kept, sigterm_stops_like_ctrl_c
-from lora_sweep.config import CONFIG_FILE, ConfigError, SweepConfig, cut, read_yaml, shown
+from lora_sweep.config import ConfigError, SweepConfig, cut, read_yaml, shown
 from lora_sweep.progress import ProgressCallback
 from lora_sweep.results import read_json
-from lora_sweep.storage import CONFIRM_DIR_NAME, TUNE_DIR_NAME, open_storage
+from lora_sweep.storage import open_storage
 from lora_sweep.tensorboard_logs import TensorBoardCallback
 from lora_sweep.testing import faults
 from lora_sweep.trial_report import DIVERGED, STEP
 from lora_sweep.trainables.lora_causal_lm import confirm_trainable, tune_trainable
 
-STUDY_FILE = "optuna_study.db"
 log = logging.getLogger(__name__)
 
 
@@ -312,9 +312,6 @@ def make_scheduler(config: SweepConfig):
         reduction_factor=config.scheduler.reduction_factor,
         brackets=config.scheduler.brackets,
     )
-
-
-BUDGET_FILE = "budget_spent.json"
 
 
 class BudgetStopper(tune.Stopper):

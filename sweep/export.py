@@ -21,17 +21,15 @@ from transformers import AutoModelForCausalLM
 from lora_sweep.config import REWRITES_BASE_WEIGHTS, PromotionConfig, SweepConfig, config_to_yaml
 from lora_sweep.data import load_prepared, prompt_token_ids
 from lora_sweep.evaluate import EvalMetrics, evaluate_model
+from lora_sweep.folder import CONFIRM_FILE, EXPORT_DIR, FINAL_METRICS_FILE
 from lora_sweep.lora import lora_settings
 from lora_sweep.placement import visible_gpus
 from lora_sweep.driver import budget_spent
-from lora_sweep.results import (CONFIRM_FILE, TrialRecord, cost, promotion_rule, replace_folder, seed_spread, sweep_totals,
-                           write_atomically)
+from lora_sweep.results import (TrialRecord, cost, promotion_rule, replace_folder, seed_spread, sweep_totals, write_atomically)
 from lora_sweep.search_space import apply_params
 from lora_sweep.storage import is_directory, local_checkpoint, open_storage
 from lora_sweep.trainables.lora_causal_lm import load_base_model, load_tokenizer
 
-FINAL_METRICS_FILE = "final_metrics.json"
-EXPORT_DIR = "export"
 VERIFY_PROMPTS = 4
 
 

@@ -30,13 +30,14 @@ from transformers.models.auto.modeling_auto import MODEL_FOR_MASKED_LM_MAPPING_N
 from transformers.utils import SAFE_WEIGHTS_INDEX_NAME, SAFE_WEIGHTS_NAME
 from transformers.utils.import_utils import check_torch_load_is_safe
 
-from lora_sweep.config import CONFIG_FILE, ConfigError, SweepConfig, config_to_yaml, cut, load_config, shown, shown_path
+from lora_sweep.config import ConfigError, SweepConfig, config_to_yaml, cut, load_config, shown, shown_path
 from lora_sweep.data import TokenizedData, load_examples, save_prepared, tokenize_splits
 from lora_sweep.disk import check_free_space, disk_needs, nearest_existing, prune_checkpoints
 from lora_sweep.confirm import ConfirmRun, confirm_plan, confirm_runs, with_seed_metrics, write_confirm_runs
-from lora_sweep.driver import (STUDY_FILE, budget_spent, check_cluster_address, check_study, concurrent_trials,
-                          local_ray_resources, run_confirmation, run_sweep)
+from lora_sweep.driver import (budget_spent, check_cluster_address, check_study, concurrent_trials, local_ray_resources,
+                               run_confirmation, run_sweep)
 from lora_sweep.export import FinalReport, finalize
+from lora_sweep.folder import CONFIG_FILE, MARKER_FILE, PROVENANCE_FILE, STUDY_FILE
 from lora_sweep.testing import faults
 from lora_sweep.testing.faults import check_test_hooks
 from lora_sweep.lora import largest_adapter, resolve_target_modules
@@ -45,18 +46,14 @@ from lora_sweep.progress import SweepState, live_progress, mark_state
 from lora_sweep.provenance import provenance
 from lora_sweep.results import (TrialRecord, promote, read_best, read_json, read_leaderboard, require_sweep_folder,
                            sweep_folder, trial_record, write_atomically, write_best, write_leaderboard)
-from lora_sweep.safety import (MARKER_FILE, check_state_files_are_ours, clear_sweep_folder, driver_lock, holds_anything,
-                          is_sweep_folder, mark_stored_sweep_folder, mark_sweep_folder, stored_sweep_id, sweep_id)
+from lora_sweep.safety import (check_state_files_are_ours, clear_sweep_folder, driver_lock, holds_anything, is_sweep_folder, mark_stored_sweep_folder, mark_sweep_folder, stored_sweep_id, sweep_id)
 from lora_sweep.search_space import apply_params, build_search_space
 from lora_sweep.signals import SweepInterrupted
 from lora_sweep.storage import check_storage, fetch_trial_results, holds_files, mirror_to_storage, open_storage
 from lora_sweep.warm_start import warm_start_points
 from lora_sweep.trainables.lora_causal_lm import load_tokenizer
 
-PROVENANCE_FILE = "provenance.json"
 log = logging.getLogger(__name__)
-
-
 
 
 @dataclass

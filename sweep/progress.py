@@ -27,11 +27,11 @@ from rich.live import Live
 from rich.text import Text
 
 from lora_sweep.direction import Direction
+from lora_sweep.folder import LOG_FILE, STATUS_FILE
 from lora_sweep.results import (ended_status, parse_shape, read_json, require_sweep_folder, sweep_folder,
                            write_atomically)
 from lora_sweep.trial_report import DIVERGED, STEP
 
-STATUS_FILE = "status.json"
 log = logging.getLogger(__name__)
 # "exporting": every trial has ended; the best checkpoint is being evaluated on the test split and exported.
 SweepState = Literal["running", "exporting", "finished", "stopped", "failed"]
@@ -336,7 +336,6 @@ class ProgressCallback(Callback):
         self.publish(force=True)
 
 
-LOG_FILE = Path("logs") / "ray.log"
 
 
 @contextlib.contextmanager

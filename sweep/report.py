@@ -28,13 +28,13 @@ import pandas as pd  # noqa: E402
 from pydantic import BaseModel  # noqa: E402
 
 from lora_sweep.config import ConfigError, SweepConfig  # noqa: E402
-from lora_sweep.driver import STUDY_FILE, TUNE_DIR_NAME, check_study, study_storage  # noqa: E402
+from lora_sweep.driver import check_study, study_storage  # noqa: E402
+from lora_sweep.folder import FINAL_METRICS_FILE, REPORT_DIR, STUDY_FILE, TUNE_DIR_NAME  # noqa: E402
 from lora_sweep.pipeline import load_sweep  # noqa: E402
 from lora_sweep.results import (parse_shape, read_json, read_leaderboard, replace_folder, rewritten_by_resume,  # noqa: E402
                            write_atomically)
 from lora_sweep.trial_report import STEP  # noqa: E402
 
-REPORT_DIR = "report"
 log = logging.getLogger(__name__)
 
 
@@ -50,9 +50,6 @@ class ReportResult:
     index: Path
     figures: list[Figure] = field(default_factory=list)
     skipped: dict[str, str] = field(default_factory=dict)  # figure title -> why it could not be drawn
-
-
-FINAL_METRICS_FILE = "final_metrics.json"
 
 
 class _Scores(BaseModel):

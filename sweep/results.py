@@ -20,15 +20,13 @@ from typing import Any, Callable, Literal, NoReturn, Optional, TypeVar
 import pandas as pd
 from pydantic import TypeAdapter, ValidationError
 
-from lora_sweep.config import CONFIG_FILE, ConfigError, SweepConfig, cut, shown
+from lora_sweep.config import ConfigError, SweepConfig, cut, shown
+from lora_sweep.folder import BEST_FILE, CONFIG_FILE, CONFIRM_FILE, LEADERBOARD_FILE
 from lora_sweep.storage import is_directory, tree_bytes
 from lora_sweep.trial_report import (ADAPTER_PARAMS, BEST_EVALUATION_KEYS, DIVERGED, DIVERGED_REASON, STEP,
                                      TOKENS_SEEN)
 
 TrialStatus = Literal["completed", "stopped early", "errored"]
-LEADERBOARD_FILE = "leaderboard.csv"
-BEST_FILE = "best.json"
-CONFIRM_FILE = "confirm.csv"  # promotion.confirm's runs, one row each
 PARAM_PREFIX = "param:"  # leaderboard columns of sampled values: param:<dotted field>
 
 

@@ -28,9 +28,9 @@ import pyarrow as pa
 import pyarrow.fs as pafs
 
 from lora_sweep.config import ConfigError
-from lora_sweep.storage import CONFIRM_DIR_NAME, MARKER_FILE, TUNE_DIR_NAME
+from lora_sweep.folder import CONFIRM_DIR_NAME, LOCK_FILE, MARKER_FILE, TUNE_DIR_NAME
 
-LOCK_FILE = ".driver.lock"
+
 _MARKER_CONTENT = {"created_by": "lora-sweep", "what": "a sweep folder; `sweep run --overwrite` may replace it"}
 
 

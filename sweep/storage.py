@@ -25,10 +25,8 @@ import pyarrow as pa
 import pyarrow.fs as pafs
 
 from lora_sweep.config import ConfigError, SweepConfig, redact_uri
+from lora_sweep.folder import CONFIRM_DIR_NAME, MARKER_FILE, TUNE_DIR_NAME
 
-TUNE_DIR_NAME = "tune"
-CONFIRM_DIR_NAME = "confirm"  # promotion.confirm's runs: a Tune experiment beside the sweep's
-MARKER_FILE = ".lora-sweep"  # marks a folder the engine made, locally and in storage (sweep.safety writes it)
 # Tune's per-trial files the driver reads back (report, learning curves); checkpoints stay in storage.
 TRIAL_RESULT_FILES = ("result.json", "params.json", "progress.csv")
 

@@ -17,8 +17,9 @@ from typing import Any
 import optuna.distributions as od
 import pandas as pd
 
-from lora_sweep.config import CONFIG_FILE, ConfigError, SweepConfig, load_config
-from lora_sweep.results import LEADERBOARD_FILE, PARAM_PREFIX
+from lora_sweep.config import ConfigError, SweepConfig, load_config
+from lora_sweep.folder import CONFIG_FILE, LEADERBOARD_FILE
+from lora_sweep.results import PARAM_PREFIX
 from lora_sweep.search_space import TUNABLE_FIELDS, apply_params, describe
 
 OUTSIDE = object()  # a value the search space cannot pick

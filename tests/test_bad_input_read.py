@@ -23,7 +23,8 @@ from typer.testing import CliRunner
 
 from lora_sweep.cli import app
 from lora_sweep.config import ConfigError, config_to_yaml, load_config
-from lora_sweep.driver import STUDY_FILE, check_study, study_storage
+from lora_sweep.driver import check_study, study_storage
+from lora_sweep.folder import STUDY_FILE
 from lora_sweep.progress import SweepStatus, TrialProgress
 from lora_sweep.results import TrialRecord
 

@@ -7,7 +7,8 @@ import pytest
 import ray
 
 from lora_sweep.config import load_config
-from lora_sweep.driver import BUDGET_FILE, BudgetStopper, budget_spent
+from lora_sweep.driver import BudgetStopper, budget_spent
+from lora_sweep.folder import BUDGET_FILE
 from lora_sweep.pipeline import run
 
 

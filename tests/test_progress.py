@@ -13,7 +13,8 @@ from rich.console import Console
 from typer.testing import CliRunner
 
 from lora_sweep.cli import app
-from lora_sweep.progress import STATUS_FILE, ProgressCallback, mark_state, read_status, render
+from lora_sweep.folder import STATUS_FILE
+from lora_sweep.progress import ProgressCallback, mark_state, read_status, render
 
 REPO = Path(__file__).resolve().parent.parent
 

@@ -17,9 +17,9 @@ from typer.testing import CliRunner
 from conftest import assert_refused, listing
 from lora_sweep.cli import app
 from lora_sweep.config import ConfigError, load_config
+from lora_sweep.folder import LOCK_FILE, MARKER_FILE
 from lora_sweep.pipeline import check_sweep_dir_free, prepare_sweep_dir
-from lora_sweep.safety import (LOCK_FILE, MARKER_FILE, check_state_files_are_ours, driver_lock, is_sweep_folder,
-                          lock_holder)
+from lora_sweep.safety import check_state_files_are_ours, driver_lock, is_sweep_folder, lock_holder
 
 
 def _someone_elses_folder(root: Path) -> Path:

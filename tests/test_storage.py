@@ -186,7 +186,7 @@ def test_a_new_sweep_refuses_a_name_storage_already_holds(raw_config, write_conf
     # The folder that made it may replace it.
     config = config.model_copy(update={"output_dir": str(tmp_path / "second")})
     (config.sweep_dir).mkdir(parents=True)
-    from lora_sweep.safety import MARKER_FILE
+    from lora_sweep.folder import MARKER_FILE
     with storage.filesystem.open_input_stream(storage.path(MARKER_FILE)) as handle:
         (config.sweep_dir / MARKER_FILE).write_bytes(handle.read())
     prepare_sweep_dir(config, overwrite=True)

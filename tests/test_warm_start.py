@@ -5,7 +5,8 @@ import pytest
 import ray
 import yaml
 
-from lora_sweep.config import CONFIG_FILE, ConfigError, config_to_yaml, load_config
+from lora_sweep.config import ConfigError, config_to_yaml, load_config
+from lora_sweep.folder import CONFIG_FILE
 from lora_sweep.pipeline import run
 from lora_sweep.results import TrialRecord, write_leaderboard
 from lora_sweep.search_space import build_search_space

@@ -308,10 +308,7 @@ class ProgressCallback(Callback):
         value = result.get(self.settings["metric"])
         if isinstance(value, (int, float)) and math.isfinite(value) and not result.get(DIVERGED):
             progress.last_metric = float(value)
-            better = progress.best_metric is None or (
-                value < progress.best_metric if self.settings["mode"] == "min" else value > progress.best_metric
-            )
-            if better:
+            if Direction(self.settings["mode"]).is_better(float(value), progress.best_metric):
                 progress.best_metric, progress.best_step = float(value), progress.step
         self._dirty = True
 

@@ -313,7 +313,7 @@ class RayConfig(_Strict):
             port, host = parts.port, parts.hostname
         except ValueError:
             port, host = None, None
-        too_long = bool(host) and (len(host) > 253 or any(len(label) > 63 for label in host.split(".")))
+        too_long = host is not None and (len(host) > 253 or any(len(label) > 63 for label in host.split(".")))
         if not host or too_long or port is None or port == 0 or parts.path or parts.query or "@" in rest:
             raise ValueError("must be `auto`, HOST:PORT of the cluster's head (e.g. 10.0.0.5:6379) or "
                              "ray://HOST:PORT for Ray Client; leave it unset for a local Ray")
@@ -589,7 +589,7 @@ def format_errors(error: ValidationError) -> list[str]:
     return problems
 
 
-def _parent_model(loc: tuple) -> type[BaseModel] | None:
+def _parent_model(loc: tuple[Any, ...]) -> type[BaseModel] | None:
     model: type[BaseModel] = SweepConfig
     for part in loc:
         field = model.model_fields.get(str(part))
@@ -604,11 +604,11 @@ def _parent_model(loc: tuple) -> type[BaseModel] | None:
     return model
 
 
-class _SweepYamlLoader(yaml.SafeLoader):
+class _SweepYamlLoader(yaml.SafeLoader):  # type: ignore[misc]  # PyYAML ships no types
     """PyYAML's safe loader (no Python tags), refusing a key given twice in one mapping: YAML's
     last-one-wins would silently drop the first value, usually a typo or a bad merge."""
 
-    def construct_mapping(self, node: yaml.MappingNode, deep: bool = False) -> dict:
+    def construct_mapping(self, node: yaml.MappingNode, deep: bool = False) -> dict[Any, Any]:
         lines: dict[Any, int] = {}
         for key_node, _ in node.value:
             if key_node.tag == "tag:yaml.org,2002:merge":
@@ -624,7 +624,8 @@ class _SweepYamlLoader(yaml.SafeLoader):
                 raise yaml.constructor.ConstructorError(
                     None, None, f"key {shown(key)} appears twice in one mapping ({where}); keep one", key_node.start_mark)
             lines[key] = line
-        return super().construct_mapping(node, deep=deep)
+        mapping: dict[Any, Any] = super().construct_mapping(node, deep=deep)
+        return mapping
 
     def flatten_mapping(self, node: yaml.MappingNode) -> None:
         # Merge keys (`<<: [*a, *a, ...]`) copy entries into each mapping that uses them: nested ten deep, a file of
@@ -848,4 +849,5 @@ def _resolve_relative_paths(raw: dict[str, Any], base: Path) -> None:
 
 
 def config_to_yaml(config: SweepConfig) -> str:
-    return yaml.safe_dump(config.model_dump(mode="json"), sort_keys=False)
+    text: str = yaml.safe_dump(config.model_dump(mode="json"), sort_keys=False)
+    return text

@@ -15,7 +15,7 @@ import tempfile
 from dataclasses import asdict, dataclass, field
 from functools import lru_cache
 from pathlib import Path
-from typing import Any, Callable, Literal, NoReturn, Optional, TypeVar
+from typing import Any, Callable, Literal, NoReturn, Optional, TypeVar, cast
 
 import pandas as pd
 from pydantic import TypeAdapter, ValidationError
@@ -179,7 +179,7 @@ def write_leaderboard(records: list[TrialRecord], sweep_dir: Path, config: Sweep
     front = {r.trial_id for r in pareto_front(records, config)} if config.search.also_minimize else set()
     rows = []
     for r in records:
-        row = {"trial_id": r.trial_id, "status": r.status}
+        row: dict[str, Any] = {"trial_id": r.trial_id, "status": r.status}
         row.update({f"{PARAM_PREFIX}{k}": v for k, v in sorted(r.params.items())})
         row.update({
             f"best_{config.search.metric}": r.best_metric, "best_step": r.best_step, "steps_run": r.steps_run,
@@ -218,8 +218,8 @@ def cost(record: TrialRecord, config: SweepConfig) -> float:
 
 
 def _oriented(record: TrialRecord, config: SweepConfig) -> float:
-    """The trial's best metric, turned so that lower is better."""
-    return config.direction.sign * record.best_metric
+    """The trial's best metric, turned so that lower is better (a trial without one: last)."""
+    return config.direction.sign * record.best_metric if record.best_metric is not None else math.inf
 
 
 def pareto_front(records: list[TrialRecord], config: SweepConfig) -> list[TrialRecord]:
@@ -247,13 +247,18 @@ def promote(records: list[TrialRecord], config: SweepConfig) -> TrialRecord:
         raise NoUsableTrialError(f"no trial reported a finite `{config.search.metric}` with a checkpoint ({reasons})")
     confirmed = [r for r in candidates if r.seed_metrics]
     if confirmed:  # promotion.confirm: the best mean over seeds; a tie goes to the better single run
-        return min(confirmed, key=lambda r: (config.direction.sign * seed_spread(r)[0], _oriented(r, config)))
+        return min(confirmed, key=lambda r: (config.direction.sign * _seed_mean(r), _oriented(r, config)))
     best = candidates[0]
     if not config.search.also_minimize:
         return best
-    allowed = config.search.pareto_tolerance * abs(best.best_metric)
+    allowed = config.search.pareto_tolerance * abs(best.best_metric or 0.0)  # promotable: it has one
     close = [r for r in candidates if _oriented(r, config) - _oriented(best, config) <= allowed]
     return min(close, key=lambda r: (cost(r, config), _oriented(r, config)))
+
+
+def _seed_mean(record: TrialRecord) -> float:
+    spread = seed_spread(record)
+    return spread[0] if spread else math.nan
 
 
 def promotable(records: list[TrialRecord], config: SweepConfig) -> list[TrialRecord]:
@@ -379,7 +384,7 @@ def read_json(path: Path, remedy: str) -> dict[str, Any]:
 
 
 @lru_cache(maxsize=None)
-def _adapter(kind: Any) -> TypeAdapter:
+def _adapter(kind: Any) -> TypeAdapter[Any]:
     return TypeAdapter(kind)
 
 
@@ -400,7 +405,8 @@ def parse_shape(kind: type[T], data: dict[str, Any], path: Path, remedy: str) ->
     """`data` (a file's JSON object) checked against the dataclass or model `kind`; a ConfigError naming the
     file and the first field that does not fit, else the typed value. Keys `kind` does not know are ignored."""
     try:
-        return _adapter(kind).validate_python(data)
+        value: T = _adapter(cast(Any, kind)).validate_python(data)  # a type is hashable; the cache's stub says Hashable
+        return value
     except ValidationError as error:
         raise ConfigError([f"{shape_problem(error)}; {remedy}"], str(path)) from None
 

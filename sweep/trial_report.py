@@ -66,4 +66,5 @@ class TrialReport:
 
     def diverging(self, metric: str, worst: float, reason: str) -> TrialReport:
         """This report as a diverged trial's: the sweep metric at its worst, so schedulers and samplers rank it last."""
-        return dataclasses.replace(self, **{metric: worst}, diverged=True, diverged_reason=reason)
+        worst_metric: dict[str, Any] = {metric: worst}
+        return dataclasses.replace(self, diverged=True, diverged_reason=reason, **worst_metric)

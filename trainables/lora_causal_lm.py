@@ -399,8 +399,8 @@ def _train(config: SweepConfig, params: dict[str, Any], model: Any, train_set: A
             callbacks=[callback],
             optimizers=(loraplus_optimizer(config, model), None),
         )
-        for callback in faults.trainer_callbacks(json.dumps(params, sort_keys=True, default=str), model):
-            trainer.add_callback(callback)  # test hooks: none unless armed
+        for hook in faults.trainer_callbacks(json.dumps(params, sort_keys=True, default=str), model):
+            trainer.add_callback(hook)  # test hooks: none unless armed
         trainer.remove_callback(PrinterCallback)  # reports go to Tune; per-step prints only flood the log
         with reporter.restored_checkpoint() as resume_from:
             # A retried or resumed trial continues from its last checkpoint: weights, optimizer, step, data order.

@@ -263,8 +263,9 @@ class SchedulerConfig(_Strict):
     type: Literal["asha", "promotion_asha", "none"] = Field(
         "promotion_asha", description="`asha`: Ray Tune's asynchronous ASHA (a trial is stopped when it reaches a rung below the "
         "cutoff of the trials that reached it before); `promotion_asha`: a trial pauses at each rung until it is in "
-        "the rung's top 1/reduction_factor (the default: 2.1x less compute than random search to a top-2% result in the "
-        "replay benchmark, against 1.3x for asha; BENCHMARKS.md); `none`: every trial runs to max_steps.")
+        "the rung's top 1/reduction_factor (the default: 2.04x and 1.93x less compute than random search to a top-2% "
+        "result on the replay benchmark's two tables, against 1.26x and 1.00x for asha with the old settings; "
+        "BENCHMARKS.md); `none`: every trial runs to max_steps.")
     grace_period: Optional[Int] = Field(
         None, ge=1, description="Steps every trial runs before the scheduler may stop or pause it; none: one "
         "evaluation (`training.eval_steps`), the first point where trials can be compared.")

@@ -18,7 +18,7 @@ import pandas as pd
 
 from lora_sweep.config import SweepConfig
 from lora_sweep.folder import CONFIRM_FILE
-from lora_sweep.results import TrialRecord, promotable, seed_spread, trial_record, write_atomically
+from lora_sweep.results import TrialRecord, promotable, trial_record, write_atomically
 
 log = logging.getLogger(__name__)
 
@@ -76,15 +76,3 @@ def write_confirm_runs(runs: list[ConfirmRun], sweep_dir: Path, config: SweepCon
     path = sweep_dir / CONFIRM_FILE
     write_atomically(path, pd.DataFrame(rows).to_csv(index=False))
     return path
-
-
-def confirm_summary(records: list[TrialRecord], config: SweepConfig) -> list[dict[str, Any]]:
-    """Per confirmed configuration: its trial, the per-seed metrics, their mean and spread (final_metrics.json)."""
-    summary = []
-    for r in records:
-        spread = seed_spread(r)
-        if spread is not None:
-            summary.append({"trial_id": r.trial_id, "seed_metrics": r.seed_metrics, "mean": spread[0],
-                            "std": spread[1], "seeds": spread[2]})
-    return config.direction.best_first(summary, key=lambda item: item["mean"])
-

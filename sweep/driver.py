@@ -420,7 +420,7 @@ def run_sweep(config: SweepConfig, space: dict[str, Any], data_path: Path, sweep
     check_cluster_resources(config)
     trainable = _bound_trainable(config, data_path, trial_function)
     storage_path, filesystem = _experiment_root(config, sweep_dir)
-    restored = _restored(config, sweep_dir, TUNE_DIR_NAME, trainable) if resume else None
+    restored = _restored(storage_path, filesystem, TUNE_DIR_NAME, trainable, sweep_dir) if resume else None
     if restored is not None:
         # Finished trials stay finished; unfinished ones restart from their last checkpoint; the
         # searcher (and through it the Optuna study) continues from its saved state.
@@ -480,10 +480,10 @@ def run_confirmation(config: SweepConfig, runs: list[dict[str, Any]], data_path:
     start_ray(config)
     check_cluster_resources(config)
     trainable = _bound_trainable(config, data_path, confirm_trainable)
-    restored = _restored(config, sweep_dir, CONFIRM_DIR_NAME, trainable) if resume else None
+    storage_path, filesystem = _experiment_root(config, sweep_dir)
+    restored = _restored(storage_path, filesystem, CONFIRM_DIR_NAME, trainable, sweep_dir) if resume else None
     if restored is not None:
         return _fit(restored, sweep_dir)
-    storage_path, filesystem = _experiment_root(config, sweep_dir)
     at_once = trials_that_fit_the_cluster(config)
     tuner = tune.Tuner(
         trainable,
@@ -525,9 +525,9 @@ def _experiment_root(config: SweepConfig, sweep_dir: Path) -> tuple[str, Any]:
     return (storage.root, storage.filesystem) if storage else (str(sweep_dir.resolve()), None)
 
 
-def _restored(config: SweepConfig, sweep_dir: Path, name: str, trainable: Any) -> tune.Tuner | None:
-    """The Tune experiment `name` of a stopped sweep, ready to continue; None when it never started."""
-    storage_path, filesystem = _experiment_root(config, sweep_dir)
+def _restored(storage_path: str, filesystem: Any, name: str, trainable: Any, sweep_dir: Path) -> tune.Tuner | None:
+    """The Tune experiment `name` under `storage_path` (`_experiment_root`), ready to continue; None when it never
+    started."""
     experiment = f"{storage_path}/{name}"
     if not tune.Tuner.can_restore(experiment, storage_filesystem=filesystem):
         return None

@@ -22,4 +22,4 @@ FINAL_METRICS_FILE = "final_metrics.json"
 EXPORT_DIR = "export"
 REPORT_DIR = "report"
 LOCK_FILE = ".driver.lock"
-MARKER_FILE = ".lora-sweep"  # marks a folder the engine made, locally and in storage (sweep.safety writes it)
+MARKER_FILE = ".lora-sweep"  # marks a folder the engine made, locally and in storage (lora_sweep.safety writes it)

@@ -333,8 +333,6 @@ class ProgressCallback(Callback):
         self.publish(force=True)
 
 
-
-
 @contextlib.contextmanager
 def live_progress(sweep_dir: Path, refresh_seconds: float = 1.0) -> Iterator[None]:
     """While the block runs, the terminal shows the progress table and everything else goes to logs/ray.log.

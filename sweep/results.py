@@ -11,6 +11,7 @@ import json
 import math
 import os
 import shutil
+import statistics
 import tempfile
 from dataclasses import asdict, dataclass, field
 from functools import lru_cache
@@ -57,9 +58,7 @@ def seed_spread(record: TrialRecord) -> Optional[tuple[float, float, int]]:
     values = list(record.seed_metrics.values())
     if not values:
         return None
-    mean = sum(values) / len(values)
-    spread = math.sqrt(sum((v - mean) ** 2 for v in values) / (len(values) - 1)) if len(values) > 1 else 0.0
-    return mean, spread, len(values)
+    return statistics.fmean(values), statistics.stdev(values) if len(values) > 1 else 0.0, len(values)
 
 
 def ended_status(errored: bool, steps_run: int, max_steps: int) -> TrialStatus:

@@ -19,7 +19,6 @@ from lora_sweep.results import ended_status
 from lora_sweep.trial_report import ADAPTER_PARAMS, DIVERGED, SCALARS, STEP
 
 
-
 def hparam_value(value: Any) -> Any:
     """HParams accepts numbers, strings and bools only."""
     return value if isinstance(value, (int, float, str, bool)) else str(value)

@@ -39,9 +39,10 @@ from lora_sweep.direction import Direction
 from lora_sweep.lora import lora_settings, targeted_module_names
 from lora_sweep.placement import cuda_devices_for_trial, loading_kwargs, trial_loading_kwargs
 from lora_sweep.storage import local_prepared_data
+from lora_sweep.search_space import apply_params
 from lora_sweep.testing import faults
 from lora_sweep.trial_report import EVAL_LOSS, NODE_ID, TrialReport
-from lora_sweep.search_space import apply_params
+
 
 class Reporter(Protocol):
     def report(self, metrics: dict[str, Any], checkpoint_dir: Optional[Path]) -> None: ...
@@ -213,7 +214,7 @@ def load_base_model(config: SweepConfig, for_trial: bool = False, spread_over_gp
     """The base model. Outside a trial (final evaluation, export): full precision, on the CPU, or spread over
     this machine's GPUs (`spread_over_gpus`).
 
-    In a trial: placed as `sweep.placement` says for the GPUs Ray gave it: across several GPUs, or in
+    In a trial: placed as `lora_sweep.placement` says for the GPUs Ray gave it: across several GPUs, or in
     4 bits (QLoRA, prepared for k-bit training once per load: norms in float32, base frozen).
     """
     kwargs = (trial_loading_kwargs(config, cuda_devices_for_trial(config)) if for_trial

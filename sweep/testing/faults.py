@@ -130,7 +130,6 @@ def raise_fault(kind: str, step: int) -> None:
     raise InjectedFault(f"injected failure at step {step}")
 
 
-
 class FaultInjector(TrainerCallback):
     """Makes the planned fault happen inside a real trial, at the planned optimizer step."""
 

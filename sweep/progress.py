@@ -21,34 +21,19 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any, Iterator, Literal, Optional, TextIO
 
-from ray.tune import Callback
 from rich.console import Console
 from rich.live import Live
 from rich.text import Text
 
 from lora_sweep.direction import Direction
 from lora_sweep.folder import LOG_FILE, STATUS_FILE
-from lora_sweep.results import (ended_status, parse_shape, read_json, require_sweep_folder, sweep_folder,
-                           write_atomically)
-from lora_sweep.trial_report import DIVERGED, STEP
+from lora_sweep.results import parse_shape, read_json, require_sweep_folder, sweep_folder, write_atomically
+from lora_sweep.tracking import TrialProgress, TrialTracker
 
 log = logging.getLogger(__name__)
 # "exporting": every trial has ended; the best checkpoint is being evaluated on the test split and exported.
 SweepState = Literal["running", "exporting", "finished", "stopped", "failed"]
 ACTIVE_STATES = ("running", "exporting")
-
-
-@dataclass
-class TrialProgress:
-    trial_id: str
-    status: Literal["pending", "running", "completed", "stopped early", "errored"]
-    params: dict[str, Any]
-    step: int = 0
-    last_metric: Optional[float] = None
-    best_metric: Optional[float] = None
-    best_step: Optional[int] = None
-    started_at: Optional[float] = None
-    ended_at: Optional[float] = None
 
 
 @dataclass
@@ -226,7 +211,7 @@ def mark_state(sweep_dir: Path, state: SweepState) -> None:
         write_atomically(path, json.dumps(status.to_json(), indent=1, default=str))
 
 
-class ProgressCallback(Callback):
+class ProgressCallback(TrialTracker):
     """Keeps `status.json` current from Tune's events (the live view and `sweep status` read it).
 
     Writes are atomic: at every trial end, and otherwise at most every `min_interval` seconds.
@@ -236,6 +221,7 @@ class ProgressCallback(Callback):
 
     def __init__(self, sweep_dir: Path, name: str, metric: str, mode: str, num_trials: int, max_concurrent: int,
                  max_steps: int, min_interval: float = 1.0):
+        super().__init__(metric, mode, max_steps)
         self.sweep_dir = Path(sweep_dir)
         self.settings = dict(name=name, metric=metric, mode=mode, num_trials=num_trials,
                              max_concurrent=max_concurrent, max_steps=max_steps)
@@ -243,7 +229,6 @@ class ProgressCallback(Callback):
         self.status: Optional[SweepStatus] = None
         self._written = 0.0
         self._dirty = True
-        self._diverged: set[str] = set()
 
     @staticmethod
     def _previous_status(path: Path) -> Optional[SweepStatus]:
@@ -271,60 +256,30 @@ class ProgressCallback(Callback):
         else:
             self.status = SweepStatus(state="running", started_at=now, updated_at=now, driver_pid=os.getpid(),
                                       **self.settings)
+        self.trials = {trial.trial_id: trial for trial in self.status.trials}  # the tracker's records are the rows
         self.status.state, self.status.driver_pid, self.status.driver_host = "running", os.getpid(), socket.gethostname()
         self.publish(force=True)
-
-    def _trial(self, trial: Any) -> TrialProgress:
-        assert self.status is not None, "Tune calls setup() first"
-        for progress in self.status.trials:
-            if progress.trial_id == trial.trial_id:
-                return progress
-        progress = TrialProgress(trial_id=trial.trial_id, status="pending", params=dict(trial.config))
-        self.status.trials.append(progress)
-        return progress
 
     def publish(self, force: bool = False) -> None:
         now = time.time()
         if self.status is None or (not force and (not self._dirty or now - self._written < self.min_interval)):
             return
+        self.status.trials = list(self.trials.values())
         self.status.updated_at = now
         # Compact: with 1,000 trials the file is rewritten 1,000+ times (BENCHMARKS.md, driver scale).
         write_atomically(self.sweep_dir / STATUS_FILE, json.dumps(self.status.to_json(), default=str))
         self._written, self._dirty = now, False
 
-    def on_trial_start(self, iteration: int, trials: list, trial: Any, **info: Any) -> None:
-        progress = self._trial(trial)
-        progress.status = "running"
-        progress.started_at = progress.started_at or time.time()
-        progress.ended_at = None
+    def log_trial_start(self, trial: Any) -> None:
         self._dirty = True  # written within min_interval; an end is written at once, so none is lost to a kill
         self.publish()
 
-    def on_trial_result(self, iteration: int, trials: list, trial: Any, result: dict, **info: Any) -> None:
-        progress = self._trial(trial)
-        progress.step = int(result.get(STEP, progress.step))
-        if result.get(DIVERGED):
-            self._diverged.add(trial.trial_id)
-        value = result.get(self.settings["metric"])
-        if isinstance(value, (int, float)) and math.isfinite(value) and not result.get(DIVERGED):
-            progress.last_metric = float(value)
-            if Direction(self.settings["mode"]).is_better(float(value), progress.best_metric):
-                progress.best_metric, progress.best_step = float(value), progress.step
+    def log_trial_result(self, iteration: int, trial: Any, result: dict) -> None:
         self._dirty = True
 
-    def _ended(self, trial: Any, status: str) -> None:
-        progress = self._trial(trial)
-        progress.status = status  # type: ignore[assignment]
-        progress.ended_at = time.time()
+    def log_trial_end(self, trial: Any, failed: bool = False) -> None:
         self._dirty = True
         self.publish(force=True)
-
-    def on_trial_complete(self, iteration: int, trials: list, trial: Any, **info: Any) -> None:
-        steps = self._trial(trial).step
-        self._ended(trial, ended_status(trial.trial_id in self._diverged, steps, self.settings["max_steps"]))
-
-    def on_trial_error(self, iteration: int, trials: list, trial: Any, **info: Any) -> None:
-        self._ended(trial, "errored")
 
     def on_step_end(self, iteration: int, trials: list, **info: Any) -> None:
         self.publish()

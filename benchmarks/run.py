@@ -161,9 +161,11 @@ import json, sys, time
 from pathlib import Path
 from lora_sweep.config import load_config
 from lora_sweep.pipeline import preflight, prepare_sweep_dir, _write_data_and_provenance
+from lora_sweep.storage import SweepFolder
 from lora_sweep.driver import run_sweep, start_ray
 config = load_config(sys.argv[1], sys.argv[3:] + [f"output_dir={sys.argv[2]}"])
-space, _, tokenized = preflight(config)
+checked = preflight(config)
+space, tokenized = checked.space, checked.tokenized
 sweep_dir = prepare_sweep_dir(config, overwrite=True)
 record = _write_data_and_provenance(config, tokenized, sweep_dir)
 start_ray(config)
@@ -171,7 +173,7 @@ start_ray(config)
 
 ENGINE = SWEEP_SETUP + r'''
 started = time.perf_counter()
-grid = run_sweep(config, space, Path(record["data_path"]), sweep_dir)
+grid = run_sweep(config, space, Path(record["data_path"]), SweepFolder.of(config))
 wall = time.perf_counter() - started
 print(json.dumps({"wall_seconds": wall, "train_seconds": [r.metrics.get("train_seconds", 0.0) for r in grid],
                   "trial_dirs": [str(r.path) for r in grid]}))
@@ -245,6 +247,7 @@ from pathlib import Path
 from ray import tune
 from lora_sweep.config import load_config
 from lora_sweep.pipeline import preflight, prepare_sweep_dir, _write_data_and_provenance
+from lora_sweep.storage import SweepFolder
 from lora_sweep.driver import run_sweep, start_ray
 
 def no_training(params, base_config, data_path):
@@ -254,12 +257,13 @@ trials = int(sys.argv[3])
 config = load_config(sys.argv[1], [f"output_dir={sys.argv[2]}", f"search.num_trials={trials}", "search.space=lr_only",
                                    "ray.num_cpus=2", "training.max_steps=1", "training.eval_steps=1",
                                    "scheduler.grace_period=1"])
-space, _, tokenized = preflight(config)
+checked = preflight(config)
+space, tokenized = checked.space, checked.tokenized
 sweep_dir = prepare_sweep_dir(config, overwrite=True)
 record = _write_data_and_provenance(config, tokenized, sweep_dir)
 start_ray(config)
 started = time.perf_counter()
-grid = run_sweep(config, space, Path(record["data_path"]), sweep_dir, trial_function=no_training)
+grid = run_sweep(config, space, Path(record["data_path"]), SweepFolder.of(config), trial_function=no_training)
 wall = time.perf_counter() - started
 print(json.dumps({"trials": len(grid), "wall_seconds": wall,
                   "peak_rss_mb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024}))

@@ -14,13 +14,12 @@ from dataclasses import replace
 from pathlib import Path
 from typing import Optional
 
-import pyarrow.fs as pafs
 from pyarrow import ArrowException
 
 from lora_sweep.config import ConfigError, SweepConfig
 from lora_sweep.folder import CONFIRM_DIR_NAME, TUNE_DIR_NAME
 from lora_sweep.results import TrialRecord
-from lora_sweep.storage import open_storage, tree_bytes
+from lora_sweep.storage import SweepFolder, tree_bytes
 
 log = logging.getLogger(__name__)
 
@@ -84,7 +83,7 @@ def check_free_space(config: SweepConfig, needs: dict[str, int], concurrent: int
 
 
 def prune_checkpoints(records: list[TrialRecord], best: TrialRecord, config: SweepConfig,
-                      sweep_dir: Path) -> list[TrialRecord]:
+                      folder: SweepFolder) -> list[TrialRecord]:
     """Delete every checkpoint but the promoted one and the sweep's `checkpoints.keep` best; update bytes.
 
     Checkpoints are where Tune stored them: the local sweep folder, or the sweep's storage.
@@ -92,13 +91,9 @@ def prune_checkpoints(records: list[TrialRecord], best: TrialRecord, config: Swe
     everything = [(c["metric"], c["path"]) for r in records for c in r.checkpoints]
     everything = config.direction.best_first(everything, key=lambda item: item[0])
     keep = {path for _, path in everything[: config.checkpoints.keep]} | {best.best_checkpoint}
-    storage = open_storage(config)
-    experiments = (TUNE_DIR_NAME, CONFIRM_DIR_NAME)
-    if storage is None:
-        filesystem: pafs.FileSystem = pafs.LocalFileSystem()
-        roots, normal = [str((sweep_dir / name).resolve()) for name in experiments], lambda p: str(Path(p).resolve())
-    else:
-        filesystem, roots, normal = storage.filesystem, [storage.path(name) for name in experiments], os.path.normpath
+    filesystem = folder.filesystem
+    roots = [folder.experiment_path(name) for name in (TUNE_DIR_NAME, CONFIRM_DIR_NAME)]
+    normal = os.path.normpath if folder.storage else lambda p: str(Path(p).resolve())
     pruned = []
     for record in records:
         kept = []

@@ -26,14 +26,14 @@ from ray.tune import Callback
 from ray.tune.schedulers import ASHAScheduler, FIFOScheduler
 from ray.tune.search.optuna import OptunaSearch
 
-from lora_sweep.folder import BUDGET_FILE, CONFIG_FILE, CONFIRM_DIR_NAME, STUDY_FILE, TUNE_DIR_NAME
+from lora_sweep.folder import BUDGET_FILE, CONFIG_FILE, CONFIRM_DIR_NAME, STUDY_FILE, TENSORBOARD_DIR, TUNE_DIR_NAME
 from lora_sweep.schedulers import KeepResultsAcrossPauses, PausingConcurrencyLimiter, PromotionASHA
 from lora_sweep.safety import check_state_files_are_ours, recover_truncated_tune_snapshot
 from lora_sweep.signals import SweepInterrupted, ctrl_c_handler_kept, sigterm_stops_like_ctrl_c
 from lora_sweep.config import ConfigError, SweepConfig, cut, read_yaml, shown
 from lora_sweep.progress import ProgressCallback
 from lora_sweep.results import read_json
-from lora_sweep.storage import open_storage
+from lora_sweep.storage import SweepFolder
 from lora_sweep.tensorboard_logs import TensorBoardCallback
 from lora_sweep.testing import faults
 from lora_sweep.trial_report import DIVERGED, STEP
@@ -409,7 +409,7 @@ def check_cluster_resources(config: SweepConfig) -> None:
         )
 
 
-def run_sweep(config: SweepConfig, space: dict[str, Any], data_path: Path, sweep_dir: Path, resume: bool = False,
+def run_sweep(config: SweepConfig, space: dict[str, Any], data_path: Path, folder: SweepFolder, resume: bool = False,
               trial_function: Callable[..., None] = tune_trainable, seeds: list[dict[str, Any]] | None = None) -> Any:
     """Run every trial (or continue a stopped sweep); returns Ray Tune's ResultGrid.
 
@@ -418,15 +418,16 @@ def run_sweep(config: SweepConfig, space: dict[str, Any], data_path: Path, sweep
     """
     start_ray(config)
     check_cluster_resources(config)
-    trainable = _bound_trainable(config, data_path, trial_function)
-    storage_path, filesystem = _experiment_root(config, sweep_dir)
+    sweep_dir = folder.local
+    trainable = _bound_trainable(config, data_path, folder, trial_function)
+    storage_path, filesystem = folder.experiment_root()
     restored = _restored(storage_path, filesystem, TUNE_DIR_NAME, trainable, sweep_dir) if resume else None
     if restored is not None:
         # Finished trials stay finished; unfinished ones restart from their last checkpoint; the
         # searcher (and through it the Optuna study) continues from its saved state.
         return _fit(restored, sweep_dir)
     callbacks: list[Callback] = [
-        TensorBoardCallback(sweep_dir / "tensorboard", config.search.metric, config.search.mode,
+        TensorBoardCallback(sweep_dir / TENSORBOARD_DIR, config.search.metric, config.search.mode,
                             config.training.max_steps),
         ProgressCallback(sweep_dir, config.name, config.search.metric, config.search.mode, config.search.num_trials,
                          config.search.max_concurrent_trials, config.training.max_steps),
@@ -473,14 +474,15 @@ def run_sweep(config: SweepConfig, space: dict[str, Any], data_path: Path, sweep
     return _fit(tuner, sweep_dir)
 
 
-def run_confirmation(config: SweepConfig, runs: list[dict[str, Any]], data_path: Path, sweep_dir: Path,
+def run_confirmation(config: SweepConfig, runs: list[dict[str, Any]], data_path: Path, folder: SweepFolder,
                      resume: bool = False) -> Any:
     """Train `promotion.confirm`'s runs ({"of", "seed", "params"} each) to the end, side by side as trials fit,
     as the Tune experiment `confirm` beside the sweep's own; returns its ResultGrid. A stopped one continues."""
     start_ray(config)
     check_cluster_resources(config)
-    trainable = _bound_trainable(config, data_path, confirm_trainable)
-    storage_path, filesystem = _experiment_root(config, sweep_dir)
+    sweep_dir = folder.local
+    trainable = _bound_trainable(config, data_path, folder, confirm_trainable)
+    storage_path, filesystem = folder.experiment_root()
     restored = _restored(storage_path, filesystem, CONFIRM_DIR_NAME, trainable, sweep_dir) if resume else None
     if restored is not None:
         return _fit(restored, sweep_dir)
@@ -508,25 +510,20 @@ def _confirm_run_folder(trial: Any) -> str:
     return f"{run['of']}_seed{run['seed']}_{trial.trial_id}"
 
 
-def _bound_trainable(config: SweepConfig, data_path: Path, trial_function: Callable[..., None]) -> Any:
+def _bound_trainable(config: SweepConfig, data_path: Path, folder: SweepFolder,
+                     trial_function: Callable[..., None]) -> Any:
     """The trial function with the sweep's config, its prepared data and each trial's resources."""
-    storage = open_storage(config)
     parameters: dict[str, Any] = {"base_config": config.model_dump(mode="json"), "data_path": str(data_path)}
-    if storage is not None:  # nodes that do not see the driver's disk fetch the prepared data from storage
-        parameters["data_in_storage"] = storage.path("data", Path(data_path).name)
+    data_in_storage = folder.prepared_data_in_storage(data_path)
+    if data_in_storage is not None:  # nodes that do not see the driver's disk fetch the prepared data from storage
+        parameters["data_in_storage"] = data_in_storage
     return tune.with_resources(
         tune.with_parameters(trial_function, **parameters), {"cpu": config.resources.cpu, "gpu": config.resources.gpu},
     )
 
 
-def _experiment_root(config: SweepConfig, sweep_dir: Path) -> tuple[str, Any]:
-    """Where Tune keeps a sweep's experiments: the sweep folder, or <storage>/<name>/ written straight from each node."""
-    storage = open_storage(config)
-    return (storage.root, storage.filesystem) if storage else (str(sweep_dir.resolve()), None)
-
-
 def _restored(storage_path: str, filesystem: Any, name: str, trainable: Any, sweep_dir: Path) -> tune.Tuner | None:
-    """The Tune experiment `name` under `storage_path` (`_experiment_root`), ready to continue; None when it never
+    """The Tune experiment `name` under `storage_path` (`SweepFolder.experiment_root`), ready to continue; None when it never
     started."""
     experiment = f"{storage_path}/{name}"
     if not tune.Tuner.can_restore(experiment, storage_filesystem=filesystem):

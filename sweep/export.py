@@ -14,20 +14,19 @@ from pathlib import Path
 from typing import Any
 
 import peft
-import pyarrow.fs as pafs
 import torch
 from transformers import AutoModelForCausalLM
 
 from lora_sweep.config import REWRITES_BASE_WEIGHTS, PromotionConfig, SweepConfig, config_to_yaml
 from lora_sweep.data import load_prepared, prompt_token_ids
 from lora_sweep.evaluate import EvalMetrics, evaluate_model
-from lora_sweep.folder import CONFIRM_FILE, EXPORT_DIR, FINAL_METRICS_FILE
+from lora_sweep.folder import CONFIRM_FILE, EXPORT_DIR, FINAL_METRICS_FILE, MERGED_DIR
 from lora_sweep.lora import lora_settings
 from lora_sweep.placement import visible_gpus
 from lora_sweep.driver import budget_spent
 from lora_sweep.results import (TrialRecord, cost, promotion_rule, replace_folder, seed_spread, sweep_totals, write_atomically)
 from lora_sweep.search_space import apply_params
-from lora_sweep.storage import is_directory, local_checkpoint, open_storage
+from lora_sweep.storage import SweepFolder, is_directory
 from lora_sweep.trainables.lora_causal_lm import load_base_model, load_tokenizer
 
 VERIFY_PROMPTS = 4
@@ -174,14 +173,12 @@ def save_adapter(tuned_model: Any, trial_config: SweepConfig, directory: Path) -
         tuned_model.save_pretrained(directory, path_initial_model_for_weight_conversion=str(Path(scratch) / "initial"))
 
 
-def finalize(sweep_dir: Path, config: SweepConfig, best: TrialRecord, data_path: Path,
+def finalize(folder: SweepFolder, config: SweepConfig, best: TrialRecord, data_path: Path,
              provenance: dict[str, Any]) -> FinalReport:
     """Evaluate base and promoted models on the test split, write final_metrics.json, export and verify."""
-    storage = open_storage(config)
-    filesystem = storage.filesystem if storage else pafs.LocalFileSystem()
-    if not best.best_checkpoint or not is_directory(filesystem, best.best_checkpoint):
-        where = f" in {storage.uri}" if storage else ""
-        raise FileNotFoundError(f"the promoted checkpoint {best.best_checkpoint}{where} is missing")
+    sweep_dir = folder.local
+    if not best.best_checkpoint or not is_directory(folder.filesystem, best.best_checkpoint):
+        raise FileNotFoundError(f"the promoted checkpoint {best.best_checkpoint}{folder.where()} is missing")
     trial_config = apply_params(config, best.params)
     tokenizer = load_tokenizer(trial_config)
     test_set = load_prepared(data_path)["test"]
@@ -197,7 +194,7 @@ def finalize(sweep_dir: Path, config: SweepConfig, best: TrialRecord, data_path:
         base_model = base_model.to("cuda")
     base_metrics = evaluate_model(base_model, tokenizer, test_set, **settings)
     # For PiSSA / OLoRA, loading redoes the init's decomposition: the base becomes the residual the trial trained on.
-    with local_checkpoint(best.best_checkpoint, storage) as checkpoint:  # fetched from storage when there
+    with folder.local_checkpoint(best.best_checkpoint) as checkpoint:  # fetched from storage when there
         tuned_model = peft.PeftModel.from_pretrained(base_model, str(checkpoint))
     tuned_metrics = evaluate_model(tuned_model, tokenizer, test_set, **settings)
     totals = {**sweep_totals(sweep_dir), "budget_spent": budget_spent(sweep_dir)}
@@ -231,12 +228,12 @@ def _export(sweep_dir: Path, config: SweepConfig, best: TrialRecord, trial_confi
     if gpus >= 2:
         tuned_model = peft.PeftModel.from_pretrained(load_base_model(trial_config), staging / "adapter")
     tuned_model = tuned_model.to("cpu")
-    tuned_model.merge_and_unload().save_pretrained(staging / "merged", safe_serialization=True)
-    tokenizer.save_pretrained(staging / "merged")
+    tuned_model.merge_and_unload().save_pretrained(staging / MERGED_DIR, safe_serialization=True)
+    tokenizer.save_pretrained(staging / MERGED_DIR)
 
     # Verify from disk, as a user would load them: plain transformers vs base + adapter.
     prompts = prompt_token_ids(test_set.select(range(min(VERIFY_PROMPTS, len(test_set)))))
-    merged = AutoModelForCausalLM.from_pretrained(staging / "merged", trust_remote_code=config.model.trust_remote_code).eval()
+    merged = AutoModelForCausalLM.from_pretrained(staging / MERGED_DIR, trust_remote_code=config.model.trust_remote_code).eval()
     adapter = peft.PeftModel.from_pretrained(load_base_model(trial_config), staging / "adapter").eval()
     difference = max_logit_difference(merged, adapter, prompts)
     tolerance = verify_tolerance(config, merged)

@@ -19,12 +19,13 @@ from transformers.utils import logging as transformers_logging
 from safetensors import SafetensorError
 
 from lora_sweep.config import ConfigError, SweepConfig, cut
+from lora_sweep.folder import EXPORT_DIR, MERGED_DIR
 from lora_sweep.data import check_text_columns, read_table, row_to_example
 from lora_sweep.pipeline import load_sweep
 from lora_sweep.placement import model_positions
 from lora_sweep.templates import Example, prompt_renderer, tokenizer_adds_special_tokens
 
-EXPORT_MODEL = Path("export") / "merged"
+EXPORT_MODEL = Path(EXPORT_DIR) / MERGED_DIR
 
 
 def load_exported(sweep_dir: Path) -> tuple[SweepConfig, Any, Any]:

@@ -37,7 +37,7 @@ from lora_sweep.confirm import ConfirmRun, confirm_plan, confirm_runs, with_seed
 from lora_sweep.driver import (budget_spent, check_cluster_address, check_study, concurrent_trials, local_ray_resources,
                                run_confirmation, run_sweep)
 from lora_sweep.export import FinalReport, finalize
-from lora_sweep.folder import CONFIG_FILE, MARKER_FILE, PROVENANCE_FILE, STUDY_FILE
+from lora_sweep.folder import CONFIG_FILE, DATA_DIR, MARKER_FILE, PROVENANCE_FILE, STUDY_FILE
 from lora_sweep.testing import faults
 from lora_sweep.testing.faults import check_test_hooks
 from lora_sweep.lora import largest_adapter, resolve_target_modules
@@ -49,7 +49,7 @@ from lora_sweep.results import (TrialRecord, promote, read_best, read_json, read
 from lora_sweep.safety import (check_state_files_are_ours, clear_sweep_folder, driver_lock, holds_anything, is_sweep_folder, mark_stored_sweep_folder, mark_sweep_folder, stored_sweep_id, sweep_id)
 from lora_sweep.search_space import apply_params, build_search_space
 from lora_sweep.signals import SweepInterrupted
-from lora_sweep.storage import check_storage, fetch_trial_results, holds_files, mirror_to_storage, open_storage
+from lora_sweep.storage import SweepFolder, check_storage, open_storage
 from lora_sweep.warm_start import warm_start_points
 from lora_sweep.trainables.lora_causal_lm import load_tokenizer
 
@@ -241,14 +241,14 @@ def check_sweep_dir_free(config: SweepConfig, overwrite: bool) -> None:
     into this sweep's report and never be pruned. A folder without the engine's marker is never deleted, and
     storage is replaced only when its marker is the one of this local sweep folder (not another machine's
     sweep of the same name, which may be running)."""
-    sweep_dir = config.sweep_dir
-    storage = open_storage(config)
+    folder = SweepFolder.of(config)
+    sweep_dir, storage = folder.local, folder.storage
     local_taken = holds_anything(sweep_dir)
-    stored_taken = storage is not None and holds_files(storage)
+    stored_taken = folder.stored_files()
     if local_taken and not is_sweep_folder(sweep_dir):
         raise ConfigError([f"`name`: {sweep_dir} exists and was not created by lora-sweep (no {MARKER_FILE} in it): "
                            "it is never replaced or deleted; pick another `name` or `output_dir`"], "output")
-    if stored_taken:
+    if storage is not None and stored_taken:
         stored = stored_sweep_id(storage.filesystem, storage.root)
         if stored is None:
             raise ConfigError([f"`name`: {storage.path()} in storage holds files that lora-sweep did not write (no "
@@ -270,12 +270,12 @@ def prepare_sweep_dir(config: SweepConfig, overwrite: bool) -> Path:
     Called with the driver lock held, after `check_sweep_dir_free`: each delete re-checks the marker.
     """
     check_sweep_dir_free(config, overwrite)
-    sweep_dir = config.sweep_dir
-    storage = open_storage(config)
+    folder = SweepFolder.of(config)
+    sweep_dir, storage = folder.local, folder.storage
     if overwrite:
         if is_sweep_folder(sweep_dir):
             clear_sweep_folder(sweep_dir)
-        if storage is not None and holds_files(storage):
+        if storage is not None and folder.stored_files():
             storage.filesystem.delete_dir_contents(storage.root)  # its marker is this folder's: checked above
     sweep_dir.mkdir(parents=True, exist_ok=True)
     new_id = mark_sweep_folder(sweep_dir, config.name)
@@ -286,7 +286,7 @@ def prepare_sweep_dir(config: SweepConfig, overwrite: bool) -> Path:
 
 def _write_data_and_provenance(config: SweepConfig, tokenized: TokenizedData, sweep_dir: Path) -> dict[str, Any]:
     faults.stall_if_asked("data_preparation", sweep_dir)
-    prepared = save_prepared(tokenized, sweep_dir / "data")
+    prepared = save_prepared(tokenized, sweep_dir / DATA_DIR)
     record = provenance(config.seed, prepared.data_hash, prepared.counts)
     record["data_path"] = str(prepared.path.resolve())
     record["rows_dropped"] = prepared.dropped
@@ -302,10 +302,10 @@ def run(config: SweepConfig, overwrite: bool = False, live: bool = False) -> Swe
     seeds = warm_start_seeds(config, space)
     check_sweep_dir_free(config, overwrite)
     with driver_lock(config.sweep_dir, "sweep run --overwrite" if overwrite else "sweep run"), stopped_as(config.sweep_dir):
-        sweep_dir = prepare_sweep_dir(config, overwrite)
-        write_atomically(sweep_dir / CONFIG_FILE, config_to_yaml(config))
-        record = _write_data_and_provenance(config, tokenized, sweep_dir)
-        return _tune_and_finish(config, space, sweep_dir, record, resume=False, live=live, seeds=seeds)
+        folder = SweepFolder(prepare_sweep_dir(config, overwrite), open_storage(config))
+        write_atomically(folder.local / CONFIG_FILE, config_to_yaml(config))
+        record = _write_data_and_provenance(config, tokenized, folder.local)
+        return _tune_and_finish(config, space, folder, record, resume=False, live=live, seeds=seeds)
 
 
 @contextlib.contextmanager
@@ -349,18 +349,17 @@ def _resume_locked(config: SweepConfig, space: dict[str, od.BaseDistribution], t
             )
     else:
         record = _write_data_and_provenance(config, tokenized, sweep_dir)
-    return _tune_and_finish(config, space, sweep_dir, record, resume=True, live=live, seeds=seeds)
+    return _tune_and_finish(config, space, SweepFolder.of(config, sweep_dir), record, resume=True, live=live, seeds=seeds)
 
 
-def _tune_and_finish(config: SweepConfig, space: dict[str, od.BaseDistribution], sweep_dir: Path,
+def _tune_and_finish(config: SweepConfig, space: dict[str, od.BaseDistribution], folder: SweepFolder,
                      record: dict[str, Any], resume: bool, live: bool, seeds: list[dict[str, Any]] | None = None) -> SweepOutcome:
     state: SweepState = "failed"
-    storage = open_storage(config)
-    if storage is not None:  # config, provenance and the prepared data, before any trial needs them
-        mirror_to_storage(sweep_dir, storage)
+    sweep_dir = folder.local
+    folder.mirror()  # config, provenance and the prepared data reach storage before any trial needs them
     with live_progress(sweep_dir) if live else contextlib.nullcontext():
         try:
-            outcome = _tune_and_export(config, space, sweep_dir, record, resume, seeds)
+            outcome = _tune_and_export(config, space, folder, record, resume, seeds)
             state = "finished"
         except (SweepInterrupted, KeyboardInterrupt):  # a second Ctrl-C, or one during export: still resumable
             state = "stopped"
@@ -370,24 +369,22 @@ def _tune_and_finish(config: SweepConfig, space: dict[str, od.BaseDistribution],
                 mark_state(sweep_dir, state)
             except (OSError, ValueError) as error:  # never hide the sweep's own error behind this one (a damaged file)
                 log.warning("could not record the sweep's state in status.json: %s", error)
-            if storage is not None:  # however the sweep ended, storage gets what the driver has
+            if folder.storage is not None:  # however the sweep ended, storage gets what the driver has
                 try:
-                    mirror_to_storage(sweep_dir, storage)
+                    folder.mirror()
                 except (OSError, ArrowException) as error:
-                    log.warning("could not copy the sweep folder to %s: %s", storage.uri, error)
+                    log.warning("could not copy the sweep folder to %s: %s", folder.storage.uri, error)
     return outcome
 
 
-def _tune_and_export(config: SweepConfig, space: dict[str, od.BaseDistribution], sweep_dir: Path,
+def _tune_and_export(config: SweepConfig, space: dict[str, od.BaseDistribution], folder: SweepFolder,
                      record: dict[str, Any], resume: bool, seeds: list[dict[str, Any]] | None = None) -> SweepOutcome:
-    data_path = Path(record["data_path"])
+    sweep_dir, data_path = folder.local, Path(record["data_path"])
     ours = not ray.is_initialized()  # a Ray the caller started is the caller's to stop
     try:
-        result_grid = run_sweep(config, space, data_path, sweep_dir, resume=resume, seeds=seeds)
+        result_grid = run_sweep(config, space, data_path, folder, resume=resume, seeds=seeds)
         records = [trial_record(result, config) for result in result_grid]
-        storage = open_storage(config)
-        if storage is not None:  # trials' result files beside the driver's own, for `sweep report`
-            fetch_trial_results(storage, sweep_dir)
+        folder.fetch_trial_results()  # trials' result files (in storage when there is one) for `sweep report`
         write_leaderboard(records, sweep_dir, config)
         ended = result_grid.num_terminated + result_grid.num_errors
         budget = budget_spent(sweep_dir)
@@ -398,7 +395,7 @@ def _tune_and_export(config: SweepConfig, space: dict[str, od.BaseDistribution],
                 f"the sweep stopped with {ended} of {config.search.num_trials} trials ended; "
                 f"its state is saved: continue with `sweep resume {sweep_dir}`"
             )
-        runs = _confirm(config, records, data_path, sweep_dir, resume, budget)
+        runs = _confirm(config, records, data_path, folder, resume, budget)
     finally:
         # Ray's part is done: its workers (and the base models they keep) free their memory before the
         # final evaluation loads models here, and no late worker log reaches the terminal after the live view.
@@ -411,9 +408,9 @@ def _tune_and_export(config: SweepConfig, space: dict[str, od.BaseDistribution],
     write_best(best, sweep_dir)
     mark_state(sweep_dir, "exporting")
     faults.stall_if_asked("export", sweep_dir)
-    final = finalize(sweep_dir, config, best, data_path, record)
+    final = finalize(folder, config, best, data_path, record)
     # The confirm runs' checkpoints compete for `checkpoints.keep` with the trials' (a luckier seed's adapter).
-    pruned = prune_checkpoints(records + [run.record for run in runs], best, config, sweep_dir)
+    pruned = prune_checkpoints(records + [run.record for run in runs], best, config, folder)
     records, kept = pruned[:len(records)], pruned[len(records):]
     write_leaderboard(records, sweep_dir, config)
     if runs:
@@ -421,7 +418,7 @@ def _tune_and_export(config: SweepConfig, space: dict[str, od.BaseDistribution],
     return SweepOutcome(sweep_dir, records, final)
 
 
-def _confirm(config: SweepConfig, records: list[TrialRecord], data_path: Path, sweep_dir: Path, resume: bool,
+def _confirm(config: SweepConfig, records: list[TrialRecord], data_path: Path, folder: SweepFolder, resume: bool,
              budget: str | None) -> list[ConfirmRun]:
     """`promotion.confirm`'s runs (none when it is off), trained before promotion; confirm.csv lists them."""
     plan = confirm_plan(records, config)
@@ -433,8 +430,8 @@ def _confirm(config: SweepConfig, records: list[TrialRecord], data_path: Path, s
     confirm = config.promotion.confirm
     log.info("promotion.confirm: training the top %d configurations with %d more seed(s) each (%d runs)",
              len(plan) // confirm.seeds, confirm.seeds, len(plan))
-    runs = confirm_runs(run_confirmation(config, plan, data_path, sweep_dir, resume=resume), config)
-    write_confirm_runs(runs, sweep_dir, config)
+    runs = confirm_runs(run_confirmation(config, plan, data_path, folder, resume=resume), config)
+    write_confirm_runs(runs, folder.local, config)
     return runs
 
 
@@ -479,9 +476,8 @@ def export(sweep_dir: Path) -> FinalReport:
     apply_params(config, best.params)  # the promoted trial's config is valid
     read_leaderboard(sweep_dir)  # its totals go into the model card
     budget_spent(sweep_dir)
-    with driver_lock(Path(sweep_dir), "sweep export"):
-        final = finalize(Path(sweep_dir), config, best, Path(record["data_path"]), record)
-    storage = open_storage(config)
-    if storage is not None:  # storage gets the new export too
-        mirror_to_storage(Path(sweep_dir), storage)
+    folder = SweepFolder.of(config, Path(sweep_dir))
+    with driver_lock(folder.local, "sweep export"):
+        final = finalize(folder, config, best, Path(record["data_path"]), record)
+    folder.mirror()  # storage gets the new export too
     return final

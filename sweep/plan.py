@@ -15,7 +15,7 @@ from lora_sweep.disk import human_bytes
 from lora_sweep.pipeline import preflight
 from lora_sweep.safety import holds_anything, is_sweep_folder
 from lora_sweep.search_space import describe
-from lora_sweep.storage import open_storage
+from lora_sweep.storage import SweepFolder
 from lora_sweep.warm_start import warm_start_points
 
 
@@ -72,7 +72,7 @@ def expected_steps(config: SweepConfig, rungs: list[int]) -> int:
 def make_plan(config: SweepConfig) -> SweepPlan:
     checked = preflight(config, probe_storage=False)
     space, tokenized = checked.space, checked.tokenized
-    storage = open_storage(config)
+    storage = SweepFolder.of(config).storage
     warm = warm_start_points(config, space)
     rungs = asha_rungs(config)
     factor = f"{config.scheduler.reduction_factor:g}"

@@ -25,7 +25,7 @@ import pyarrow as pa
 import pyarrow.fs as pafs
 
 from lora_sweep.config import ConfigError, SweepConfig, redact_uri
-from lora_sweep.folder import CONFIRM_DIR_NAME, MARKER_FILE, TUNE_DIR_NAME
+from lora_sweep.folder import CONFIRM_DIR_NAME, DATA_DIR, MARKER_FILE, TUNE_DIR_NAME
 
 # Tune's per-trial files the driver reads back (report, learning curves); checkpoints stay in storage.
 TRIAL_RESULT_FILES = ("result.json", "params.json", "progress.csv")
@@ -51,6 +51,65 @@ def open_storage(config: SweepConfig) -> Optional[Storage]:
         reason = _first_line(error).replace(config.storage, redact_uri(config.storage))
         raise ConfigError([f"`storage`: cannot open {redact_uri(config.storage)!r}: {reason}"], "output") from None
     return Storage(filesystem, f"{base.rstrip('/')}/{config.name}", redact_uri(config.storage))
+
+
+@dataclass(frozen=True)
+class SweepFolder:
+    """One sweep's folder: the local folder the driver works in and its storage, opened once per command.
+
+    As Ray's `StorageContext` does for a run: everything that asks where a sweep's experiments, checkpoints
+    and mirrored files are goes through this object; the names of the files in it are in `lora_sweep.folder`.
+    """
+
+    local: Path
+    storage: Optional[Storage]  # None: no `storage`, everything stays in `local`
+
+    @classmethod
+    def of(cls, config: SweepConfig, local: Optional[Path] = None) -> SweepFolder:
+        """The folder of `config`'s sweep (at `local` when given: a resumed sweep's folder may have moved)."""
+        return cls(Path(local) if local is not None else config.sweep_dir, open_storage(config))
+
+    @property
+    def filesystem(self) -> pafs.FileSystem:
+        """Where the trials' checkpoints are: the storage's filesystem, or the local disk."""
+        return self.storage.filesystem if self.storage else pafs.LocalFileSystem()
+
+    def experiment_root(self) -> tuple[str, Optional[pafs.FileSystem]]:
+        """Where Tune keeps the sweep's experiments (tune/, confirm/): `<storage>/<name>/`, written straight from
+        each node, or the local folder (the filesystem is then None: Tune's own local default)."""
+        if self.storage is not None:
+            return self.storage.root, self.storage.filesystem
+        return str(self.local.resolve()), None
+
+    def experiment_path(self, name: str) -> str:
+        """An experiment's folder (TUNE_DIR_NAME, CONFIRM_DIR_NAME) as `filesystem` spells its paths."""
+        return self.storage.path(name) if self.storage else str((self.local / name).resolve())
+
+    def prepared_data_in_storage(self, data_path: Path) -> Optional[str]:
+        """Where nodes that do not see the driver's disk fetch the prepared data from (None without storage)."""
+        return self.storage.path(DATA_DIR, Path(data_path).name) if self.storage else None
+
+    def where(self) -> str:
+        """` in <storage uri>` for messages about a path in storage, else nothing."""
+        return f" in {self.storage.uri}" if self.storage else ""
+
+    def mirror(self) -> None:
+        """The local folder copied to storage (`mirror_to_storage`); nothing without storage."""
+        if self.storage is not None:
+            mirror_to_storage(self.local, self.storage)
+
+    def fetch_trial_results(self) -> None:
+        """Tune's per-trial result files from storage into the local folder; nothing without storage."""
+        if self.storage is not None:
+            fetch_trial_results(self.storage, self.local)
+
+    def local_checkpoint(self, path: str) -> contextlib.AbstractContextManager[Path]:
+        """A checkpoint of this sweep on the local disk (a temporary copy when it is in storage)."""
+        return local_checkpoint(path, self.storage)
+
+    def stored_files(self) -> bool:
+        """Whether the sweep's folder in storage holds anything (False without storage)."""
+        return self.storage is not None and holds_files(self.storage)
 
 
 def _first_line(error: BaseException) -> str:
@@ -104,9 +163,9 @@ def mirror_to_storage(sweep_dir: Path, storage: Storage) -> None:
     for entry in sorted(Path(sweep_dir).iterdir()):
         if entry.name in (TUNE_DIR_NAME, CONFIRM_DIR_NAME) or entry.name.startswith("."):
             continue
-        if entry.name == "data" and entry.is_dir():
+        if entry.name == DATA_DIR and entry.is_dir():
             for prepared in sorted(entry.iterdir()):
-                if not prepared.name.startswith(".") and not _exists(storage.filesystem, storage.path("data", prepared.name)):
+                if not prepared.name.startswith(".") and not _exists(storage.filesystem, storage.path(DATA_DIR, prepared.name)):
                     _upload(prepared, storage, storage.path("data", prepared.name))
             continue
         _upload(entry, storage, storage.path(entry.name))

@@ -10,6 +10,7 @@ from lora_sweep import export
 from lora_sweep.config import load_config
 from lora_sweep.data import prepare_data
 from lora_sweep.results import TrialRecord
+from lora_sweep.storage import SweepFolder
 from lora_sweep.trainables.lora_causal_lm import ListReporter, load_tokenizer, run_trial
 
 
@@ -36,7 +37,7 @@ def test_export_on_a_machine_with_two_gpus_merges_a_fresh_cpu_copy(trained, monk
     merge takes a fresh CPU copy instead of moving the spread model. Here the GPUs are pretended: every base
     loads on the CPU, and the export must equal the one made the plain way."""
     config, best, data_path = trained
-    export.finalize(config.sweep_dir, config, best, data_path, {})
+    export.finalize(SweepFolder.of(config), config, best, data_path, {})
     plain = exported_logits(config)
 
     spread_requests = []
@@ -48,7 +49,7 @@ def test_export_on_a_machine_with_two_gpus_merges_a_fresh_cpu_copy(trained, monk
 
     monkeypatch.setattr(export, "visible_gpus", lambda: 2)
     monkeypatch.setattr(export, "load_base_model", load_on_the_cpu)
-    final = export.finalize(config.sweep_dir, config, best, data_path, {})
+    final = export.finalize(SweepFolder.of(config), config, best, data_path, {})
     # The evaluation base spread over both GPUs; a fresh CPU copy for the merge; one for the verification.
     assert spread_requests == [True, False, False]
     assert final.max_logit_difference <= 1e-4
@@ -60,7 +61,7 @@ def test_a_full_disk_during_export_leaves_the_previous_export_and_no_partial_one
     import errno
 
     config, best, data_path = trained
-    export.finalize(config.sweep_dir, config, best, data_path, {})
+    export.finalize(SweepFolder.of(config), config, best, data_path, {})
     before = {p.relative_to(config.sweep_dir): p.read_bytes() for p in (config.sweep_dir / "export").rglob("*")
               if p.is_file()}
 
@@ -69,7 +70,7 @@ def test_a_full_disk_during_export_leaves_the_previous_export_and_no_partial_one
 
     monkeypatch.setattr(export, "config_to_yaml", disk_full)  # the last file the export writes
     with pytest.raises(OSError) as caught:
-        export.finalize(config.sweep_dir, config, best, data_path, {})
+        export.finalize(SweepFolder.of(config), config, best, data_path, {})
     assert caught.value.errno == errno.ENOSPC
     after = {p.relative_to(config.sweep_dir): p.read_bytes() for p in (config.sweep_dir / "export").rglob("*")
              if p.is_file()}

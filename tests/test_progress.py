@@ -195,6 +195,7 @@ def test_live_progress_gives_the_terminal_back_after_an_error(tmp_path):
 def test_ctrl_c_during_a_sweep_is_recorded_as_stopped(tmp_path, monkeypatch, raw_config, write_config):
     from lora_sweep import pipeline
     from lora_sweep.config import load_config
+    from lora_sweep.storage import SweepFolder
 
     callback = ProgressCallback(tmp_path, "demo", "eval_loss", "min", 2, 1, 10)
     callback.setup()
@@ -204,5 +205,6 @@ def test_ctrl_c_during_a_sweep_is_recorded_as_stopped(tmp_path, monkeypatch, raw
 
     monkeypatch.setattr(pipeline, "_tune_and_export", interrupted)
     with pytest.raises(KeyboardInterrupt):
-        pipeline._tune_and_finish(load_config(write_config(raw_config)), {}, tmp_path, {}, resume=False, live=False)
+        pipeline._tune_and_finish(load_config(write_config(raw_config)), {}, SweepFolder(tmp_path, None), {}, resume=False,
+                                  live=False)
     assert read_status(tmp_path).state == "stopped"

@@ -160,7 +160,8 @@ SWEEP_SETUP = r'''
 import json, sys, time
 from pathlib import Path
 from lora_sweep.config import load_config
-from lora_sweep.pipeline import preflight, prepare_sweep_dir, _write_data_and_provenance
+from lora_sweep.pipeline import prepare_sweep_dir, _write_data_and_provenance
+from lora_sweep.preflight import preflight
 from lora_sweep.storage import SweepFolder
 from lora_sweep.driver import run_sweep, start_ray
 config = load_config(sys.argv[1], sys.argv[3:] + [f"output_dir={sys.argv[2]}"])
@@ -246,7 +247,8 @@ import json, resource, sys, time
 from pathlib import Path
 from ray import tune
 from lora_sweep.config import load_config
-from lora_sweep.pipeline import preflight, prepare_sweep_dir, _write_data_and_provenance
+from lora_sweep.pipeline import prepare_sweep_dir, _write_data_and_provenance
+from lora_sweep.preflight import preflight
 from lora_sweep.storage import SweepFolder
 from lora_sweep.driver import run_sweep, start_ray
 

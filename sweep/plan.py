@@ -12,7 +12,7 @@ from typing import Any, Optional
 
 from lora_sweep.config import SweepConfig, asha_rung_count
 from lora_sweep.disk import human_bytes
-from lora_sweep.pipeline import preflight
+from lora_sweep.preflight import preflight
 from lora_sweep.safety import holds_anything, is_sweep_folder
 from lora_sweep.search_space import describe
 from lora_sweep.storage import SweepFolder

@@ -173,12 +173,12 @@ def test_pickled_weights_are_accepted_and_load_safely(raw_config, write_config, 
 
 def test_pickled_weights_on_a_torch_transformers_will_not_unpickle(raw_config, write_config, tmp_path, monkeypatch):
     """Below torch 2.6 transformers refuses every pickle (CVE-2025-32434): refused before the sweep, not per trial."""
-    from lora_sweep import pipeline
+    from lora_sweep import preflight
 
     def too_old() -> None:
         raise ValueError("upgrade torch to at least v2.6")
 
-    monkeypatch.setattr(pipeline, "check_torch_load_is_safe", too_old)  # transformers' own check, as imported there
+    monkeypatch.setattr(preflight, "check_torch_load_is_safe", too_old)  # transformers' own check, as imported there
     _pickled_weights(raw_config, tmp_path)
     config_path = write_config(raw_config)
     before = listing(tmp_path)

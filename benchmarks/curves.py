@@ -104,7 +104,7 @@ class TimedReporter:
 
 def run_one(job: dict[str, Any]) -> dict[str, Any]:
     """Train one configuration with one seed to its end; the rows of its curve."""
-    from lora_sweep.trainables.lora_causal_lm import run_trial
+    from lora_sweep.recipe import run_trial
 
     base = dict(job["base_config"])
     base["seed"] = job["seed"]
@@ -126,7 +126,7 @@ def build(config_path: str, out: Path, configs: int, seeds: int, workers: int, f
     from lora_sweep.config import load_config
     from lora_sweep.data import prepare_data
     from lora_sweep.search_space import build_search_space
-    from lora_sweep.trainables.lora_causal_lm import load_tokenizer
+    from lora_sweep.models import load_tokenizer
 
     config = load_config(config_path)
     space = build_search_space(config)

@@ -60,7 +60,8 @@ from transformers import DataCollatorForSeq2Seq
 from lora_sweep.config import load_config
 from lora_sweep.data import prepare_data, load_prepared, IGNORE_INDEX, MODEL_COLUMNS
 from lora_sweep.lora import lora_settings
-from lora_sweep.trainables.lora_causal_lm import ListReporter, load_tokenizer, load_base_model, run_trial
+from lora_sweep.models import load_tokenizer, load_base_model
+from lora_sweep.recipe import ListReporter, run_trial
 steps = int(sys.argv[1])
 config = load_config(sys.argv[2], [f"training.max_steps={steps}", f"training.eval_steps={steps}", "training.batch_size=16", "scheduler.type=none",
                                    "lora.target_modules=all-linear", "training.learning_rate=1e-3"])
@@ -110,20 +111,21 @@ from pathlib import Path
 from lora_sweep.config import load_config
 from lora_sweep.data import prepare_data
 from lora_sweep.testing.tiny_model import build_tiny_llama
-from lora_sweep.trainables import lora_causal_lm as trainable
-from lora_sweep.trainables.lora_causal_lm import ListReporter, load_tokenizer, run_trial
+from lora_sweep import models
+from lora_sweep.models import load_tokenizer
+from lora_sweep.recipe import ListReporter, run_trial
 model_dir = Path(sys.argv[2])
 if not (model_dir / "config.json").exists():
     build_tiny_llama(model_dir, hidden_size=768, num_layers=12, num_heads=12, intermediate_size=2048, seed=0)
 steps = int(sys.argv[1])
 config = load_config(sys.argv[3], [f"model.path={model_dir}", f"training.max_steps={steps}", f"training.eval_steps={steps}",
                                    "training.batch_size=4", "training.eval_batch_size=4", "resources.cpu=2", "scheduler.type=none"])
-params = sum(p.numel() for p in trainable.load_base_model(config).parameters())
+params = sum(p.numel() for p in models.load_base_model(config).parameters())
 data = prepare_data(config.data, load_tokenizer(config), config.seed, Path(tempfile.mkdtemp()))
 val = __import__("datasets").load_from_disk(str(data.path))
 out = {"params": params}
 for label, keep in (("cold", False), ("warm", True)):
-    trainable._BASE_MODELS.clear()
+    models._BASE_MODELS.clear()
     if keep:  # a worker that ran a trial before: its base model is kept
         run_trial({}, config.model_dump(), str(data.path), ListReporter())
     start = __import__("time").perf_counter()

@@ -105,6 +105,8 @@ def _ray_resource(value: Optional[float]) -> Optional[float]:
 RayAmount = Annotated[float, BeforeValidator(_not_a_bool), AfterValidator(_ray_resource)]
 SEED_MAX = 2**32 - 1  # numpy's and Optuna's seeds are 32-bit
 NAME_MAX_LENGTH = 200
+# The recipes lora_sweep.trainables ships (its TRAINABLES has exactly these keys).
+TrainableName = Literal["lora_causal_lm"]
 # pyarrow's filesystems for shared storage (its `file://` is `output_dir`, and `mock://` a test double).
 STORAGE_SCHEMES = ("s3", "gs", "gcs", "hdfs", "viewfs", "abfs", "abfss")
 MAX_ASHA_RUNGS = 100  # a reduction factor near 1 makes millions of rungs (and Ray builds each one)
@@ -364,6 +366,8 @@ class SweepConfig(_Strict):
     ray: RayConfig = Field(default_factory=RayConfig)
     budget: BudgetConfig = Field(default_factory=BudgetConfig)
     promotion: PromotionConfig = Field(default_factory=PromotionConfig)
+    trainable: TrainableName = Field(
+        "lora_causal_lm", description="What a trial runs: a recipe of lora_sweep.trainables, by name.")
 
     @property
     def objectives(self) -> list[tuple[str, str]]:

@@ -37,7 +37,7 @@ from lora_sweep.storage import SweepFolder
 from lora_sweep.tensorboard_logs import TensorBoardCallback
 from lora_sweep.testing import faults
 from lora_sweep.trial_report import DIVERGED, STEP
-from lora_sweep.trainables.lora_causal_lm import confirm_trainable, tune_trainable
+from lora_sweep.recipe import confirm_trainable, tune_trainable
 
 log = logging.getLogger(__name__)
 

@@ -27,7 +27,7 @@ from lora_sweep.driver import budget_spent
 from lora_sweep.results import (TrialRecord, cost, promotion_rule, replace_folder, seed_spread, sweep_totals, write_atomically)
 from lora_sweep.search_space import apply_params
 from lora_sweep.storage import SweepFolder, is_directory
-from lora_sweep.trainables.lora_causal_lm import load_base_model, load_tokenizer
+from lora_sweep.models import load_base_model, load_tokenizer
 
 VERIFY_PROMPTS = 4
 

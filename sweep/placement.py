@@ -91,3 +91,11 @@ def model_positions(model_config: Any) -> Optional[tuple[str, int]]:
     if isinstance(positions, int) and not isinstance(positions, bool) and positions > 0:
         return key, positions
     return None
+
+
+def pick_device(resources_gpu: float) -> tuple[bool, bool, bool]:
+    """(use_cpu, bf16, fp16): the GPU Ray assigned if there is one, bf16 where supported."""
+    if resources_gpu > 0 and torch.cuda.is_available():
+        bf16 = torch.cuda.is_bf16_supported()
+        return False, bf16, not bf16
+    return True, False, False

@@ -33,7 +33,7 @@ from lora_sweep.placement import check_placement, model_positions
 from lora_sweep.search_space import build_search_space
 from lora_sweep.storage import check_storage, open_storage
 from lora_sweep.testing.faults import check_test_hooks
-from lora_sweep.trainables.lora_causal_lm import load_tokenizer
+from lora_sweep.models import load_tokenizer
 
 log = logging.getLogger(__name__)
 

@@ -11,7 +11,8 @@ from lora_sweep.config import load_config
 from lora_sweep.data import prepare_data
 from lora_sweep.results import TrialRecord
 from lora_sweep.storage import SweepFolder
-from lora_sweep.trainables.lora_causal_lm import ListReporter, load_tokenizer, run_trial
+from lora_sweep.models import load_tokenizer
+from lora_sweep.recipe import ListReporter, run_trial
 
 
 @pytest.fixture

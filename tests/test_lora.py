@@ -5,7 +5,7 @@ from transformers import GPT2Config, GPT2LMHeadModel
 
 from lora_sweep.config import ConfigError, LoraConfig
 from lora_sweep.lora import linear_module_names, lora_settings, resolve_target_modules
-from lora_sweep.trainables.lora_causal_lm import load_base_model
+from lora_sweep.models import load_base_model
 from lora_sweep.config import load_config
 
 

@@ -20,7 +20,8 @@ import pytest
 from lora_sweep.config import SweepConfig
 from lora_sweep.data import prepare_data
 from lora_sweep.report import trial_histories
-from lora_sweep.trainables.lora_causal_lm import ListReporter, load_tokenizer, run_trial
+from lora_sweep.models import load_tokenizer
+from lora_sweep.recipe import ListReporter, run_trial
 
 pytestmark = pytest.mark.integration
 QUIET = {"LORA_SWEEP_TUNE_VERBOSE": "0"}

@@ -92,7 +92,7 @@ def test_mirror_copies_the_driver_files_and_replaces_folders(raw_config, write_c
 
 def test_a_node_without_the_data_fetches_it_from_storage_once(raw_config, write_config, s3, tmp_path, monkeypatch):
     from lora_sweep.data import prepare_data
-    from lora_sweep.trainables.lora_causal_lm import load_tokenizer
+    from lora_sweep.models import load_tokenizer
 
     raw_config["storage"] = uri(s3)
     config = load_config(write_config(raw_config))

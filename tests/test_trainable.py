@@ -6,7 +6,8 @@ import pytest
 
 from lora_sweep.config import load_config
 from lora_sweep.data import prepare_data
-from lora_sweep.trainables.lora_causal_lm import ListReporter, load_tokenizer, run_trial
+from lora_sweep.models import load_tokenizer
+from lora_sweep.recipe import ListReporter, run_trial
 
 
 @pytest.fixture
@@ -73,18 +74,18 @@ def test_a_restarted_trial_resumes_from_its_checkpoint_and_matches_an_uninterrup
 
 
 def test_the_base_model_is_reused_between_trials_and_comes_back_untouched(prepared):
-    from lora_sweep.trainables import lora_causal_lm as trainable
+    from lora_sweep import models
 
     config, data_path = prepared
-    trainable._BASE_MODELS.clear()
+    models._BASE_MODELS.clear()
     run_trial({"training.learning_rate": 1e-2, "lora.target_modules": "all-linear"}, config.model_dump(), str(data_path), ListReporter())
-    (kept,) = trainable._BASE_MODELS.values()
-    fresh = trainable.load_base_model(config)
+    (kept,) = models._BASE_MODELS.values()
+    fresh = models.load_base_model(config)
     assert not any("lora" in name for name, _ in kept.named_modules())
     kept_weights, fresh_weights = kept.state_dict(), fresh.state_dict()
     assert kept_weights.keys() == fresh_weights.keys()
     assert all(torch.equal(kept_weights[k], fresh_weights[k]) for k in kept_weights)
-    assert trainable.take_base_model(config) is kept  # the next trial gets the same object, no reload
+    assert models.take_base_model(config) is kept  # the next trial gets the same object, no reload
 
 
 @pytest.mark.parametrize("variant", [
@@ -92,15 +93,15 @@ def test_the_base_model_is_reused_between_trials_and_comes_back_untouched(prepar
     {"lora.init": "pissa"}, {"lora.init": "olora"}, {"lora.init": "pissa", "lora.target_modules": ["q_proj", "down_proj"]},
 ])
 def test_lora_variants_train_and_leave_the_kept_base_model_untouched(prepared, variant):
-    from lora_sweep.trainables import lora_causal_lm as trainable
+    from lora_sweep import models
 
     config, data_path = prepared
-    trainable._BASE_MODELS.clear()
+    models._BASE_MODELS.clear()
     reporter = ListReporter()
     run_trial({"training.learning_rate": 1e-2, **variant}, config.model_dump(), str(data_path), reporter)
     assert [r["step"] for r in reporter.reports] == [3, 6] and all(math.isfinite(r["eval_loss"]) for r in reporter.reports)
-    (kept,) = trainable._BASE_MODELS.values()
-    fresh = trainable.load_base_model(config).state_dict()
+    (kept,) = models._BASE_MODELS.values()
+    fresh = models.load_base_model(config).state_dict()
     assert kept.state_dict().keys() == fresh.keys()
     assert all(torch.equal(value, fresh[name]) for name, value in kept.state_dict().items())
 
@@ -110,7 +111,8 @@ def test_variants_reach_peft_and_loraplus_gives_b_its_own_learning_rate(prepared
 
     from lora_sweep.lora import lora_settings
     from lora_sweep.search_space import apply_params
-    from lora_sweep.trainables.lora_causal_lm import load_base_model, loraplus_optimizer
+    from lora_sweep.models import load_base_model
+    from lora_sweep.trainables.lora_causal_lm import loraplus_optimizer
 
     config, _ = prepared
     config = apply_params(config, {"lora.use_dora": True, "lora.use_rslora": True, "lora.init": "gaussian",
@@ -131,13 +133,13 @@ def test_variants_reach_peft_and_loraplus_gives_b_its_own_learning_rate(prepared
 
 @pytest.mark.parametrize("init", ["pissa", "olora"])
 def test_pissa_and_olora_train_on_rewritten_base_weights_that_are_put_back(prepared, init):
-    from lora_sweep.trainables import lora_causal_lm as trainable
+    from lora_sweep import models
 
     config, data_path = prepared
-    trainable._BASE_MODELS.clear()
-    base = trainable.load_base_model(config)
+    models._BASE_MODELS.clear()
+    base = models.load_base_model(config)
     original = base.model.layers[0].self_attn.q_proj.weight.clone()
-    trainable.give_back_base_model(config, base)
+    models.give_back_base_model(config, base)
     seen = []
 
     class Watching(ListReporter):
@@ -147,4 +149,4 @@ def test_pissa_and_olora_train_on_rewritten_base_weights_that_are_put_back(prepa
 
     run_trial({"training.learning_rate": 1e-2, "lora.init": init}, config.model_dump(), str(data_path), Watching())
     assert seen and not torch.allclose(seen[0], original)  # the trial really trained on W - B0 A0
-    assert torch.equal(trainable.take_base_model(config).model.layers[0].self_attn.q_proj.weight, original)
+    assert torch.equal(models.take_base_model(config).model.layers[0].self_attn.q_proj.weight, original)

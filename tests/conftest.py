@@ -1,12 +1,19 @@
-"""Shared fixtures: a tiny Llama built from a config and a tiny config that points at it."""
+"""Shared fixtures: a tiny Llama built from a config and a tiny config that points at it; an S3 server on
+loopback; an earlier sweep's folder for warm start."""
 
 from __future__ import annotations
 
+import socket
 from pathlib import Path
 
+import pyarrow.fs as pafs
 import pytest
 import yaml
 
+from lora_sweep.config import config_to_yaml, load_config
+from lora_sweep.folder import CONFIG_FILE
+from lora_sweep.results import TrialRecord, write_leaderboard
+from lora_sweep.search_space import build_search_space
 from lora_sweep.testing.tiny_model import build_tiny_llama
 
 ASSETS = Path(__file__).parent / "assets"
@@ -96,3 +103,76 @@ def refused_case(command: str, change, expected: str, raw_config: dict, write_co
 def listing(root: Path) -> set[str]:
     """Every path under `root`, relative to it (to check that a refused command wrote nothing)."""
     return {str(p.relative_to(root)) for p in Path(root).rglob("*")}
+
+
+# Storage: an S3 server on loopback (tests of `storage:`).
+
+@pytest.fixture
+def s3(monkeypatch):
+    """An S3 endpoint on loopback with an empty bucket `sweeps`; yields the endpoint URL.
+
+    moto keeps its buckets per process, so each test's server starts by deleting what an earlier one left."""
+    moto_server = pytest.importorskip("moto.server")
+    for key in ("AWS_ACCESS_KEY_ID", "AWS_SECRET_ACCESS_KEY"):
+        monkeypatch.setenv(key, "testing")
+    with socket.socket() as probe:
+        probe.bind(("127.0.0.1", 0))
+        port = probe.getsockname()[1]
+    server = moto_server.ThreadedMotoServer(ip_address="127.0.0.1", port=port, verbose=False)
+    server.start()
+    endpoint = f"http://127.0.0.1:{port}"
+    filesystem = pafs.S3FileSystem(region="us-east-1", endpoint_override=endpoint, allow_bucket_creation=True,
+                                   allow_bucket_deletion=True)
+    if filesystem.get_file_info("sweeps").type != pafs.FileType.NotFound:
+        filesystem.delete_dir("sweeps")
+    filesystem.create_dir("sweeps")
+    yield endpoint
+    server.stop()
+
+
+def s3_uri(endpoint: str, bucket: str = "sweeps") -> str:
+    return f"s3://{bucket}/team?region=us-east-1&endpoint_override={endpoint}"
+
+
+def stored_files(storage, under: str = "") -> set[str]:
+    """The files under the sweep's folder in storage (or its `under`), relative to it."""
+    root = storage.path(under) if under else storage.root
+    infos = storage.filesystem.get_file_info(pafs.FileSelector(root, recursive=True, allow_not_found=True))
+    return {i.path[len(root) + 1:] for i in infos if i.type == pafs.FileType.File}
+
+
+# Warm start: an earlier sweep's folder, and a sweep seeded from it.
+
+def leaderboard_record(trial_id: str, status: str, metric, **params) -> TrialRecord:
+    return TrialRecord(trial_id=trial_id, status=status, params=params, best_metric=metric, best_step=3,
+                       steps_run=6, wall_seconds=1.0)
+
+
+@pytest.fixture
+def earlier_sweep(raw_config, write_config, tmp_path):
+    """An ended sweep's folder as warm start reads it: its config and its leaderboard (rank was fixed at 4)."""
+    raw = {**raw_config, "name": "earlier", "lora": {"rank": 4}}
+    raw["search"] = {"space": None, "num_trials": 5, "parameters": {
+        "training.learning_rate": {"type": "loguniform", "low": 1e-5, "high": 1e-1},
+        "lora.dropout": {"type": "uniform", "low": 0.0, "high": 0.2}}}
+    config = load_config(write_config(raw, "earlier.yaml"))
+    folder = tmp_path / "earlier"
+    folder.mkdir()
+    (folder / CONFIG_FILE).write_text(config_to_yaml(config))
+    write_leaderboard([
+        leaderboard_record("t_far", "completed", 2.0, **{"training.learning_rate": 0.05, "lora.dropout": 0.0}),
+        leaderboard_record("t_best", "stopped early", 1.0, **{"training.learning_rate": 3e-3, "lora.dropout": 0.1}),
+        leaderboard_record("t_error", "errored", None, **{"training.learning_rate": 1e-3, "lora.dropout": 0.0}),
+        leaderboard_record("t_second", "completed", 1.5, **{"training.learning_rate": 1e-3, "lora.dropout": 0.05}),
+        leaderboard_record("t_same", "completed", 1.6, **{"training.learning_rate": 1e-3, "lora.dropout": 0.05}),
+    ], folder, config)
+    return folder
+
+
+def new_sweep(raw_config, write_config, earlier, top=3, **parameters):
+    raw_config["search"] = {"space": None, "num_trials": 4, "warm_start": {"sweep": str(earlier), "top": top},
+                            "parameters": parameters or {
+                                "training.learning_rate": {"type": "loguniform", "low": 1e-4, "high": 1e-2},
+                                "lora.rank": {"type": "choice", "values": [2, 4, 8]}}}
+    config = load_config(write_config(raw_config))
+    return config, build_search_space(config)

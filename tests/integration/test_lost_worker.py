@@ -10,7 +10,7 @@ from ray.cluster_utils import Cluster
 
 from lora_sweep.config import load_config
 from lora_sweep.pipeline import run
-from test_crash_resume import assert_never_started_over, trial_histories
+from sweep_process import assert_never_started_over, trial_histories
 
 pytestmark = pytest.mark.integration
 

@@ -96,7 +96,7 @@ def test_a_second_driver_on_a_live_sweep_is_refused_and_a_dead_ones_lock_is_take
         prepare_sweep_dir(config, overwrite=False)
     (config.sweep_dir / "config.yaml").write_text(write_config(raw_config).read_text())
     holder = subprocess.Popen([sys.executable, "-c", HOLD_LOCK, str(config.sweep_dir)], stdout=subprocess.PIPE, text=True,
-                              cwd=Path(__file__).parent.parent)
+                              cwd=Path(__file__).parents[2])
     try:
         assert holder.stdout.readline().strip() == "locked"
         assert lock_holder(config.sweep_dir)["pid"] == holder.pid
@@ -194,7 +194,7 @@ def test_model_code_runs_only_after_every_other_check_and_after_a_warning(raw_co
         assert_refused(result, "bad.jsonl: line 1: not valid JSON")
         assert result.output.startswith("warning: model.trust_remote_code is on: the Python code in")
         assert not proof.exists()  # the data check came first: the model's code never ran
-    raw_config["data"]["files"] = [str(Path(__file__).parent / "assets" / "instructions.jsonl")]
+    raw_config["data"]["files"] = [str(Path(__file__).parents[1] / "assets" / "instructions.jsonl")]
     result = CliRunner().invoke(app, ["plan", str(write_config(raw_config))])
     assert result.output.startswith("warning: model.trust_remote_code is on"), result.output
     assert proof.exists()  # with every other check passed, the code the user allowed does run

@@ -2,50 +2,13 @@
 
 import optuna
 import pytest
-import ray
 import yaml
 
 from lora_sweep.config import ConfigError, config_to_yaml, load_config
-from lora_sweep.folder import CONFIG_FILE
-from lora_sweep.pipeline import run
-from lora_sweep.results import TrialRecord, write_leaderboard
 from lora_sweep.search_space import build_search_space
 from lora_sweep.warm_start import warm_start_points
 
-
-def record(trial_id: str, status: str, metric, **params) -> TrialRecord:
-    return TrialRecord(trial_id=trial_id, status=status, params=params, best_metric=metric, best_step=3,
-                       steps_run=6, wall_seconds=1.0)
-
-
-@pytest.fixture
-def earlier_sweep(raw_config, write_config, tmp_path):
-    """An ended sweep's folder as warm start reads it: its config and its leaderboard (rank was fixed at 4)."""
-    raw = {**raw_config, "name": "earlier", "lora": {"rank": 4}}
-    raw["search"] = {"space": None, "num_trials": 5, "parameters": {
-        "training.learning_rate": {"type": "loguniform", "low": 1e-5, "high": 1e-1},
-        "lora.dropout": {"type": "uniform", "low": 0.0, "high": 0.2}}}
-    config = load_config(write_config(raw, "earlier.yaml"))
-    folder = tmp_path / "earlier"
-    folder.mkdir()
-    (folder / CONFIG_FILE).write_text(config_to_yaml(config))
-    write_leaderboard([
-        record("t_far", "completed", 2.0, **{"training.learning_rate": 0.05, "lora.dropout": 0.0}),
-        record("t_best", "stopped early", 1.0, **{"training.learning_rate": 3e-3, "lora.dropout": 0.1}),
-        record("t_error", "errored", None, **{"training.learning_rate": 1e-3, "lora.dropout": 0.0}),
-        record("t_second", "completed", 1.5, **{"training.learning_rate": 1e-3, "lora.dropout": 0.05}),
-        record("t_same", "completed", 1.6, **{"training.learning_rate": 1e-3, "lora.dropout": 0.05}),
-    ], folder, config)
-    return folder
-
-
-def new_sweep(raw_config, write_config, earlier, top=3, **parameters):
-    raw_config["search"] = {"space": None, "num_trials": 4, "warm_start": {"sweep": str(earlier), "top": top},
-                            "parameters": parameters or {
-                                "training.learning_rate": {"type": "loguniform", "low": 1e-4, "high": 1e-2},
-                                "lora.rank": {"type": "choice", "values": [2, 4, 8]}}}
-    config = load_config(write_config(raw_config))
-    return config, build_search_space(config)
+from conftest import leaderboard_record, new_sweep
 
 
 def test_best_configs_first_with_fields_the_earlier_sweep_fixed(raw_config, write_config, earlier_sweep):
@@ -93,20 +56,6 @@ def test_relative_folder_is_stored_absolute(raw_config, write_config, earlier_sw
     assert load_config(write_config(raw_config)).search.warm_start.sweep == str(earlier_sweep)
 
 
-@pytest.mark.integration
-def test_seeded_sweep_runs_the_earlier_best_first(raw_config, write_config, earlier_sweep):
-    config, _ = new_sweep(raw_config, write_config, earlier_sweep, top=2)
-    config = config.model_copy(update={"search": config.search.model_copy(update={"max_concurrent_trials": 1})})
-    try:
-        run(config)
-    finally:
-        ray.shutdown()
-    study = optuna.load_study(study_name=config.name, storage=f"sqlite:///{config.sweep_dir / 'optuna_study.db'}")
-    trials = sorted(study.trials, key=lambda t: t.number)
-    assert len(trials) == 4
-    assert [t.params for t in trials[:2]] == [{"training.learning_rate": 3e-3, "lora.rank": 4},
-                                              {"training.learning_rate": 1e-3, "lora.rank": 4}]
-    assert all(t.state == optuna.trial.TrialState.COMPLETE for t in trials)
 
 
 def test_plan_lists_what_runs_first_and_what_was_skipped(raw_config, write_config, earlier_sweep):
@@ -140,7 +89,7 @@ def test_the_exported_best_config_runs_without_the_warm_start(raw_config, write_
     from lora_sweep.export import best_trial_config
 
     config, _ = new_sweep(raw_config, write_config, earlier_sweep, top=3)
-    best = record("t", "completed", 1.0, **{"training.learning_rate": 1e-3, "lora.rank": 4})
+    best = leaderboard_record("t", "completed", 1.0, **{"training.learning_rate": 1e-3, "lora.rank": 4})
     rerun = best_trial_config(config, best)
     assert rerun.search.warm_start is None
     load_config(write_config(yaml.safe_load(config_to_yaml(rerun)), "best.yaml"))  # valid as written

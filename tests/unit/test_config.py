@@ -4,7 +4,7 @@ import pytest
 
 from lora_sweep.config import ConfigError, load_config
 
-DEMO = Path(__file__).resolve().parent.parent / "examples" / "demo.yaml"
+DEMO = Path(__file__).resolve().parents[2] / "examples" / "demo.yaml"
 
 
 def problems_of(path, overrides=None) -> list[str]:

@@ -5,49 +5,15 @@ from the driver and from Ray's worker processes alike); nothing leaves the machi
 """
 
 import json
-import socket
 
-import pyarrow.fs as pafs
 import pytest
-import ray
 from typer.testing import CliRunner
 
 from lora_sweep.cli import app
 from lora_sweep.config import ConfigError, load_config
 from lora_sweep.storage import check_storage, local_prepared_data, mirror_to_storage, open_storage
 
-
-@pytest.fixture
-def s3(monkeypatch):
-    """An S3 endpoint on loopback with an empty bucket `sweeps`; yields the endpoint URL.
-
-    moto keeps its buckets per process, so each test's server starts by deleting what an earlier one left."""
-    moto_server = pytest.importorskip("moto.server")
-    for key in ("AWS_ACCESS_KEY_ID", "AWS_SECRET_ACCESS_KEY"):
-        monkeypatch.setenv(key, "testing")
-    with socket.socket() as probe:
-        probe.bind(("127.0.0.1", 0))
-        port = probe.getsockname()[1]
-    server = moto_server.ThreadedMotoServer(ip_address="127.0.0.1", port=port, verbose=False)
-    server.start()
-    endpoint = f"http://127.0.0.1:{port}"
-    filesystem = pafs.S3FileSystem(region="us-east-1", endpoint_override=endpoint, allow_bucket_creation=True,
-                                   allow_bucket_deletion=True)
-    if filesystem.get_file_info("sweeps").type != pafs.FileType.NotFound:
-        filesystem.delete_dir("sweeps")
-    filesystem.create_dir("sweeps")
-    yield endpoint
-    server.stop()
-
-
-def uri(endpoint: str, bucket: str = "sweeps") -> str:
-    return f"s3://{bucket}/team?region=us-east-1&endpoint_override={endpoint}"
-
-
-def listing(storage, under: str = "") -> set[str]:
-    root = storage.path(under) if under else storage.root
-    infos = storage.filesystem.get_file_info(pafs.FileSelector(root, recursive=True, allow_not_found=True))
-    return {i.path[len(root) + 1:] for i in infos if i.type == pafs.FileType.File}
+from conftest import s3_uri, stored_files
 
 
 def test_storage_must_be_a_uri_that_opens_and_takes_writes(raw_config, write_config, s3, tmp_path):
@@ -60,21 +26,21 @@ def test_storage_must_be_a_uri_that_opens_and_takes_writes(raw_config, write_con
     raw_config["storage"] = "nosuch://bucket/x"
     with pytest.raises(ConfigError, match=r"`storage`: must be a URI of one of the schemes s3, gs, gcs, hdfs, viewfs, abfs, abfss, but its scheme is 'nosuch'"):
         check_storage(load_config(write_config(raw_config)))
-    raw_config["storage"] = uri(s3, bucket="missing")
+    raw_config["storage"] = s3_uri(s3, bucket="missing")
     result = CliRunner().invoke(app, ["run", str(write_config(raw_config))])
     assert result.exit_code == 2 and "`storage`: cannot write to s3://missing/team" in result.output
     assert "Bucket 'missing' not found" in result.output
     assert not (tmp_path / "results").exists()  # refused before anything was written
-    raw_config["storage"] = uri(s3)
+    raw_config["storage"] = s3_uri(s3)
     check_storage(load_config(write_config(raw_config)))  # the real bucket: no error, no probe file left
     plan = CliRunner().invoke(app, ["plan", str(write_config(raw_config))]).output
     assert "storage: s3://sweeps/team/tiny/ (trials' checkpoints, and a copy of the sweep folder)" in plan
     storage = open_storage(load_config(write_config(raw_config)))
-    assert listing(storage) == set()
+    assert stored_files(storage) == set()
 
 
 def test_mirror_copies_the_driver_files_and_replaces_folders(raw_config, write_config, s3, tmp_path):
-    raw_config["storage"] = uri(s3)
+    raw_config["storage"] = s3_uri(s3)
     storage = open_storage(load_config(write_config(raw_config)))
     local = tmp_path / "sweep"
     for name, text in {"config.yaml": "a", "export/adapter/x.bin": "old", "tune/trial/checkpoint_000000/w": "c",
@@ -83,18 +49,18 @@ def test_mirror_copies_the_driver_files_and_replaces_folders(raw_config, write_c
         (local / name).parent.mkdir(parents=True, exist_ok=True)
         (local / name).write_text(text)
     mirror_to_storage(local, storage)
-    assert listing(storage) == {"config.yaml", "export/adapter/x.bin", "data/h1/dataset_dict.json"}
+    assert stored_files(storage) == {"config.yaml", "export/adapter/x.bin", "data/h1/dataset_dict.json"}
     (local / "export" / "adapter" / "x.bin").unlink()
     (local / "export" / "adapter" / "y.bin").write_text("new")
     mirror_to_storage(local, storage)
-    assert listing(storage, "export") == {"adapter/y.bin"}  # a re-export leaves nothing stale
+    assert stored_files(storage, "export") == {"adapter/y.bin"}  # a re-export leaves nothing stale
 
 
 def test_a_node_without_the_data_fetches_it_from_storage_once(raw_config, write_config, s3, tmp_path, monkeypatch):
     from lora_sweep.data import prepare_data
     from lora_sweep.models import load_tokenizer
 
-    raw_config["storage"] = uri(s3)
+    raw_config["storage"] = s3_uri(s3)
     config = load_config(write_config(raw_config))
     storage = open_storage(config)
     prepared = prepare_data(config.data, load_tokenizer(config), config.seed, tmp_path / "driver" / "data")
@@ -110,45 +76,6 @@ def test_a_node_without_the_data_fetches_it_from_storage_once(raw_config, write_
     assert local_prepared_data(str(prepared.path), None, config.storage) == str(prepared.path)  # seen here: used as is
 
 
-@pytest.mark.integration
-def test_a_sweep_with_s3_storage_keeps_checkpoints_there_and_mirrors_its_folder(raw_config, write_config, s3):
-    from lora_sweep.pipeline import run
-    from lora_sweep.report import write_report
-
-    raw_config["storage"] = uri(s3)
-    raw_config["search"].update(num_trials=3)
-    raw_config["checkpoints"] = {"keep": 1}
-    config = load_config(write_config(raw_config))
-    try:
-        outcome = run(config)
-    finally:
-        ray.shutdown()
-    storage = open_storage(config)
-    stored = listing(storage)
-    for name in ("config.yaml", "provenance.json", "leaderboard.csv", "best.json", "final_metrics.json",
-                 "status.json", "optuna_study.db", "export/merged/model.safetensors", "export/adapter/adapter_config.json",
-                 "export/README.md"):
-        assert name in stored, name
-    assert any(name.startswith("tensorboard/") for name in stored)
-    # Checkpoints live in storage only; what survives pruning: the promoted one (keep: 1 is the best).
-    checkpoints = {name.rsplit("/", 1)[0] for name in stored if "/checkpoint_" in name}
-    best = json.loads((outcome.sweep_dir / "best.json").read_text())
-    assert best["best_checkpoint"].startswith(storage.path("tune"))
-    assert {storage.path(c) for c in checkpoints} == {best["best_checkpoint"]}
-    local_tune = outcome.sweep_dir / "tune"
-    assert not list(local_tune.rglob("checkpoint_*")) and len(list(local_tune.glob("*/result.json"))) == 3
-    assert json.loads((outcome.sweep_dir / "status.json").read_text())["state"] == "finished"
-    report = write_report(outcome.sweep_dir)
-    assert "Learning curves" in {f.title for f in report.figures}
-
-    # `sweep resume` restores Tune's experiment from storage: nothing left to run, promotion and export again.
-    from lora_sweep.pipeline import resume
-
-    try:
-        again = resume(outcome.sweep_dir)
-    finally:
-        ray.shutdown()
-    assert again.final.best.trial_id == best["trial_id"] and len(again.records) == 3
 
 
 def test_a_new_sweep_refuses_a_name_storage_already_holds(raw_config, write_config, s3, tmp_path):
@@ -156,7 +83,7 @@ def test_a_new_sweep_refuses_a_name_storage_already_holds(raw_config, write_conf
 
     from lora_sweep.pipeline import prepare_sweep_dir
 
-    raw_config["storage"] = uri(s3)
+    raw_config["storage"] = s3_uri(s3)
     config = load_config(write_config(raw_config))
     storage = open_storage(config)
     check_storage(config)  # leaves the (empty) folder: not an earlier sweep
@@ -166,11 +93,11 @@ def test_a_new_sweep_refuses_a_name_storage_already_holds(raw_config, write_conf
     for overwrite in (False, True):
         with pytest.raises(ConfigError, match=r"holds files that lora-sweep did not write .* never replaced or deleted"):
             prepare_sweep_dir(config, overwrite=overwrite)
-    assert listing(storage) == {"someone-elses.csv"}
+    assert stored_files(storage) == {"someone-elses.csv"}
     storage.filesystem.delete_file(storage.path("someone-elses.csv"))
 
     assert prepare_sweep_dir(config, overwrite=False) == config.sweep_dir
-    assert listing(storage) == {".lora-sweep"}  # the marker: this folder is the engine's own
+    assert stored_files(storage) == {".lora-sweep"}  # the marker: this folder is the engine's own
     with storage.filesystem.open_output_stream(storage.path("tune", "trial_old", "result.json")) as handle:
         handle.write(b"{}")
     shutil.rmtree(config.sweep_dir)
@@ -182,7 +109,7 @@ def test_a_new_sweep_refuses_a_name_storage_already_holds(raw_config, write_conf
     with pytest.raises(ConfigError, match=r"holds another sweep of this name .* --overwrite replaces only the storage "
                                           r"of this folder's own sweep"):
         prepare_sweep_dir(config, overwrite=True)
-    assert "tune/trial_old/result.json" in listing(storage)
+    assert "tune/trial_old/result.json" in stored_files(storage)
     # The folder that made it may replace it.
     config = config.model_copy(update={"output_dir": str(tmp_path / "second")})
     (config.sweep_dir).mkdir(parents=True)
@@ -190,4 +117,4 @@ def test_a_new_sweep_refuses_a_name_storage_already_holds(raw_config, write_conf
     with storage.filesystem.open_input_stream(storage.path(MARKER_FILE)) as handle:
         (config.sweep_dir / MARKER_FILE).write_bytes(handle.read())
     prepare_sweep_dir(config, overwrite=True)
-    assert listing(storage) == {".lora-sweep"}
+    assert stored_files(storage) == {".lora-sweep"}

@@ -86,7 +86,7 @@ def test_paused_trials_resume_exactly_and_the_sweep_ends(raw_config, write_confi
 def test_the_replay_takes_the_decisions_a_real_sweep_took(raw_config, write_config, tmp_path):
     """A real sweep (trials one at a time, so the order of results is known), then the replay's own code path
     fed the recorded results: the same configurations suggested, the same trials stopped at the same steps."""
-    sys.path.insert(0, str(Path(__file__).resolve().parent.parent / "benchmarks"))
+    sys.path.insert(0, str(Path(__file__).resolve().parents[2] / "benchmarks"))
     import replay
 
     asha = {"type": "asha", "grace_period": 3, "reduction_factor": 2}
@@ -109,7 +109,7 @@ def test_the_replay_takes_the_decisions_a_real_sweep_took(raw_config, write_conf
 def test_a_sweep_killed_with_paused_trials_resumes_losing_nothing(raw_config, write_config, tmp_path):
     """SIGKILL while trials wait at a rung, then `sweep resume`: every trial is kept once, the ones that had
     reported keep their reports, no trial starts over, and the sweep ends."""
-    from test_crash_resume import assert_never_started_over, kill, resume, start_sweep, trial_histories, wait_for
+    from sweep_process import assert_never_started_over, kill, resume, start_sweep, trial_histories, wait_for
 
     sweep_dir = tmp_path / "results" / "tiny"
     process = start_sweep(short_sweep(raw_config, write_config, trials=5, at_once=2, scheduler=PROMOTION), tmp_path)

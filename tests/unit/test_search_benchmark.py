@@ -15,7 +15,7 @@ from lora_sweep.config import SweepConfig
 from lora_sweep.driver import make_scheduler, make_search
 from lora_sweep.schedulers import PromotionASHA
 
-sys.path.insert(0, str(Path(__file__).resolve().parent.parent / "benchmarks"))
+sys.path.insert(0, str(Path(__file__).resolve().parents[2] / "benchmarks"))
 import curves  # noqa: E402
 import replay  # noqa: E402
 

@@ -16,7 +16,7 @@ from lora_sweep.cli import app
 from lora_sweep.folder import STATUS_FILE
 from lora_sweep.progress import ProgressCallback, mark_state, read_status, render
 
-REPO = Path(__file__).resolve().parent.parent
+REPO = Path(__file__).resolve().parents[2]
 
 
 def trial(trial_id: str, lr: float) -> SimpleNamespace:

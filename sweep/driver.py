@@ -23,7 +23,8 @@ from sqlalchemy.exc import SQLAlchemyError
 from ray import tune
 from ray._common.utils import get_default_ray_temp_dir
 from ray.tune import Callback
-from ray.tune.schedulers import ASHAScheduler, FIFOScheduler
+from ray.tune.schedulers import ASHAScheduler, FIFOScheduler, TrialScheduler
+from ray.tune.search import Searcher
 from ray.tune.search.optuna import OptunaSearch
 
 from lora_sweep.folder import BUDGET_FILE, CONFIG_FILE, CONFIRM_DIR_NAME, STUDY_FILE, TENSORBOARD_DIR, TUNE_DIR_NAME
@@ -98,7 +99,7 @@ def start_ray(config: SweepConfig) -> None:
             ray.init(
                 address="local",
                 num_cpus=config.ray.num_cpus,
-                num_gpus=config.ray.num_gpus,
+                num_gpus=config.ray.num_gpus,  # type: ignore[arg-type]  # Ray's stub says int; it takes fractions
                 include_dashboard=False,
                 runtime_env={"env_vars": {"TOKENIZERS_PARALLELISM": "false"}},
             )
@@ -188,10 +189,24 @@ class ResumableOptunaSearch(OptunaSearch):
         # scheduler, and enters the study as pruned rather than complete with an early value.
         self.stopped_as_pruned_before = stopped_as_pruned_before
 
+    @property
+    def study(self) -> optuna.Study:
+        """The Optuna study (OptunaSearch types it optional: it is set once Tune sets the searcher up)."""
+        if self._ot_study is None:
+            raise RuntimeError("the searcher is used before Tune set it up")
+        return self._ot_study
+
+    @property
+    def distributions(self) -> dict[str, optuna.distributions.BaseDistribution]:
+        """The search space as Optuna distributions (this engine always gives OptunaSearch a dict of them)."""
+        if not isinstance(self._space, dict):
+            raise TypeError("the sweep's search space is a dict of Optuna distributions")
+        return self._space
+
     def restore(self, checkpoint_path: str) -> None:
         super().restore(checkpoint_path)
         owned = {ot_trial._trial_id for ot_trial in self._ot_trials.values()}
-        running = self._ot_study.get_trials(deepcopy=False, states=(optuna.trial.TrialState.RUNNING,))
+        running = self.study.get_trials(deepcopy=False, states=(optuna.trial.TrialState.RUNNING,))
         unclaimed = [t for t in running if t._trial_id not in owned]
         if not callable(self._space):
             for trial in unclaimed:
@@ -201,33 +216,34 @@ class ResumableOptunaSearch(OptunaSearch):
     def _draw_again(self, trial: optuna.trial.FrozenTrial) -> None:
         """Draw the unclaimed trial's values again and drop them: the sampler's random state comes from the
         snapshot, from before it drew them, and the next new trial would otherwise get the same configuration."""
-        study, sampler = self._ot_study, self._ot_study.sampler
+        study = self.study
+        sampler = study.sampler
         relative = sampler.sample_relative(study, trial, sampler.infer_relative_search_space(study, trial))
-        for name, distribution in self._space.items():
+        for name, distribution in self.distributions.items():
             if name not in relative:
                 sampler.sample_independent(study, trial, name, distribution)
 
-    def suggest(self, trial_id: str) -> dict | None:
+    def suggest(self, trial_id: str) -> dict[str, Any] | None:
         unclaimed = getattr(self, "_unclaimed", [])  # set by restore only
         if trial_id not in self._ot_trials and unclaimed and not callable(self._space):
-            self._ot_trials[trial_id] = optuna.trial.Trial(self._ot_study, unclaimed.pop(0))
+            self._ot_trials[trial_id] = optuna.trial.Trial(self.study, unclaimed.pop(0))
         return super().suggest(trial_id)
 
-    def _stopped_early(self, result: dict | None) -> bool:
+    def _stopped_early(self, result: dict[str, Any] | None) -> bool:
         limit = getattr(self, "stopped_as_pruned_before", None)  # a searcher pickled before the option lacks it
-        return (limit is not None and bool(result) and self._reports_steps and STEP in result
+        return (limit is not None and result is not None and self._reports_steps and STEP in result
                 and int(result[STEP]) < limit and not result.get(DIVERGED))
 
     def _closed_in_study(self, trial_id: str) -> bool:
         if trial_id in self._completed_trials or trial_id not in self._ot_trials:
             return trial_id in self._completed_trials
         ot_trial = self._ot_trials[trial_id]
-        if self._ot_study._storage.get_trial(ot_trial._trial_id).state.is_finished():
+        if self.study._storage.get_trial(ot_trial._trial_id).state.is_finished():
             self._completed_trials.add(trial_id)
             return True
         return False
 
-    def _report_step(self, trial_id: str, result: dict) -> None:
+    def _report_step(self, trial_id: str, result: dict[str, Any]) -> None:
         # Intermediate values by training step (what optuna-dashboard plots), not by Tune's report count.
         step = int(result[STEP])
         if not hasattr(self, "_reported_steps"):  # set lazily: a searcher restored from an older pickle lacks it
@@ -242,7 +258,7 @@ class ResumableOptunaSearch(OptunaSearch):
         # Optuna keeps intermediate values (and prunes) for one objective only.
         return not isinstance(self.metric, list)
 
-    def on_trial_result(self, trial_id: str, result: dict) -> None:
+    def on_trial_result(self, trial_id: str, result: dict[str, Any]) -> None:
         if self._closed_in_study(trial_id) or not self._reports_steps:
             return
         if STEP in result and self.metric in result:
@@ -250,7 +266,7 @@ class ResumableOptunaSearch(OptunaSearch):
             return
         super().on_trial_result(trial_id, result)
 
-    def on_trial_complete(self, trial_id: str, result: dict | None = None, error: bool = False) -> None:
+    def on_trial_complete(self, trial_id: str, result: dict[str, Any] | None = None, error: bool = False) -> None:
         if self._closed_in_study(trial_id):
             return
         # Tune hands the result that ended a trial (ASHA's stop, max_steps) only to this method: record
@@ -260,7 +276,7 @@ class ResumableOptunaSearch(OptunaSearch):
         if not error and self._stopped_early(result):
             # Optuna's TPE ranks pruned trials below finished ones, by the last step they reached and their value
             # there: an early stop's value is not compared as if it were a finished trial's.
-            self._ot_study.tell(self._ot_trials[trial_id], state=optuna.trial.TrialState.PRUNED)
+            self.study.tell(self._ot_trials[trial_id], state=optuna.trial.TrialState.PRUNED)
             self._completed_trials.add(trial_id)
             return
         super().on_trial_complete(trial_id, result, error)
@@ -283,6 +299,10 @@ def make_search(config: SweepConfig, space: dict[str, Any], sweep_dir: Path | No
         if search.sampler == "tpe"
         else optuna.samplers.RandomSampler(seed=config.seed)
     )
+    if storage is None:
+        if sweep_dir is None:
+            raise ValueError("make_search needs the sweep folder (for its study) or a study storage")
+        storage = study_storage(sweep_dir)
     metrics, modes = zip(*config.objectives, strict=True)
     return ResumableOptunaSearch(
         stopped_as_pruned_before=config.training.max_steps if search.stopped_trials == "pruned" else None,
@@ -294,11 +314,11 @@ def make_search(config: SweepConfig, space: dict[str, Any], sweep_dir: Path | No
         mode=list(modes) if len(modes) > 1 else modes[0],
         sampler=sampler,
         study_name=config.name,
-        storage=storage if storage is not None else study_storage(sweep_dir),
+        storage=storage,
     )
 
 
-def make_scheduler(config: SweepConfig):
+def make_scheduler(config: SweepConfig) -> TrialScheduler:
     if config.scheduler.type == "none":
         return FIFOScheduler()
     if config.scheduler.type == "promotion_asha":
@@ -329,7 +349,7 @@ class BudgetStopper(tune.Stopper):
         self.started: float | None = None
         self.used: dict[str, float] = {}
 
-    def __call__(self, trial_id: str, result: dict) -> bool:
+    def __call__(self, trial_id: str, result: dict[str, Any]) -> bool:
         self.used[trial_id] = float(result.get("time_total_s", 0.0)) * self.devices_per_trial
         return False  # no single trial is stopped for the budget: stop_all ends them together
 
@@ -437,11 +457,12 @@ def run_sweep(config: SweepConfig, space: dict[str, Any], data_path: Path, folde
     callbacks += faults.tune_callbacks(sweep_dir)  # test hooks: none unless armed
     # Always a number: with a searcher and no limit, Tune starts one trial at a time and waits for it to be
     # running before the next (its pending-trials default), so trials that fit side by side would start one by one.
-    at_once = trials_that_fit_the_cluster(config)
-    search = make_search(config, space, sweep_dir, seeds)
+    fits = trials_that_fit_the_cluster(config)
+    search: Searcher | None = make_search(config, space, sweep_dir, seeds)
+    at_once: int | None = fits
     if search is not None and config.scheduler.type == "promotion_asha":
         # Tune's own limiter would count paused trials as running, and no new trial could start beside them.
-        search, at_once = PausingConcurrencyLimiter(search, max_concurrent=at_once), None
+        search, at_once = PausingConcurrencyLimiter(search, max_concurrent=fits), None
     tuner = tune.Tuner(
         trainable,
         param_space={},

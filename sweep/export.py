@@ -89,6 +89,8 @@ def confirm_report(config: SweepConfig, best: TrialRecord) -> dict[str, Any]:
     """final_metrics.json's `confirm`: the setting, and the promoted configuration's metric per seed, mean and spread
     (no seeds when the confirm step was skipped: a spent budget)."""
     confirm = config.promotion.confirm
+    if confirm is None:
+        raise ValueError("confirm_summary is for a sweep with promotion.confirm")
     spread = seed_spread(best)
     summary = {"mean": spread[0], "std": spread[1], "seeds": spread[2]} if spread else {"seeds": 0}
     return {"top": confirm.top, "extra_seeds": confirm.seeds, "metric": config.search.metric,
@@ -167,8 +169,10 @@ def save_adapter(tuned_model: Any, trial_config: SweepConfig, directory: Path) -
     with tempfile.TemporaryDirectory(prefix="lora-sweep-initial-") as scratch:
         original = load_base_model(trial_config)
         initial = peft.get_peft_model(original, lora_settings(trial_config.lora, original))
-        initial.peft_config["default"].init_lora_weights = True  # peft's rule: saved as a plain LoRA's init
-        initial.save_pretrained(Path(scratch) / "initial")
+        initial_settings = initial.peft_config["default"]
+        assert isinstance(initial_settings, peft.LoraConfig)
+        initial_settings.init_lora_weights = True  # peft's rule: saved as a plain LoRA's init
+        initial.save_pretrained(str(Path(scratch) / "initial"))
         del initial, original
         tuned_model.save_pretrained(directory, path_initial_model_for_weight_conversion=str(Path(scratch) / "initial"))
 
@@ -182,7 +186,7 @@ def finalize(folder: SweepFolder, config: SweepConfig, best: TrialRecord, data_p
     trial_config = apply_params(config, best.params)
     tokenizer = load_tokenizer(trial_config)
     test_set = load_prepared(data_path)["test"]
-    settings = dict(
+    settings: dict[str, Any] = dict(
         max_new_tokens=config.evaluation.max_new_tokens, batch_size=config.training.eval_batch_size,
         max_examples=config.evaluation.max_examples,
     )
@@ -233,7 +237,8 @@ def _export(sweep_dir: Path, config: SweepConfig, best: TrialRecord, trial_confi
 
     # Verify from disk, as a user would load them: plain transformers vs base + adapter.
     prompts = prompt_token_ids(test_set.select(range(min(VERIFY_PROMPTS, len(test_set)))))
-    merged = AutoModelForCausalLM.from_pretrained(staging / MERGED_DIR, trust_remote_code=config.model.trust_remote_code).eval()
+    merged = AutoModelForCausalLM.from_pretrained(staging / MERGED_DIR, trust_remote_code=config.model.trust_remote_code)
+    merged.eval()
     adapter = peft.PeftModel.from_pretrained(load_base_model(trial_config), staging / "adapter").eval()
     difference = max_logit_difference(merged, adapter, prompts)
     tolerance = verify_tolerance(config, merged)

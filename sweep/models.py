@@ -69,7 +69,7 @@ def weights_the_init_rewrites(base: Any, config: SweepConfig, settings: peft.Lor
         return {}
     modules = dict(base.named_modules())
     return {name: modules[name].weight.detach().to("cpu", copy=True)
-            for name in targeted_module_names(base, settings.target_modules)}
+            for name in targeted_module_names(base, settings.target_modules or [])}
 
 
 @torch.no_grad()

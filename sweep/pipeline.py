@@ -53,8 +53,9 @@ class SweepOutcome:
 def warm_start_seeds(config: SweepConfig, space: dict[str, od.BaseDistribution]) -> list[dict[str, Any]]:
     """The earlier sweep's configs this one runs first (read once: what is logged is what is enqueued)."""
     warm = warm_start_points(config, space)
+    earlier = config.search.warm_start.sweep if config.search.warm_start else None
     for source in warm.sources:
-        log.info("warm start: trial %s of %s runs first", source, config.search.warm_start.sweep)
+        log.info("warm start: trial %s of %s runs first", source, earlier)
     for reason in warm.skipped:
         log.warning("warm start: skipped %s", reason)
     return warm.points
@@ -85,7 +86,7 @@ def check_sweep_dir_free(config: SweepConfig, overwrite: bool) -> None:
                                f"folder's own sweep; pick another `name`, or delete {storage.path()} yourself"], "output")
     if (local_taken or stored_taken) and not overwrite:
         where = (f"the sweep folder {sweep_dir} already exists; continue it with `sweep resume {sweep_dir}` "
-                 "(or --resume), " if local_taken else f"storage already holds a sweep at {storage.path()}; ")
+                 "(or --resume), " if local_taken or storage is None else f"storage already holds a sweep at {storage.path()}; ")
         raise ConfigError([f"`name`: {where}replace it with --overwrite, or pick another name"], "output")
 
 
@@ -253,6 +254,7 @@ def _confirm(config: SweepConfig, records: list[TrialRecord], data_path: Path, f
         log.warning("promotion.confirm skipped (%s): promoting the single best trial", budget)
         return []
     confirm = config.promotion.confirm
+    assert confirm is not None, "confirm_plan plans runs only for promotion.confirm"
     log.info("promotion.confirm: training the top %d configurations with %d more seed(s) each (%d runs)",
              len(plan) // confirm.seeds, confirm.seeds, len(plan))
     runs = confirm_runs(run_confirmation(config, plan, data_path, folder, resume=resume), config)

@@ -62,7 +62,7 @@ def expected_steps(config: SweepConfig, rungs: list[int]) -> int:
     top = config.training.max_steps
     if not rungs:
         return config.search.num_trials * top
-    per_trial = rungs[0]
+    per_trial: float = rungs[0]
     for k, start in enumerate(rungs):
         end = rungs[k + 1] if k + 1 < len(rungs) else top
         per_trial += (end - start) / config.scheduler.reduction_factor ** (k + 1)

@@ -73,7 +73,8 @@ def check_model(config: SweepConfig, space: dict[str, od.BaseDistribution]) -> t
                            "attention sees every token unless its config sets is_decoder: true"], "model")
     try:
         with init_empty_weights():  # module names only: no memory, no weights read
-            skeleton = AutoModelForCausalLM.from_config(model_config, trust_remote_code=config.model.trust_remote_code)
+            skeleton: torch.nn.Module = AutoModelForCausalLM.from_config(
+                model_config, trust_remote_code=config.model.trust_remote_code)
     except ValueError as error:
         reason = str(error).strip().splitlines()[0]
         raise ConfigError([f"`model.path`: {named} is not a causal LM ({reason})"], "model") from None
@@ -107,12 +108,12 @@ def check_model(config: SweepConfig, space: dict[str, od.BaseDistribution]) -> t
                     break
     # Positions past the model's own are out of its embedding table (learned positions: an index error in the
     # trial) or where it was never trained (rotary): neither trains what the user means. The name differs by model.
-    found = model_positions(model_config)
-    if found and found[1] < config.data.max_length:
-        key, positions = found
+    model_limit = model_positions(model_config)
+    if model_limit and model_limit[1] < config.data.max_length:
+        key, positions = model_limit
         problems.append(f"`data.max_length`: {config.data.max_length} is more than the model's {positions} "
                         f"positions ({key} in its config); lower data.max_length to {positions} or less")
-    targets = [config.lora.target_modules]
+    targets: list[Any] = [config.lora.target_modules]  # the setting, and every one the search can pick
     choice = space.get("lora.target_modules")
     if isinstance(choice, od.CategoricalDistribution):
         targets.extend(choice.choices)

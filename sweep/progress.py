@@ -80,11 +80,11 @@ class SweepStatus:
         """
         if self.state != "running":
             return 0.0
-        ended = [t for t in self.trials if t.ended_at and t.started_at]
+        ended = [(t.ended_at - t.started_at, t.status) for t in self.trials if t.ended_at and t.started_at]
         if not ended:
             return None
-        mean = sum(t.ended_at - t.started_at for t in ended) / len(ended)
-        full = [t.ended_at - t.started_at for t in ended if t.status == "completed"]
+        mean = sum(seconds for seconds, _ in ended) / len(ended)
+        full = [seconds for seconds, status in ended if status == "completed"]
         full_length = sum(full) / len(full) if full else mean
         running_left = sum(
             full_length * (1 - min(t.step / max(self.max_steps, 1), 1.0)) for t in self.trials if t.status == "running"
@@ -219,12 +219,11 @@ class ProgressCallback(TrialTracker):
     itself is loaded in `setup`, which also runs when a stopped sweep is resumed.
     """
 
-    def __init__(self, sweep_dir: Path, name: str, metric: str, mode: str, num_trials: int, max_concurrent: int,
+    def __init__(self, sweep_dir: Path, name: str, metric: str, mode: str, num_trials: int, max_concurrent: Optional[int],
                  max_steps: int, min_interval: float = 1.0):
         super().__init__(metric, mode, max_steps)
         self.sweep_dir = Path(sweep_dir)
-        self.settings = dict(name=name, metric=metric, mode=mode, num_trials=num_trials,
-                             max_concurrent=max_concurrent, max_steps=max_steps)
+        self.sweep_name, self.num_trials, self.max_concurrent = name, num_trials, max_concurrent
         self.min_interval = min_interval
         self.status: Optional[SweepStatus] = None
         self._written = 0.0
@@ -242,7 +241,8 @@ class ProgressCallback(TrialTracker):
             log.warning("status.json was damaged (%s): it starts again from this run's events", str(error)[:200])
             return None
 
-    def setup(self, **info: Any) -> None:
+    def setup(self, stop: Any = None, num_samples: Optional[int] = None, total_num_samples: Optional[int] = None,
+              **info: Any) -> None:
         now = time.time()
         path = self.sweep_dir / STATUS_FILE
         previous = self._previous_status(path)
@@ -255,7 +255,9 @@ class ProgressCallback(TrialTracker):
                     trial.status, trial.started_at = "pending", None
         else:
             self.status = SweepStatus(state="running", started_at=now, updated_at=now, driver_pid=os.getpid(),
-                                      **self.settings)
+                                      name=self.sweep_name, metric=self.metric, mode=self.direction.value,
+                                      num_trials=self.num_trials, max_concurrent=self.max_concurrent,
+                                      max_steps=self.max_steps)
         self.trials = {trial.trial_id: trial for trial in self.status.trials}  # the tracker's records are the rows
         self.status.state, self.status.driver_pid, self.status.driver_host = "running", os.getpid(), socket.gethostname()
         self.publish(force=True)
@@ -274,17 +276,17 @@ class ProgressCallback(TrialTracker):
         self._dirty = True  # written within min_interval; an end is written at once, so none is lost to a kill
         self.publish()
 
-    def log_trial_result(self, iteration: int, trial: Any, result: dict) -> None:
+    def log_trial_result(self, iteration: int, trial: Any, result: dict[str, Any]) -> None:
         self._dirty = True
 
     def log_trial_end(self, trial: Any, failed: bool = False) -> None:
         self._dirty = True
         self.publish(force=True)
 
-    def on_step_end(self, iteration: int, trials: list, **info: Any) -> None:
+    def on_step_end(self, iteration: int, trials: list[Any], **info: Any) -> None:
         self.publish()
 
-    def on_experiment_end(self, trials: list, **info: Any) -> None:
+    def on_experiment_end(self, trials: list[Any], **info: Any) -> None:
         self.publish(force=True)
 
 

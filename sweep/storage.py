@@ -133,7 +133,7 @@ def check_storage(config: SweepConfig) -> None:
 
 
 def _exists(filesystem: pafs.FileSystem, path: str) -> bool:
-    return filesystem.get_file_info(path).type != pafs.FileType.NotFound
+    return bool(filesystem.get_file_info(path).type != pafs.FileType.NotFound)
 
 
 def holds_files(storage: Storage) -> bool:
@@ -145,7 +145,7 @@ def holds_files(storage: Storage) -> bool:
 
 
 def is_directory(filesystem: pafs.FileSystem, path: str) -> bool:
-    return filesystem.get_file_info(path).type == pafs.FileType.Directory
+    return bool(filesystem.get_file_info(path).type == pafs.FileType.Directory)
 
 
 def tree_bytes(filesystem: pafs.FileSystem, path: str) -> int:

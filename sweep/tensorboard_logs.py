@@ -36,7 +36,7 @@ class TensorBoardCallback(TrialTracker):
             self._writers[trial.trial_id] = SummaryWriter(str(self.log_dir / run_name(trial.trial_id, trial.config)))
         return self._writers[trial.trial_id]
 
-    def log_trial_result(self, iteration: int, trial: Any, result: dict) -> None:
+    def log_trial_result(self, iteration: int, trial: Any, result: dict[str, Any]) -> None:
         step = self.trials[trial.trial_id].step
         writer = self._writer(trial)
         for name in SCALARS:

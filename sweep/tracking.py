@@ -66,14 +66,14 @@ class TrialTracker(LoggerCallback):
             progress = self.trials[trial.trial_id] = TrialProgress(trial.trial_id, "pending", dict(trial.config))
         return progress
 
-    def on_trial_start(self, iteration: int, trials: list, trial: Any, **info: Any) -> None:
+    def on_trial_start(self, iteration: int, trials: list[Any], trial: Any, **info: Any) -> None:
         progress = self.tracked(trial)
         progress.status = "running"
         progress.started_at = progress.started_at or time.time()
         progress.ended_at = None
         super().on_trial_start(iteration, trials, trial, **info)
 
-    def on_trial_result(self, iteration: int, trials: list, trial: Any, result: dict, **info: Any) -> None:
+    def on_trial_result(self, iteration: int, trials: list[Any], trial: Any, result: dict[str, Any], **info: Any) -> None:
         progress = self.tracked(trial)
         progress.step = int(result.get(STEP, progress.step))
         progress.diverged = progress.diverged or bool(result.get(DIVERGED))
@@ -88,11 +88,11 @@ class TrialTracker(LoggerCallback):
         progress = self.tracked(trial)
         progress.status, progress.ended_at = status, time.time()
 
-    def on_trial_complete(self, iteration: int, trials: list, trial: Any, **info: Any) -> None:
+    def on_trial_complete(self, iteration: int, trials: list[Any], trial: Any, **info: Any) -> None:
         progress = self.tracked(trial)
         self._end(trial, ended_status(progress.diverged, progress.step, self.max_steps))
         super().on_trial_complete(iteration, trials, trial, **info)
 
-    def on_trial_error(self, iteration: int, trials: list, trial: Any, **info: Any) -> None:
+    def on_trial_error(self, iteration: int, trials: list[Any], trial: Any, **info: Any) -> None:
         self._end(trial, "errored")
         super().on_trial_error(iteration, trials, trial, **info)

@@ -18,7 +18,8 @@ from typing import Any, Optional
 
 import peft
 import torch
-from transformers import PrinterCallback, Trainer, TrainerCallback, TrainingArguments
+from transformers import (PrinterCallback, Trainer, TrainerCallback, TrainerControl, TrainerState,
+                          TrainingArguments)
 
 from lora_sweep.config import SweepConfig
 from lora_sweep.data import MODEL_COLUMNS, PaddingCollator, load_prepared
@@ -109,18 +110,19 @@ class EvaluationReporter(TrainerCallback):
         self.pending: Optional[dict[str, Any]] = None
         self._step_started = 0.0
 
-    def on_train_begin(self, args, state, control, **kwargs):
+    def on_train_begin(self, args: TrainingArguments, state: TrainerState, control: TrainerControl, **kwargs: Any) -> None:
         self.tokens_at_last_report = int(state.num_input_tokens_seen)  # non-zero after a resume
 
-    def on_step_begin(self, args, state, control, **kwargs):
+    def on_step_begin(self, args: TrainingArguments, state: TrainerState, control: TrainerControl, **kwargs: Any) -> None:
         self._step_started = time.perf_counter()
         if self.startup_seconds is None:
             self.startup_seconds = self._step_started - self.trial_started
 
-    def on_step_end(self, args, state, control, **kwargs):
+    def on_step_end(self, args: TrainingArguments, state: TrainerState, control: TrainerControl, **kwargs: Any) -> None:
         self.train_seconds += time.perf_counter() - self._step_started
 
-    def on_log(self, args, state, control, logs=None, **kwargs):
+    def on_log(self, args: TrainingArguments, state: TrainerState, control: TrainerControl,
+               logs: Optional[dict[str, float]] = None, **kwargs: Any) -> None:
         logs = logs or {}
         if "loss" in logs:
             self.last_train_loss = float(logs["loss"])
@@ -131,7 +133,8 @@ class EvaluationReporter(TrainerCallback):
         if "learning_rate" in logs:
             self.last_learning_rate = float(logs["learning_rate"])
 
-    def on_evaluate(self, args, state, control, metrics=None, **kwargs):
+    def on_evaluate(self, args: TrainingArguments, state: TrainerState, control: TrainerControl,
+                    metrics: Optional[dict[str, float]] = None, **kwargs: Any) -> None:
         metrics = metrics or {}
         eval_loss = float(metrics.get(EVAL_LOSS, math.nan))
         if not math.isfinite(eval_loss) and self.diverged_reason is None:
@@ -168,11 +171,11 @@ class EvaluationReporter(TrainerCallback):
         self.pending = report.as_dict()
         control.should_save = True
 
-    def on_save(self, args, state, control, **kwargs):
+    def on_save(self, args: TrainingArguments, state: TrainerState, control: TrainerControl, **kwargs: Any) -> None:
         if self.pending is None:
             return
         report, self.pending = self.pending, None
-        checkpoint = Path(args.output_dir) / f"checkpoint-{state.global_step}"
+        checkpoint = Path(str(args.output_dir)) / f"checkpoint-{state.global_step}"  # set: the recipe gives one
         # Tune copies the folder to the sweep's storage inside report(), so the local copy
         # goes at once instead of piling up per evaluation. An ASHA stop ends the trial
         # inside report() (SystemExit); the finally-block and the scratch folder clean up.
@@ -197,7 +200,7 @@ def training_arguments(config: SweepConfig, output_dir: str) -> TrainingArgument
         lr_scheduler_type=t.lr_scheduler,
         max_grad_norm=t.max_grad_norm,
         # Passed only when on: the name is deprecated in transformers 5 and warns on every trial.
-        **({"gradient_checkpointing": True} if t.gradient_checkpointing else {}),
+        **({"gradient_checkpointing": True} if t.gradient_checkpointing else {}),  # type: ignore[arg-type]
         eval_strategy="steps",
         eval_steps=t.eval_steps,
         logging_steps=max(1, min(10, t.eval_steps)),

@@ -113,7 +113,7 @@ def _fail_os_error(error: OSError) -> None:
 
 def _run_and_report(start: Callable[[], "SweepOutcome"]) -> None:
     from lora_sweep.export import ExportVerificationError
-    from lora_sweep.pipeline import SweepInterrupted
+    from lora_sweep.signals import SweepInterrupted
     from lora_sweep.results import NoUsableTrialError
     from lora_sweep.signals import stop_exit_code, stop_on_sigterm_like_ctrl_c
 
@@ -165,7 +165,7 @@ def _run_config(config_path: Path, overrides: list[str], overwrite: bool, resume
     from lora_sweep.pipeline import resume as resume_sweep
     from lora_sweep.pipeline import run as run_sweep
 
-    def start():
+    def start() -> "SweepOutcome":
         config = load_config(config_path, overrides)
         try:
             if resume and (config.sweep_dir / CONFIG_FILE).is_file():
@@ -187,7 +187,7 @@ def resume(sweep_dir: Path = typer.Argument(..., help="The folder of a stopped o
     """
     from lora_sweep.pipeline import resume as resume_sweep
 
-    def start():
+    def start() -> "SweepOutcome":
         try:
             return resume_sweep(sweep_dir, live=True)
         except ConfigError as error:
@@ -351,7 +351,9 @@ def generate(
         _fail(f"error: `--temperature`: must be a finite number >= 0 (0 decodes greedily), but got {temperature}", 2)
     try:
         config, _ = load_sweep(sweep_dir)
-        examples = examples_from_file(file, config) if file else [example_for(question, config, system, input_text)]
+        # Exactly one of them is given (checked above): without a file there is a question.
+        examples = (examples_from_file(file, config) if file is not None
+                    else [example_for(question or "", config, system, input_text)])
         if file and system is not None:
             examples = [replace(e, system=system) for e in examples]
         model = ExportedModel(sweep_dir)
@@ -402,4 +404,4 @@ def main() -> None:  # pragma: no cover - console entry for `python -m lora_swee
 
 
 if __name__ == "__main__":  # pragma: no cover
-    sys.exit(main())
+    main()

@@ -15,7 +15,7 @@ import shutil
 import stat
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, Callable
 
 import numpy as np
 import pandas as pd
@@ -132,7 +132,7 @@ def _parse_jsonl(text: str, path: Path, required: tuple[str, ...]) -> pd.DataFra
             first_lacking = first_lacking or (number, missing)
         rows.append(row)
         lines.append(number)
-    if rows and lacking and lacking < len(rows):
+    if rows and lacking and lacking < len(rows) and first_lacking is not None:  # set with the first lacking row
         number, missing = first_lacking
         raise ConfigError(
             [f"`data.columns`: {lacking} of {len(rows)} rows lack required column(s) {missing}; the first is line {number}"],
@@ -285,7 +285,8 @@ def load_examples(data: DataConfig, seed: int) -> tuple[dict[str, list[Example]]
             examples.extend(found)
             dropped += empty
         return split_examples(_dedupe(examples), data.split.model_dump(), seed), dropped
-    splits, dropped, seen = {}, 0, set()
+    splits: dict[str, list[Example]] = {}
+    dropped, seen = 0, set[str]()
     # Earlier splits win: a prompt in train is removed from val and test (no leakage).
     for split in SPLITS:
         file = getattr(data.split_files, split)
@@ -299,7 +300,7 @@ def load_examples(data: DataConfig, seed: int) -> tuple[dict[str, list[Example]]
     return splits, dropped
 
 
-def tokenize_example(example: Example, render, tokenizer, max_length: int,
+def tokenize_example(example: Example, render: Callable[[Example], str], tokenizer: Any, max_length: int,
                      add_special_tokens: bool = True) -> dict[str, list[int]] | None:
     """input_ids = prompt + response + EOS; labels mask the prompt. None if it does not fit max_length.
 
@@ -322,7 +323,7 @@ def tokenize_example(example: Example, render, tokenizer, max_length: int,
     }
 
 
-def _hash_inputs(splits: dict[str, list[Example]], data: DataConfig, tokenizer) -> str:
+def _hash_inputs(splits: dict[str, list[Example]], data: DataConfig, tokenizer: Any) -> str:
     digest = hashlib.sha256()
     digest.update(json.dumps({"template": data.template, "max_length": data.max_length}).encode())
     digest.update(json.dumps(tokenizer.get_vocab(), sort_keys=True).encode())
@@ -344,7 +345,7 @@ class TokenizedData:
     dropped: dict[str, int]
 
 
-def tokenize_splits(data: DataConfig, tokenizer, seed: int,
+def tokenize_splits(data: DataConfig, tokenizer: Any, seed: int,
                     loaded: tuple[dict[str, list[Example]], int] | None = None) -> TokenizedData:
     """Every split tokenized in memory; `loaded` is `load_examples`' result when the caller already read the data."""
     splits, empty_rows = loaded if loaded is not None else load_examples(data, seed)
@@ -393,7 +394,7 @@ def save_prepared(tokenized: TokenizedData, out_dir: Path) -> PreparedData:
     return PreparedData(path=path, data_hash=tokenized.data_hash, counts=tokenized.counts, dropped=tokenized.dropped)
 
 
-def prepare_data(data: DataConfig, tokenizer, seed: int, out_dir: Path) -> PreparedData:
+def prepare_data(data: DataConfig, tokenizer: Any, seed: int, out_dir: Path) -> PreparedData:
     """Tokenize, then save under out_dir/<hash>/."""
     return save_prepared(tokenize_splits(data, tokenizer, seed), out_dir)
 

@@ -46,7 +46,7 @@ def load_exported(sweep_dir: Path) -> tuple[SweepConfig, Any, Any]:
     if tokenizer.pad_token_id is None:
         tokenizer.pad_token = tokenizer.eos_token
     device = "cuda" if torch.cuda.is_available() else "cpu"
-    model = model.to(device).eval()
+    model = model.to(device).eval()  # type: ignore[arg-type]  # transformers' wrapper of .to types it wrongly
     return config, tokenizer, model
 
 

@@ -77,7 +77,7 @@ def lora_settings(settings: LoraConfig, model: nn.Module) -> peft.LoraConfig:
     return peft.LoraConfig(
         task_type=peft.TaskType.CAUSAL_LM,
         r=settings.rank,
-        lora_alpha=settings.alpha_multiple * settings.rank,
+        lora_alpha=settings.alpha_multiple * settings.rank,  # type: ignore[arg-type]  # peft divides it by r: a float works
         lora_dropout=settings.dropout,
         target_modules=resolve_target_modules(model, settings.target_modules),
         use_rslora=settings.use_rslora,

@@ -88,7 +88,7 @@ def model_positions(model_config: Any) -> Optional[tuple[str, int]]:
     key = next((k for k in ("max_position_embeddings", "n_positions", "max_sequence_length", "seq_length")
                 if k in written), None)
     positions = written.get(key)
-    if isinstance(positions, int) and not isinstance(positions, bool) and positions > 0:
+    if key is not None and isinstance(positions, int) and not isinstance(positions, bool) and positions > 0:
         return key, positions
     return None
 

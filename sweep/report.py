@@ -16,7 +16,7 @@ import shutil
 import warnings
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Callable
+from typing import Any, Callable, Optional
 
 import matplotlib
 
@@ -124,7 +124,9 @@ def _save(figure: Any, path: Path, width: float = 9) -> None:
     plt.close(figure)
 
 
-def _optuna_figure(plot: Callable[..., Any], study: optuna.Study, **kwargs: Any) -> Any:
+def _optuna_figure(plot: Callable[..., Any], study: Optional[optuna.Study], **kwargs: Any) -> Any:
+    if study is None:  # the report draws these figures only when the study has finished trials
+        raise ValueError("no Optuna study to plot")
     axes = plot(study, **kwargs)
     axes = axes.flatten()[0] if hasattr(axes, "flatten") else axes
     return axes.get_figure()
@@ -179,7 +181,9 @@ def pareto_figure(board: pd.DataFrame, metric: str, cost: str, promoted: str | N
     return figure
 
 
-def best_vs_base(final: dict[str, Any]) -> Any:
+def best_vs_base(final: Optional[dict[str, Any]]) -> Any:
+    if final is None:  # the report draws this figure only once final_metrics.json exists
+        raise ValueError("no final evaluation to plot")
     test = final["test"]
     figure, (loss_axes, match_axes) = plt.subplots(1, 2)
     names = ["base", "tuned"]

@@ -185,7 +185,9 @@ def lock_holder(folder: Path) -> Optional[dict[str, Any]]:
         holder = json.loads((Path(folder) / LOCK_FILE).read_text(encoding="utf-8") or "{}")
     except (OSError, ValueError):
         return None
-    if not holder or (holder.get("host") == socket.gethostname() and not _pid_alive(holder.get("pid"))):
+    if not holder or not isinstance(holder, dict):  # empty, or not the object the lock writes
+        return None
+    if holder.get("host") == socket.gethostname() and not _pid_alive(holder.get("pid")):
         return None
     return holder
 

@@ -35,7 +35,7 @@ class PromotionASHA(FIFOScheduler):
 
     def __init__(self, time_attr: str, max_t: int, grace_period: int, reduction_factor: float,
                  metric: Optional[str] = None, mode: Optional[str] = None):
-        super().__init__()
+        super().__init__()  # type: ignore[no-untyped-call]
         self._time_attr = time_attr
         self._max_t = max_t
         self._metric = metric
@@ -68,7 +68,7 @@ class PromotionASHA(FIFOScheduler):
         count = int(len(scores) / self._reduction_factor)
         return sorted(scores, key=lambda trial_id: scores[trial_id], reverse=True)[:count]
 
-    def on_trial_result(self, tune_controller: Any, trial: Trial, result: dict) -> str:
+    def on_trial_result(self, tune_controller: Any, trial: Trial, result: dict[str, Any]) -> str:
         if self._time_attr not in result or self._metric not in result:
             return TrialScheduler.CONTINUE
         trial_id = trial.trial_id
@@ -99,7 +99,7 @@ class PromotionASHA(FIFOScheduler):
         return out
 
     def choose_trial_to_run(self, tune_controller: Any) -> Optional[Trial]:
-        trials = tune_controller.get_trials()
+        trials: list[Trial] = tune_controller.get_trials()
         paused = {t.trial_id: t for t in trials if t.status == Trial.PAUSED}
         for trial_id in self.promotable():
             if trial_id in paused:
@@ -113,7 +113,7 @@ class PromotionASHA(FIFOScheduler):
                 tune_controller.stop_trial(trial)
         return None
 
-    def on_trial_complete(self, tune_controller: Any, trial: Trial, result: dict) -> None:
+    def on_trial_complete(self, tune_controller: Any, trial: Trial, result: dict[str, Any]) -> None:
         self.paused_at.pop(trial.trial_id, None)
 
     def on_trial_remove(self, tune_controller: Any, trial: Trial) -> None:
@@ -167,7 +167,7 @@ class PausingConcurrencyLimiter(ConcurrencyLimiter):
             self.live_trials.add(trial_id)
             self.num_unfinished_live_trials += 1
 
-    def on_trial_complete(self, trial_id: str, result: Optional[dict] = None, error: bool = False) -> None:
+    def on_trial_complete(self, trial_id: str, result: Optional[dict[str, Any]] = None, error: bool = False) -> None:
         if trial_id in self.paused:  # stopped while paused: the searcher still hears how it ended
             self.paused.discard(trial_id)
             self.searcher.on_trial_complete(trial_id, result=result, error=error)
@@ -186,11 +186,14 @@ class KeepResultsAcrossPauses(Callback):
 
     FILES = ("result.json", "progress.csv")
 
-    def on_trial_start(self, iteration: int, trials: list, trial: Trial, **info: Any) -> None:
-        filesystem = trial.storage.storage_filesystem
+    def on_trial_start(self, iteration: int, trials: list[Trial], trial: Trial, **info: Any) -> None:
+        storage = trial.storage
+        if storage is None or trial.local_path is None:  # Tune gives every started trial both
+            return
+        filesystem = storage.storage_filesystem
         for name in self.FILES:
             local = Path(trial.local_path) / name
-            remote = f"{trial.storage.trial_fs_path}/{name}"
+            remote = f"{storage.trial_fs_path}/{name}"
             if not local.is_file():
                 continue  # a new driver after a crash: storage holds the only copy
             stored = filesystem.get_file_info(remote)

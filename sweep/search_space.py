@@ -64,7 +64,8 @@ def load_space_file(name_or_path: str) -> dict[str, dict[str, Any]]:
     unknown = set(raw) - {"description", "parameters"}
     if unknown:
         raise ConfigError([f"unknown top-level key(s) {sorted(unknown)}; allowed: description, parameters"], str(path))
-    return raw["parameters"]
+    parameters: dict[str, dict[str, Any]] = raw["parameters"]
+    return parameters
 
 
 def _distribution(name: str, spec: Any) -> tuple[od.BaseDistribution | None, list[str]]:
@@ -94,7 +95,9 @@ def _distribution(name: str, spec: Any) -> tuple[od.BaseDistribution | None, lis
         return None, [f"{where}.type: int is only for integer fields, but {name} is {wanted.__name__}"]
     if kind != "int" and wanted is not float:
         return None, [f"{where}.type: {kind} is only for float fields; use int or choice for {name}"]
-    low, high, step = spec.get("low"), spec.get("high"), spec.get("step")
+    low: Any = spec.get("low")  # checked below, then numbers
+    high: Any = spec.get("high")
+    step: Any = spec.get("step")
     problems = []
     for key, value in (("low", low), ("high", high)):
         if not _fits(value, float):
@@ -141,6 +144,8 @@ def _distribution(name: str, spec: Any) -> tuple[od.BaseDistribution | None, lis
 def describe(distribution: od.BaseDistribution) -> str:
     if isinstance(distribution, od.CategoricalDistribution):
         return f"choice of {list(distribution.choices)}"
+    if not isinstance(distribution, (od.IntDistribution, od.FloatDistribution)):
+        return repr(distribution)  # not one this engine makes
     kind = "log-uniform" if getattr(distribution, "log", False) else "uniform"
     if isinstance(distribution, od.IntDistribution):
         kind = "integer"
@@ -176,12 +181,14 @@ def build_search_space(config: SweepConfig) -> dict[str, od.BaseDistribution]:
 
 def _values_the_config_rejects(config: SweepConfig, space: dict[str, od.BaseDistribution]) -> list[str]:
     """Every value a trial could get must pass the config's own rules, checked before any trial starts."""
-    problems = []
+    problems: list[str] = []
     for name, distribution in space.items():
         if isinstance(distribution, od.CategoricalDistribution):
             candidates = list(distribution.choices)
-        else:
+        elif isinstance(distribution, (od.IntDistribution, od.FloatDistribution)):
             candidates = [distribution.low, distribution.high]
+        else:  # not one this engine makes
+            continue
         for value in candidates:
             try:
                 apply_params(config, {name: value})

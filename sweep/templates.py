@@ -50,7 +50,7 @@ def render_chat(example: Example, tokenizer: Any) -> str:
         messages.append({"role": "system", "content": example.system})
     user = example.instruction if not example.input else f"{example.instruction}\n\n{example.input}"
     messages.append({"role": "user", "content": user})
-    return tokenizer.apply_chat_template(messages, tokenize=False, add_generation_prompt=True)
+    return str(tokenizer.apply_chat_template(messages, tokenize=False, add_generation_prompt=True))
 
 
 def prompt_renderer(name: str, tokenizer: Optional[Any] = None) -> Callable[[Example], str]:

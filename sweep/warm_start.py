@@ -55,6 +55,8 @@ def in_space(distribution: od.BaseDistribution, value: Any) -> Any:
         return next((choice for choice in distribution.choices if _same(choice, value)), OUTSIDE)
     if isinstance(value, bool) or not isinstance(value, (int, float)):
         return OUTSIDE
+    if not isinstance(distribution, (od.IntDistribution, od.FloatDistribution)):
+        return OUTSIDE  # not one this engine makes
     if not distribution.low <= value <= distribution.high:
         return OUTSIDE
     step = getattr(distribution, "step", None)

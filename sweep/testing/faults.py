@@ -156,7 +156,7 @@ class StallBetweenTrials(Callback):
     def __init__(self, sweep_dir: Path):
         self.sweep_dir = sweep_dir
 
-    def on_trial_complete(self, iteration: int, trials: list, trial: Any, **info: Any) -> None:
+    def on_trial_complete(self, iteration: int, trials: list[Any], trial: Any, **info: Any) -> None:
         stall_if_asked("between_trials", self.sweep_dir)
 
 

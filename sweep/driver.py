@@ -436,12 +436,9 @@ def run_sweep(config: SweepConfig, space: dict[str, Any], data_path: Path, folde
     `trial_function` is the trainable's entry point; benchmarks pass one that trains nothing
     to measure the driver alone.
     """
-    start_ray(config)
-    check_cluster_resources(config)
     sweep_dir = folder.local
-    trainable = _bound_trainable(config, data_path, folder, trial_function)
-    storage_path, filesystem = folder.experiment_root()
-    restored = _restored(storage_path, filesystem, TUNE_DIR_NAME, trainable, sweep_dir) if resume else None
+    trainable, storage_path, filesystem, restored = _experiment(config, data_path, folder, TUNE_DIR_NAME,
+                                                                trial_function, resume)
     if restored is not None:
         # Finished trials stay finished; unfinished ones restart from their last checkpoint; the
         # searcher (and through it the Optuna study) continues from its saved state.
@@ -499,12 +496,9 @@ def run_confirmation(config: SweepConfig, runs: list[dict[str, Any]], data_path:
                      resume: bool = False) -> Any:
     """Train `promotion.confirm`'s runs ({"of", "seed", "params"} each) to the end, side by side as trials fit,
     as the Tune experiment `confirm` beside the sweep's own; returns its ResultGrid. A stopped one continues."""
-    start_ray(config)
-    check_cluster_resources(config)
     sweep_dir = folder.local
-    trainable = _bound_trainable(config, data_path, folder, confirm_trainable)
-    storage_path, filesystem = folder.experiment_root()
-    restored = _restored(storage_path, filesystem, CONFIRM_DIR_NAME, trainable, sweep_dir) if resume else None
+    trainable, storage_path, filesystem, restored = _experiment(config, data_path, folder, CONFIRM_DIR_NAME,
+                                                                confirm_trainable, resume)
     if restored is not None:
         return _fit(restored, sweep_dir)
     at_once = trials_that_fit_the_cluster(config)
@@ -529,6 +523,18 @@ def _confirm_run_folder(trial: Any) -> str:
     """A confirm run's folder: the trial it trains again and its seed (Tune's default spells out every param)."""
     run = trial.config["run"]
     return f"{run['of']}_seed{run['seed']}_{trial.trial_id}"
+
+
+def _experiment(config: SweepConfig, data_path: Path, folder: SweepFolder, name: str,
+                trial_function: Callable[..., None], resume: bool) -> tuple[Any, str, Any, tune.Tuner | None]:
+    """Ray started and the cluster checked, then the Tune experiment `name` of the sweep: its bound trainable, where
+    it is stored (path, filesystem), and when resuming one that had started, its Tuner ready to continue."""
+    start_ray(config)
+    check_cluster_resources(config)
+    trainable = _bound_trainable(config, data_path, folder, trial_function)
+    storage_path, filesystem = folder.experiment_root()
+    restored = _restored(storage_path, filesystem, name, trainable, folder.local) if resume else None
+    return trainable, storage_path, filesystem, restored
 
 
 def _bound_trainable(config: SweepConfig, data_path: Path, folder: SweepFolder,

@@ -1,4 +1,4 @@
-"""Make the demo's shipped assets: examples/data/demo.jsonl and examples/tiny-llama/.
+"""Make the demo's shipped assets: examples/data/demo.jsonl, examples/data/chat.jsonl and examples/tiny-llama/.
 
 Deterministic from the seed, so re-running it reproduces the committed files.
 The base model is a tiny Llama built from a config and pretrained here for about
@@ -6,7 +6,11 @@ a minute on plain sentences about words ("abc reversed is cba.") and on two
 instruction tasks in the default template (repeat, capitals). The sweep's data
 adds three tasks it was not instruction-tuned on (first letter, last letter,
 backwards), so fine-tuning has something to learn and good and bad learning
-rates give clearly different losses.
+rates give clearly different losses. chat.jsonl holds the same tasks as multi-turn `messages` conversations
+(a second question about the same word), for examples/chat.yaml; the model's tokenizer gets a chat template
+(Zephyr's shape: <|role|> headers, each turn ending with EOS) so that those are rendered with it.
+
+    python scripts/make_demo_assets.py --chat-only   # chat.jsonl and the chat template, without pretraining
 
     python scripts/make_demo_assets.py
 """
@@ -15,6 +19,7 @@ from __future__ import annotations
 
 import json
 import random
+import sys
 from pathlib import Path
 
 from lora_sweep.templates import Example, render_default
@@ -46,6 +51,43 @@ def make_rows(count: int, seed: int) -> list[dict[str, str]]:
     return rows
 
 
+# Zephyr's shape with this tokenizer's tokens: a turn ends with EOS, so the model learns to stop after its answer.
+CHAT_TEMPLATE = ("{{ bos_token }}{% for m in messages %}<|{{ m['role'] }}|>\n{{ m['content'] }}{{ eos_token }}\n"
+                 "{% endfor %}{% if add_generation_prompt %}<|assistant|>\n{% endif %}")
+
+
+def make_chat_rows(count: int, seed: int) -> list[dict[str, list[dict[str, str]]]]:
+    """Conversations of two or three exchanges about one word; some start with a system turn."""
+    rng = random.Random(seed)
+    rows = []
+    for _ in range(count):
+        word = _word(rng)
+        system = rng.choice(SYSTEMS)
+        messages = [{"role": "system", "content": system}] if system else []
+        for instruction in rng.sample(list(TASKS), rng.randint(2, 3)):
+            messages.append({"role": "user", "content": f"{instruction} The word: {word}"})
+            messages.append({"role": "assistant", "content": TASKS[instruction](word)})
+        rows.append({"messages": messages})
+    return rows
+
+
+def add_chat_template(model_dir: Path) -> None:
+    """The chat template in the model's tokenizer_config.json (where transformers reads it)."""
+    path = model_dir / "tokenizer_config.json"
+    settings = json.loads(path.read_text(encoding="utf-8"))
+    settings["chat_template"] = CHAT_TEMPLATE
+    path.write_text(json.dumps(settings, indent=2) + "\n", encoding="utf-8")
+
+
+def write_chat_assets() -> None:
+    chat = ROOT / "examples" / "data" / "chat.jsonl"
+    with chat.open("w", encoding="utf-8") as handle:
+        for row in make_chat_rows(600, seed=11):
+            handle.write(json.dumps(row) + "\n")
+    add_chat_template(ROOT / "examples" / "tiny-llama")
+    print(f"wrote {chat} and the chat template of {ROOT / 'examples' / 'tiny-llama'}")
+
+
 def _word(rng: random.Random) -> str:
     return "".join(rng.choice("abcdefghijklmnopqrstuvwxyz") for _ in range(rng.randint(3, 6)))
 
@@ -67,6 +109,9 @@ def pretraining_text(rng: random.Random) -> str:
 
 
 def main() -> None:
+    if "--chat-only" in sys.argv:
+        write_chat_assets()
+        return
     data = ROOT / "examples" / "data" / "demo.jsonl"
     data.parent.mkdir(parents=True, exist_ok=True)
     with data.open("w", encoding="utf-8") as handle:
@@ -77,6 +122,7 @@ def main() -> None:
     )
     pretrain(model_dir, pretraining_text, steps=1500, seed=1, log_every=300)
     print(f"wrote {data} and {ROOT / 'examples' / 'tiny-llama'}")
+    write_chat_assets()
 
 
 if __name__ == "__main__":

@@ -173,8 +173,16 @@ class SplitFiles(_Strict):
 class DataConfig(_Strict):
     files: list[PathText] = Field(default_factory=list, description="JSONL, CSV or Parquet files, split by `split`.")
     split_files: Optional[SplitFiles] = None
+    format: Literal["auto", "instruction", "messages", "sharegpt", "prompt_completion", "text"] = Field(
+        "auto", description="How rows are read: `auto` picks it from the columns present (`sweep plan` shows which); "
+        "`instruction` (data.columns), `messages` ({role, content} lists), `sharegpt` ({from, value} lists), "
+        "`prompt_completion` (prompt + completion columns) or `text` (loss on every token).")
     columns: ColumnMapping = Field(default_factory=ColumnMapping)
-    template: Literal["default", "alpaca", "chat"] = "default"
+    template: Optional[Literal["default", "alpaca", "chat"]] = Field(
+        None, description="Unset: `default` for the instruction format; for conversations the tokenizer's chat "
+        "template, or `default` turn by turn when it has none. prompt_completion and text are used as written.")
+    train_on: Literal["all_assistant", "last_assistant"] = Field(
+        "all_assistant", description="Conversations: the loss is on every assistant turn, or on the last one only.")
     default_system: str = ""
     split: SplitFractions = Field(default_factory=SplitFractions)
     max_length: Int = Field(512, ge=8)

@@ -13,9 +13,10 @@ import json
 import re
 import shutil
 import stat
+import dataclasses
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Callable
+from typing import Any, Callable, NamedTuple, Optional
 
 import numpy as np
 import pandas as pd
@@ -26,7 +27,8 @@ import datasets
 from datasets import Dataset, DatasetDict, load_from_disk
 
 from lora_sweep.config import ColumnMapping, ConfigError, DataConfig, byte_order_mark_codec, cut
-from lora_sweep.templates import Example, prompt_renderer, tokenizer_adds_special_tokens
+from lora_sweep.templates import (ChatTemplateError, Conversation, Example, Message, PlainText, Sample, Segment,
+                                  prompt_key, segments_for)
 
 SPLITS = ("train", "val", "test")
 MAX_CHARACTERS_PER_TOKEN = 256  # far above any tokenizer's average: longer texts are dropped as too long untokenized
@@ -34,6 +36,10 @@ IGNORE_INDEX = -100  # label value the loss ignores (PyTorch's CrossEntropyLoss 
 MODEL_COLUMNS = ["input_ids", "attention_mask", "labels"]  # what the model is fed
 _READERS = {".jsonl": "jsonl", ".csv": "csv", ".parquet": "parquet"}
 TEXT_FIELDS = ("system", "instruction", "input", "response")  # the `data.columns` fields whose values are text
+# The columns each format reads (the instruction format's are `data.columns`), in the order `auto` tries them.
+FORMAT_COLUMNS = {"messages": ("messages",), "sharegpt": ("conversations",),
+                  "prompt_completion": ("prompt", "completion"), "text": ("text",)}
+SHAREGPT_ROLES = {"system": "system", "human": "user", "gpt": "assistant"}
 
 
 @dataclass(frozen=True)
@@ -243,27 +249,152 @@ def to_examples(frame: pd.DataFrame, data: DataConfig, source: str) -> tuple[lis
     return examples, dropped
 
 
-def _required(data: DataConfig) -> tuple[str, ...]:
-    return (data.columns.instruction, data.columns.response)
+def format_columns(data_format: str, data: DataConfig) -> tuple[str, ...]:
+    """The columns a format needs in every row."""
+    if data_format == "instruction":
+        return (data.columns.instruction, data.columns.response)
+    return FORMAT_COLUMNS[data_format]
 
 
-def _dedupe(examples: list[Example]) -> list[Example]:
-    return list(dict.fromkeys(examples))
+def detect_format(columns: list[str], data: DataConfig, source: str) -> str:
+    """`data.format` as given, or for `auto` the first format whose columns the file has."""
+    if data.format != "auto":
+        return data.format
+    for name in ("messages", "sharegpt", "prompt_completion", "instruction", "text"):
+        if all(column in columns for column in format_columns(name, data)):
+            return name
+    instruction = [c for c in format_columns("instruction", data) if c not in columns]
+    others = "; ".join(f"{name}: {', '.join(FORMAT_COLUMNS[name])}" for name in FORMAT_COLUMNS)
+    raise ConfigError([f"`data.columns`: column(s) {instruction} not in the file; it has {list(columns)} (data.format "
+                       f"`auto` looked for every format's columns: instruction: the data.columns; {others}); map "
+                       "your columns with data.columns, or rename them"], source)
 
 
-def _prompt_key(example: Example) -> str:
-    return json.dumps([example.system, example.instruction, example.input])
+def _where(frame: pd.DataFrame, position: int) -> str:
+    return f"{frame.index.name} {frame.index[position]}" if frame.index.name else f"row {position + 1}"
 
 
-def split_examples(examples: list[Example], fractions: dict[str, float], seed: int) -> dict[str, list[Example]]:
+def _content(value: Any) -> Optional[str]:
+    """A turn's text: a string (a number reads as text), or OpenAI's list of {type: text, text} parts; None when
+    it holds anything else (an image part, a dict)."""
+    if isinstance(value, np.ndarray):
+        value = value.tolist()
+    if isinstance(value, list):
+        if not all(isinstance(part, dict) and part.get("type") == "text" and isinstance(part.get("text"), str)
+                   for part in value):
+            return None
+        return normalize_text("\n".join(part["text"] for part in value))
+    if isinstance(value, (dict, tuple)):
+        return None
+    return normalize_text(value)
+
+
+def parse_conversation(value: Any, data_format: str, default_system: str) -> Conversation | str:
+    """A row's `messages` / `conversations` value as a Conversation, or why it is not one."""
+    if isinstance(value, np.ndarray):
+        value = value.tolist()
+    if not isinstance(value, list) or not value:
+        return f"must be a non-empty list of turns, but got {_show(value)}"
+    role_key, content_key = ("role", "content") if data_format == "messages" else ("from", "value")
+    messages: list[Message] = []
+    for number, turn in enumerate(value, start=1):
+        if not isinstance(turn, dict) or role_key not in turn or content_key not in turn:
+            return f"turn {number} must be a {{{role_key}, {content_key}}} object, but got {_show(turn)}"
+        role = turn[role_key]
+        if data_format == "sharegpt":
+            if role not in SHAREGPT_ROLES:
+                return f"turn {number} has an unknown `from` {_show(role)} (system, human or gpt)"
+            role = SHAREGPT_ROLES[role]
+        elif role not in ("system", "user", "assistant"):
+            return f"turn {number} has an unknown role {_show(role)} (system, user or assistant)"
+        content = _content(turn[content_key])
+        if content is None:
+            return f"turn {number} ({role}) holds {_show(turn[content_key])}, not text"
+        if not content:
+            return f"turn {number} ({role}) is empty"
+        messages.append(Message(role, content))
+    if messages[0].role != "system" and default_system:
+        messages.insert(0, Message("system", default_system))
+    turns = messages[1:] if messages[0].role == "system" else messages
+    expected = ["user", "assistant"] * (len(turns) // 2 + 1)
+    for position, (message, wanted) in enumerate(zip(turns, expected, strict=False), start=1):
+        if message.role != wanted:
+            where = ("a system turn after the first turn" if message.role == "system"
+                     else f"turn {position + len(messages) - len(turns)} is {message.role}'s where {wanted}'s belongs")
+            return f"roles out of order: {where} (after an optional system turn, user and assistant take turns, user first)"
+    if not any(m.role == "assistant" for m in turns):
+        return "has no assistant turn: nothing to train on"
+    if turns[-1].role != "assistant":
+        return "ends with a user turn: the last turn must be the assistant's"
+    return Conversation(tuple(messages))
+
+
+def to_samples(frame: pd.DataFrame, data: DataConfig, data_format: str, source: str) -> tuple[list[Sample], int]:
+    """The rows as samples of `data_format`; rows whose text is empty are dropped and counted. A conversation that
+    breaks the rules is an error: how many there are, and the first one with its reason."""
+    if data_format == "instruction":
+        examples, dropped = to_examples(frame, data, source)
+        return list(examples), dropped
+    missing = [c for c in FORMAT_COLUMNS[data_format] if c not in frame.columns]
+    if missing:
+        raise ConfigError([f"`data.format`: {data_format} needs column(s) {missing}, but the file has "
+                           f"{list(frame.columns)}"], source)
+    samples: list[Sample] = []
+    dropped = 0
+    if data_format in ("messages", "sharegpt"):
+        column = FORMAT_COLUMNS[data_format][0]
+        bad: list[tuple[int, str]] = []
+        for position, value in enumerate(frame[column].tolist()):
+            parsed = parse_conversation(value, data_format, data.default_system)
+            if isinstance(parsed, str):
+                bad.append((position, parsed))
+            else:
+                samples.append(parsed)
+        if bad:
+            position, reason = bad[0]
+            raise ConfigError([f"`data.format`: {len(bad)} of {len(frame)} conversations in column {column!r} are not "
+                               f"usable; the first, {_where(frame, position)}: {reason}"], source)
+        return samples, dropped
+    text_columns = FORMAT_COLUMNS[data_format]
+    _check_plain_text(frame, text_columns, source)
+    for row in frame[list(text_columns)].to_dict("records"):
+        if data_format == "text":
+            sample = PlainText(prompt="", completion=normalize_text(row["text"]))
+        else:
+            sample = PlainText(prompt=normalize_text(row["prompt"]), completion=normalize_text(row["completion"]))
+        if not sample.completion or (data_format == "prompt_completion" and not sample.prompt):
+            dropped += 1
+            continue
+        samples.append(sample)
+    return samples, dropped
+
+
+def _check_plain_text(frame: pd.DataFrame, columns: tuple[str, ...], source: str) -> None:
+    """As `check_text_columns`, for the prompt_completion and text formats' fixed columns."""
+    problems = []
+    for column in columns:
+        bad = frame[column].map(lambda value: isinstance(value, (dict, list, tuple, np.ndarray))).to_numpy(dtype=bool)
+        if bad.any():
+            first = int(bad.argmax())
+            problems.append(f"`data.format`: column {column!r}, {_where(frame, first)}, holds "
+                            f"{_show(frame[column].iloc[first])}, not text ({int(bad.sum())} of {len(frame)} rows)")
+    if problems:
+        raise ConfigError(problems, source)
+
+
+def _dedupe(samples: list[Sample]) -> list[Sample]:
+    return list(dict.fromkeys(samples))
+
+
+def split_examples(examples: list[Sample], fractions: dict[str, float], seed: int) -> dict[str, list[Sample]]:
     """Deterministic, order-independent split by a seeded hash of each prompt.
 
     Examples that share a prompt go to the same split, so no test prompt is ever
     seen in training, even with a different response.
     """
-    groups: dict[str, list[Example]] = {}
+    groups: dict[str, list[Sample]] = {}
     for example in examples:
-        groups.setdefault(_prompt_key(example), []).append(example)
+        groups.setdefault(prompt_key(example), []).append(example)
     keys = sorted(groups, key=lambda k: hashlib.sha256(f"{seed}:{k}".encode()).hexdigest())
     n = len(keys)
     n_test = max(1, round(n * fractions["test"]))
@@ -276,62 +407,129 @@ def split_examples(examples: list[Example], fractions: dict[str, float], seed: i
     return {split: [ex for key in assigned[split] for ex in groups[key]] for split in SPLITS}
 
 
-def load_examples(data: DataConfig, seed: int) -> tuple[dict[str, list[Example]], int]:
-    """Every split's examples after normalising and de-duplicating; returns (splits, rows dropped as empty)."""
+class LoadedData(NamedTuple):
+    splits: dict[str, list[Sample]]
+    dropped: int  # rows dropped as empty
+    format: str  # the data format read (`auto` resolved)
+
+
+def _read_samples(file: str, data: DataConfig, field: str, formats: dict[str, str]) -> tuple[list[Sample], int]:
+    """One file's samples; `formats` collects the format of each file (`auto` may not pick two)."""
+    frame = read_table(file, field=field)
+    data_format = detect_format(list(frame.columns), data, file)
+    others = {f: fmt for f, fmt in formats.items() if fmt != data_format}
+    if others:
+        other_file, other_format = next(iter(others.items()))
+        raise ConfigError([f"`data.format`: auto reads {file} as {data_format} but {other_file} as {other_format}; "
+                           "give every file one format (or set data.format)"], file)
+    formats[file] = data_format
+    if data_format == "instruction" and Path(file).suffix.lower() == ".jsonl":
+        # JSONL rows lacking a column (not null: absent): how many, and the first one's line. Only the reader
+        # sees which keys a row had, and only once the format says which are required.
+        frame = read_table(file, format_columns(data_format, data), field)
+    return to_samples(frame, data, data_format, file)
+
+
+def load_examples(data: DataConfig, seed: int) -> tuple[dict[str, list[Sample]], int]:
+    """Every split's samples after normalising and de-duplicating, and the rows dropped as empty."""
+    loaded = load_samples(data, seed)
+    return loaded.splits, loaded.dropped
+
+
+def load_samples(data: DataConfig, seed: int) -> LoadedData:
+    """Every split's samples after normalising and de-duplicating, the rows dropped as empty, and the format."""
+    formats: dict[str, str] = {}
     if data.split_files is None:
-        examples, dropped = [], 0
+        samples: list[Sample] = []
+        dropped = 0
         for file in data.files:
-            found, empty = to_examples(read_table(file, _required(data)), data, file)
-            examples.extend(found)
+            found, empty = _read_samples(file, data, "data.files", formats)
+            samples.extend(found)
             dropped += empty
-        return split_examples(_dedupe(examples), data.split.model_dump(), seed), dropped
-    splits: dict[str, list[Example]] = {}
+        return LoadedData(split_examples(_dedupe(samples), data.split.model_dump(), seed), dropped,
+                          next(iter(formats.values())))
+    splits: dict[str, list[Sample]] = {}
     dropped, seen = 0, set[str]()
     # Earlier splits win: a prompt in train is removed from val and test (no leakage).
     for split in SPLITS:
         file = getattr(data.split_files, split)
-        found, empty = to_examples(read_table(file, _required(data), field=f"data.split_files.{split}"), data, file)
+        found, empty = _read_samples(file, data, f"data.split_files.{split}", formats)
         dropped += empty
-        kept = [ex for ex in _dedupe(found) if _prompt_key(ex) not in seen]
-        seen.update(_prompt_key(ex) for ex in kept)
+        kept = [ex for ex in _dedupe(found) if prompt_key(ex) not in seen]
+        seen.update(prompt_key(ex) for ex in kept)
         if not kept:
             raise ConfigError([f"`data.split_files.{split}`: no usable rows left in {file}"], "data")
         splits[split] = kept
-    return splits, dropped
+    return LoadedData(splits, dropped, next(iter(formats.values())))
+
+
+def resolve_template(data: DataConfig, data_format: str, tokenizer: Any) -> str:
+    """The template the format is rendered with (`none`: prompt_completion and text are used as written)."""
+    has_chat = bool(getattr(tokenizer, "chat_template", None))
+    if data_format in ("prompt_completion", "text"):
+        if data.template is not None:
+            raise ConfigError([f"`data.template`: the {data_format} format is used as written, with no template; "
+                               f"leave data.template unset (got {data.template!r})"], "data")
+        return "none"
+    template: str
+    if data_format in ("messages", "sharegpt"):
+        if data.template == "alpaca":
+            raise ConfigError(["`data.template`: alpaca is for the instruction format; conversations use `chat` (the "
+                               "tokenizer's chat template) or `default` (### System / ### Instruction / ### Response, "
+                               "turn by turn)"], "data")
+        template = data.template or ("chat" if has_chat else "default")
+    else:
+        template = data.template or "default"
+    if template == "chat" and not has_chat:
+        raise ConfigError(["`data.template`: 'chat' uses the tokenizer's own chat template, but this model's tokenizer "
+                           "has none; use `default` or `alpaca`"], "data")
+    return template
+
+
+def tokenize_segments(segments: list[Segment], tokenizer: Any, max_length: int) -> dict[str, Any] | None:
+    """input_ids and labels of the segments (labels only where a segment is trained); None if it does not fit
+    max_length. `prompt_length` counts the tokens before the last answer: what generation is prompted with."""
+    if sum(len(segment.text) for segment in segments) > max_length * MAX_CHARACTERS_PER_TOKEN:
+        return None  # cannot fit: no tokenizer makes tokens this long on average (and a 50 MB row takes minutes)
+    input_ids: list[int] = []
+    labels: list[int] = []
+    answer_start: Optional[int] = None
+    for segment in segments:
+        ids = tokenizer(segment.text, add_special_tokens=segment.special)["input_ids"]
+        if segment.eos:
+            ids = ids + [tokenizer.eos_token_id]
+        if segment.answer:
+            answer_start = len(input_ids)
+        input_ids += ids
+        labels += ids if segment.trained else [IGNORE_INDEX] * len(ids)
+        if len(input_ids) > max_length:
+            return None
+    if answer_start is None:  # plain text: no question; generation starts from the special tokens (BOS)
+        answer_start = max(1, len(tokenizer("", add_special_tokens=True)["input_ids"]))
+    return {"input_ids": input_ids, "attention_mask": [1] * len(input_ids), "labels": labels,
+            "prompt_length": answer_start}
 
 
 def tokenize_example(example: Example, render: Callable[[Example], str], tokenizer: Any, max_length: int,
-                     add_special_tokens: bool = True) -> dict[str, list[int]] | None:
-    """input_ids = prompt + response + EOS; labels mask the prompt. None if it does not fit max_length.
-
-    Prompt and response are tokenized separately so the label boundary is exact
-    (tokenizing the joined text can merge tokens across it).
-    """
-    prompt = render(example)
-    if len(prompt) + len(example.response) > max_length * MAX_CHARACTERS_PER_TOKEN:
-        return None  # cannot fit: no tokenizer makes tokens this long on average (and a 50 MB row takes minutes)
-    prompt_ids = tokenizer(prompt, add_special_tokens=add_special_tokens)["input_ids"]
-    response_ids = tokenizer(example.response, add_special_tokens=False)["input_ids"] + [tokenizer.eos_token_id]
-    input_ids = prompt_ids + response_ids
-    if len(input_ids) > max_length:
-        return None
-    return {
-        "input_ids": input_ids,
-        "attention_mask": [1] * len(input_ids),
-        "labels": [IGNORE_INDEX] * len(prompt_ids) + response_ids,
-        "prompt_length": len(prompt_ids),
-    }
+                     add_special_tokens: bool = True) -> dict[str, Any] | None:
+    """An instruction-format example: input_ids = prompt + response + EOS; labels mask the prompt."""
+    return tokenize_segments([Segment(render(example), trained=False, special=add_special_tokens),
+                              Segment(example.response, trained=True, eos=True, answer=True)], tokenizer, max_length)
 
 
-def _hash_inputs(splits: dict[str, list[Example]], data: DataConfig, tokenizer: Any) -> str:
+def _hash_inputs(splits: dict[str, list[Sample]], data: DataConfig, tokenizer: Any, data_format: str = "instruction",
+                 template: str = "default") -> str:
     digest = hashlib.sha256()
-    digest.update(json.dumps({"template": data.template, "max_length": data.max_length}).encode())
+    shape: dict[str, Any] = {"template": template, "max_length": data.max_length}
+    if data_format != "instruction":  # the instruction format's hash stays as it was: its sweeps still resume
+        shape.update(format=data_format, train_on=data.train_on)
+    digest.update(json.dumps(shape).encode())
     digest.update(json.dumps(tokenizer.get_vocab(), sort_keys=True).encode())
     digest.update(repr((tokenizer.bos_token_id, tokenizer.eos_token_id, getattr(tokenizer, "chat_template", None))).encode())
     for split in SPLITS:
         digest.update(split.encode())
         for example in splits[split]:
-            digest.update(json.dumps(example.__dict__, sort_keys=True).encode())
+            digest.update(json.dumps(dataclasses.asdict(example), sort_keys=True).encode())
     return digest.hexdigest()[:16]
 
 
@@ -343,36 +541,42 @@ class TokenizedData:
     data_hash: str
     counts: dict[str, int]
     dropped: dict[str, int]
+    format: str = "instruction"  # the data format read (`auto` resolved)
+    template: str = "default"  # the template it was rendered with (`none`: used as written)
 
 
-def tokenize_splits(data: DataConfig, tokenizer: Any, seed: int,
-                    loaded: tuple[dict[str, list[Example]], int] | None = None) -> TokenizedData:
-    """Every split tokenized in memory; `loaded` is `load_examples`' result when the caller already read the data."""
-    splits, empty_rows = loaded if loaded is not None else load_examples(data, seed)
-    data_hash = _hash_inputs(splits, data, tokenizer)
-    if data.template == "chat" and not getattr(tokenizer, "chat_template", None):
-        raise ConfigError(["`data.template`: 'chat' uses the tokenizer's own chat template, but this model's tokenizer "
-                           "has none; use `default` or `alpaca`"], "data")
-    render = prompt_renderer(data.template, tokenizer)
-    special = tokenizer_adds_special_tokens(data.template)
+def tokenize_splits(data: DataConfig, tokenizer: Any, seed: int, loaded: LoadedData | None = None) -> TokenizedData:
+    """Every split tokenized in memory; `loaded` is `load_samples`' result when the caller already read the data."""
+    splits, empty_rows, data_format = loaded if loaded is not None else load_samples(data, seed)
+    template = resolve_template(data, data_format, tokenizer)
+    data_hash = _hash_inputs(splits, data, tokenizer, data_format, template)
     records, too_long = {}, {}
     for split in SPLITS:
-        rows = [tokenize_example(ex, render, tokenizer, data.max_length, special) for ex in splits[split]]
-        kept = [
-            {**row, "prompt": render(ex), "response": ex.response}
-            for row, ex in zip(rows, splits[split], strict=True)
-            if row is not None
-        ]
-        too_long[split] = len(rows) - len(kept)
+        kept = []
+        for number, sample in enumerate(splits[split], start=1):
+            try:
+                segments = segments_for(sample, template, tokenizer, data.train_on)
+            except ChatTemplateError as error:
+                raise ConfigError([f"`data.template`: chat: {split} conversation {number}: {error}; use "
+                                   "`data.template: default`"], "data") from None
+            row = tokenize_segments(segments, tokenizer, data.max_length)
+            if row is not None:
+                prompt = "".join(s.text for s in segments[: _last_answer(segments)])
+                kept.append({**row, "prompt": prompt, "response": sample.response})
+        too_long[split] = len(splits[split]) - len(kept)
         if not kept:
             raise ConfigError(
-                [f"`data.max_length`: every one of the {len(rows)} {split} examples is longer than {data.max_length} tokens"],
-                "data",
-            )
+                [f"`data.max_length`: every one of the {len(splits[split])} {split} examples is longer than "
+                 f"{data.max_length} tokens"], "data")
         records[split] = kept
     counts = {split: len(records[split]) for split in SPLITS}
     dropped = {"empty": empty_rows, **{f"too_long_{s}": n for s, n in too_long.items()}}
-    return TokenizedData(records, data_hash, counts, dropped)
+    return TokenizedData(records, data_hash, counts, dropped, data_format, template)
+
+
+def _last_answer(segments: list[Segment]) -> int:
+    """The index of the last answer segment (the text before it is the prompt); 0 for plain text."""
+    return max((i for i, segment in enumerate(segments) if segment.answer), default=0)
 
 
 def save_prepared(tokenized: TokenizedData, out_dir: Path) -> PreparedData:

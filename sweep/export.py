@@ -137,7 +137,7 @@ Promotion rule: {promotion_rule(config)}.{f" Its {config.search.also_minimize}: 
 | test | tuned | {tuned.loss:.4f} | {tuned.perplexity:.3f} | {tuned.exact_match:.3f} |
 
 Test split: {tuned.examples} examples, {tuned.response_tokens} response tokens, never seen during the search.
-{_confirm_sentence(config, best)}Prompt template: `{config.data.template}`.
+{_confirm_sentence(config, best)}Data format: `{provenance.get('data_format', 'instruction')}`; prompt template: `{provenance.get('template') or config.data.template or 'default'}`.
 
 ## Cost
 The sweep's {totals['trials']} trials used {totals['device_seconds']:,.1f} device-seconds ({"GPU" if config.resources.gpu > 0 else "CPU"}

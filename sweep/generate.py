@@ -20,10 +20,10 @@ from safetensors import SafetensorError
 
 from lora_sweep.config import ConfigError, SweepConfig, cut
 from lora_sweep.folder import EXPORT_DIR, MERGED_DIR
-from lora_sweep.data import check_text_columns, read_table, row_to_example
+from lora_sweep.data import check_text_columns, read_table, resolve_template, row_to_example
 from lora_sweep.pipeline import load_sweep
 from lora_sweep.placement import model_positions
-from lora_sweep.templates import Example, prompt_renderer, tokenizer_adds_special_tokens
+from lora_sweep.templates import Example, as_format, prompt_for
 
 EXPORT_MODEL = Path(EXPORT_DIR) / MERGED_DIR
 
@@ -107,11 +107,18 @@ class ExportedModel:
 
     def __init__(self, sweep_dir: Path):
         self.config, self.tokenizer, self.model = load_exported(sweep_dir)
-        self.render = prompt_renderer(self.config.data.template, self.tokenizer)
+        _, record = load_sweep(sweep_dir)
+        # As the sweep prepared its data (provenance records both; a sweep from before formats read instructions).
+        self.format = str(record.get("data_format", "instruction"))
+        self.template = str(record.get("template") or resolve_template(self.config.data, self.format, self.tokenizer))
+
+    def prompt(self, example: Example) -> tuple[str, bool]:
+        """The question's prompt as the sweep trained on it, and whether the tokenizer adds its special tokens."""
+        return prompt_for(as_format(example, self.format), self.template, self.tokenizer)
 
     def stream(self, example: Example, max_new_tokens: int, temperature: float = 0.0) -> Iterator[str]:
-        return stream_answer(self.model, self.tokenizer, self.render(example), max_new_tokens, temperature,
-                             tokenizer_adds_special_tokens(self.config.data.template))
+        text, special = self.prompt(example)
+        return stream_answer(self.model, self.tokenizer, text, max_new_tokens, temperature, special)
 
     def positions(self) -> Optional[int]:
         """Tokens the model can attend over (prompt and answer together), when its config says."""
@@ -128,11 +135,10 @@ class ExportedModel:
             raise ConfigError([f"`--max-new-tokens`: {max_new_tokens} is not below the model's {positions} positions "
                                "(prompt and answer share them)"], "generate")
         for number, example in enumerate(examples, start=1):
-            text = self.render(example)
+            text, special = self.prompt(example)
             # A token is a few characters: a prompt this long cannot fit, and tokenizing it would take long.
             length = len(text) // 64 if len(text) > 64 * positions else len(
-                self.tokenizer(text, add_special_tokens=tokenizer_adds_special_tokens(self.config.data.template))
-                ["input_ids"])
+                self.tokenizer(text, add_special_tokens=special)["input_ids"])
             if length + max_new_tokens > positions:
                 raise ConfigError([f"prompt {number}: about {length:,} tokens with --max-new-tokens {max_new_tokens} "
                                    f"is more than the model's {positions} positions; shorten it or lower "

@@ -116,6 +116,7 @@ def _write_data_and_provenance(config: SweepConfig, tokenized: TokenizedData, sw
     record = provenance(config.seed, prepared.data_hash, prepared.counts)
     record["data_path"] = str(prepared.path.resolve())
     record["rows_dropped"] = prepared.dropped
+    record["data_format"], record["template"] = tokenized.format, tokenized.template  # `auto` and unset resolved
     # Written last: its presence means the data is complete.
     write_atomically(sweep_dir / PROVENANCE_FILE, json.dumps(record, indent=2))
     return record

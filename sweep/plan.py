@@ -36,6 +36,9 @@ class SweepPlan:
     expected_training_steps: int
     examples: dict[str, int]
     rows_dropped: dict[str, int]
+    data_format: str  # `data.format` (`auto` resolved from the columns)
+    template: str  # what the data is rendered with (`none`: as written)
+    train_on: str  # conversations: which assistant turns carry the loss
     base_parameters: int
     largest_adapter_parameters: int
     resources_per_trial: dict[str, float]
@@ -99,6 +102,9 @@ def make_plan(config: SweepConfig) -> SweepPlan:
         expected_training_steps=expected_steps(config, rungs),
         examples=tokenized.counts,
         rows_dropped=tokenized.dropped,
+        data_format=tokenized.format,
+        template=tokenized.template,
+        train_on=config.data.train_on,
         base_parameters=checked.base_parameters,
         largest_adapter_parameters=checked.adapter_parameters,
         resources_per_trial={"cpu": config.resources.cpu, "gpu": config.resources.gpu},
@@ -129,7 +135,9 @@ def plan_lines(plan: SweepPlan) -> list[str]:
         f"about {plan.expected_training_steps:,} if ASHA stops trials at the usual rate",
         f"data: {', '.join(f'{k} {v}' for k, v in plan.examples.items())} examples"
         + (f" (dropped: {', '.join(f'{v} {k}' for k, v in plan.rows_dropped.items() if v)})"
-           if any(plan.rows_dropped.values()) else ""),
+           if any(plan.rows_dropped.values()) else "")
+        + f"; format {plan.data_format}, template {plan.template}"
+        + (f", loss on {plan.train_on.replace('_', ' ')} turns" if plan.data_format in ("messages", "sharegpt") else ""),
         f"model: {plan.base_parameters:,} parameters; largest adapter the sweep can pick: "
         f"{plan.largest_adapter_parameters:,} LoRA parameters",
         f"each trial asks for {plan.resources_per_trial['cpu']:g} CPU and {plan.resources_per_trial['gpu']:g} GPU",

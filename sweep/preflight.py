@@ -25,7 +25,7 @@ from transformers.utils import SAFE_WEIGHTS_INDEX_NAME, SAFE_WEIGHTS_NAME
 from transformers.utils.import_utils import check_torch_load_is_safe
 
 from lora_sweep.config import ConfigError, SweepConfig, shown_path
-from lora_sweep.data import TokenizedData, load_examples, tokenize_splits
+from lora_sweep.data import TokenizedData, load_samples, tokenize_splits
 from lora_sweep.disk import check_free_space, disk_needs, nearest_existing
 from lora_sweep.driver import check_cluster_address, concurrent_trials, local_ray_resources
 from lora_sweep.lora import largest_adapter, resolve_target_modules
@@ -187,7 +187,7 @@ def preflight(config: SweepConfig, probe_storage: bool = True) -> Checked:
     else:
         open_storage(config)  # the URI opens; a plan writes nothing, so it does not probe
     check_cluster_address(config)
-    examples = load_examples(config.data, config.seed)
+    examples = load_samples(config.data, config.seed)
     skeleton = check_model(config, space)
     tokenizer = load_tokenizer(config)
     tokenized = tokenize_splits(config.data, tokenizer, config.seed, examples)

@@ -170,9 +170,37 @@ class SplitFiles(_Strict):
     test: PathText
 
 
+class SplitNames(_Strict):
+    """The dataset's own split names used as the sweep's train / val / test."""
+
+    train: str
+    val: str
+    test: str
+
+
+class DatasetSource(_Strict):
+    """A dataset by name, as `datasets.load_dataset` takes it, or a folder written by `save_to_disk`."""
+
+    path: str = Field(min_length=1, description="A hub id, a local folder (data files or a loading script), "
+                      "a builder name (json, csv, parquet) with data_files, or a folder written by save_to_disk.")
+    name: Optional[str] = Field(None, description="The dataset's configuration name.")
+    split: Optional[str] = Field(None, description="One split, then divided by data.split.")
+    revision: Optional[str] = None
+    data_files: Optional[Union[str, list[str], dict[str, Union[str, list[str]]]]] = None
+    splits: Optional[SplitNames] = Field(None, description="Which of the dataset's splits are train, val and test "
+                                         "(default: train, validation or val or valid, test, when it has all three).")
+
+    @model_validator(mode="after")
+    def _split_or_splits(self) -> "DatasetSource":
+        if self.split is not None and self.splits is not None:
+            raise ValueError("set `split` (one split, divided by data.split) or `splits` (the dataset's three), not both")
+        return self
+
+
 class DataConfig(_Strict):
     files: list[PathText] = Field(default_factory=list, description="JSONL, CSV or Parquet files, split by `split`.")
     split_files: Optional[SplitFiles] = None
+    dataset: Optional[DatasetSource] = None
     format: Literal["auto", "instruction", "messages", "sharegpt", "prompt_completion", "text"] = Field(
         "auto", description="How rows are read: `auto` picks it from the columns present (`sweep plan` shows which); "
         "`instruction` (data.columns), `messages` ({role, content} lists), `sharegpt` ({from, value} lists), "
@@ -189,8 +217,8 @@ class DataConfig(_Strict):
 
     @model_validator(mode="after")
     def _one_source(self) -> "DataConfig":
-        if bool(self.files) == bool(self.split_files):
-            raise ValueError("set exactly one of `files` (split by `split`) or `split_files`")
+        if sum((bool(self.files), self.split_files is not None, self.dataset is not None)) != 1:
+            raise ValueError("set exactly one of `files` (split by `split`), `split_files` or `dataset`")
         return self
 
 
@@ -842,6 +870,22 @@ def _resolve_relative_paths(raw: dict[str, Any], base: Path) -> None:
             data["files"] = [resolve(f) for f in data["files"]]
         if isinstance(data.get("split_files"), dict):
             data["split_files"] = {k: resolve(v) for k, v in data["split_files"].items()}
+        dataset = data.get("dataset")
+        if isinstance(dataset, dict) and isinstance(dataset.get("path"), str):
+            # As model.path: a hub id like "org/name" stays as it is unless a folder or file of that name exists.
+            given = dataset["path"]
+            candidate = Path(given).expanduser() if given.startswith("~") else base / given
+            if _exists(candidate) or given.startswith((".", "/", "~")):
+                dataset["path"] = str(candidate.resolve())
+            files = dataset.get("data_files")
+            local = lambda f: resolve(f) if isinstance(f, str) and _exists(base / f) else f  # noqa: E731
+            if isinstance(files, str):
+                dataset["data_files"] = local(files)
+            elif isinstance(files, list):
+                dataset["data_files"] = [local(f) for f in files]
+            elif isinstance(files, dict):
+                dataset["data_files"] = {k: [local(f) for f in v] if isinstance(v, list) else local(v)
+                                         for k, v in files.items()}
     model = raw.get("model")
     if isinstance(model, dict) and isinstance(model.get("path"), str):
         candidate = base / model["path"]

@@ -10,6 +10,7 @@ from __future__ import annotations
 import hashlib
 import io
 import json
+import logging
 import re
 import shutil
 import stat
@@ -26,10 +27,11 @@ import torch
 import datasets
 from datasets import Dataset, DatasetDict, load_from_disk
 
-from lora_sweep.config import ColumnMapping, ConfigError, DataConfig, byte_order_mark_codec, cut
+from lora_sweep.config import ColumnMapping, ConfigError, DataConfig, DatasetSource, byte_order_mark_codec, cut
 from lora_sweep.templates import (ChatTemplateError, Conversation, Example, Message, PlainText, Sample, Segment,
                                   prompt_key, segments_for)
 
+log = logging.getLogger(__name__)
 SPLITS = ("train", "val", "test")
 MAX_CHARACTERS_PER_TOKEN = 256  # far above any tokenizer's average: longer texts are dropped as too long untokenized
 IGNORE_INDEX = -100  # label value the loss ignores (PyTorch's CrossEntropyLoss default)
@@ -416,18 +418,11 @@ class LoadedData(NamedTuple):
 def _read_samples(file: str, data: DataConfig, field: str, formats: dict[str, str]) -> tuple[list[Sample], int]:
     """One file's samples; `formats` collects the format of each file (`auto` may not pick two)."""
     frame = read_table(file, field=field)
-    data_format = detect_format(list(frame.columns), data, file)
-    others = {f: fmt for f, fmt in formats.items() if fmt != data_format}
-    if others:
-        other_file, other_format = next(iter(others.items()))
-        raise ConfigError([f"`data.format`: auto reads {file} as {data_format} but {other_file} as {other_format}; "
-                           "give every file one format (or set data.format)"], file)
-    formats[file] = data_format
-    if data_format == "instruction" and Path(file).suffix.lower() == ".jsonl":
+    if detect_format(list(frame.columns), data, file) == "instruction" and Path(file).suffix.lower() == ".jsonl":
         # JSONL rows lacking a column (not null: absent): how many, and the first one's line. Only the reader
         # sees which keys a row had, and only once the format says which are required.
-        frame = read_table(file, format_columns(data_format, data), field)
-    return to_samples(frame, data, data_format, file)
+        frame = read_table(file, format_columns("instruction", data), field)
+    return _table_samples(frame, data, file, formats)
 
 
 def load_examples(data: DataConfig, seed: int) -> tuple[dict[str, list[Sample]], int]:
@@ -438,6 +433,8 @@ def load_examples(data: DataConfig, seed: int) -> tuple[dict[str, list[Sample]],
 
 def load_samples(data: DataConfig, seed: int) -> LoadedData:
     """Every split's samples after normalising and de-duplicating, the rows dropped as empty, and the format."""
+    if data.dataset is not None:
+        return _dataset_samples(data, seed)
     formats: dict[str, str] = {}
     if data.split_files is None:
         samples: list[Sample] = []
@@ -461,6 +458,113 @@ def load_samples(data: DataConfig, seed: int) -> LoadedData:
             raise ConfigError([f"`data.split_files.{split}`: no usable rows left in {file}"], "data")
         splits[split] = kept
     return LoadedData(splits, dropped, next(iter(formats.values())))
+
+
+# A dataset's own names for its validation split, in the order they are looked for.
+VALIDATION_NAMES = ("validation", "val", "valid", "dev")
+
+
+def _is_saved_dataset(path: Path) -> bool:
+    """A folder `save_to_disk` wrote: a DatasetDict's (dataset_dict.json) or one Dataset's (state.json)."""
+    return (path / "dataset_dict.json").is_file() or (path / "state.json").is_file()
+
+
+def read_dataset(source: DatasetSource) -> dict[str, pd.DataFrame]:
+    """The dataset's splits as tables (rows numbered from 1), by the dataset's own split names.
+
+    A folder written by `save_to_disk` is read with `load_from_disk`; anything else goes through
+    `datasets.load_dataset`, which reads a local folder, a script, or a hub id (from its cache when offline).
+    """
+    field, where = "data.dataset.path", source.path
+    try:
+        if Path(source.path).is_dir() and _is_saved_dataset(Path(source.path)):
+            loaded: Any = load_from_disk(source.path)
+            if source.split is not None:
+                if not isinstance(loaded, DatasetDict) or source.split not in loaded:
+                    have = list(loaded) if isinstance(loaded, DatasetDict) else "one unnamed split"
+                    raise ConfigError([f"`data.dataset.split`: {source.split!r} is not a split of {where} (it has "
+                                       f"{have})"], "data")
+                loaded = loaded[source.split]
+        else:
+            loaded = datasets.load_dataset(source.path, source.name, split=source.split, revision=source.revision,
+                                           data_files=source.data_files)
+    except ConfigError:
+        raise
+    except (ConnectionError, FileNotFoundError, OSError, ValueError) as error:
+        reason = cut((str(error).strip().splitlines() or [type(error).__name__])[0], 300)
+        offline = datasets.config.HF_HUB_OFFLINE or "offline" in reason.lower() or "couldn't reach" in reason.lower()
+        hint = ("; offline, a dataset is read from the `datasets` cache only (HF_HOME / HF_DATASETS_CACHE): load it "
+                "once on a machine with network and copy the cache, or save it with save_to_disk and give that folder"
+                if offline else "")
+        raise ConfigError([f"`{field}`: cannot load {where!r} ({type(error).__name__}: {reason}){hint}"], "data") from None
+    tables = {name: _table(split) for name, split in loaded.items()} if isinstance(loaded, DatasetDict) \
+        else {source.split or "train": _table(loaded)}
+    return tables
+
+
+def _table(dataset: Dataset) -> pd.DataFrame:
+    rows = dataset.to_list()  # Python values: lists of turns stay lists of dicts
+    return pd.DataFrame(rows, index=pd.RangeIndex(1, len(rows) + 1, name="row"), columns=dataset.column_names,
+                        dtype=object)
+
+
+def dataset_splits(source: DatasetSource, tables: dict[str, pd.DataFrame]) -> dict[str, str] | None:
+    """The dataset's split for each of train / val / test when it brings all three (or `splits` names them);
+    None when the sweep splits one table itself."""
+    if source.splits is not None:
+        named = source.splits.model_dump()
+        missing = {ours: theirs for ours, theirs in named.items() if theirs not in tables}
+        if missing:
+            raise ConfigError([f"`data.dataset.splits.{ours}`: {theirs!r} is not a split of {source.path!r} (it has "
+                               f"{sorted(tables)})" for ours, theirs in missing.items()], "data")
+        return named
+    validation = next((name for name in VALIDATION_NAMES if name in tables), None)
+    if "train" in tables and "test" in tables and validation is not None:
+        return {"train": "train", "val": validation, "test": "test"}
+    return None
+
+
+def _dataset_samples(data: DataConfig, seed: int) -> LoadedData:
+    """`data.dataset`'s samples: its own three splits when it has them, else one table split by `data.split`."""
+    source = data.dataset
+    assert source is not None
+    tables = read_dataset(source)
+    named = dataset_splits(source, tables)
+    formats: dict[str, str] = {}
+    if named is None:
+        table_name = "train" if "train" in tables else next(iter(tables))
+        if len(tables) > 1:
+            log.info("data.dataset: %s has splits %s but not train, validation and test: splitting %r by data.split",
+                     source.path, sorted(tables), table_name)
+        samples, dropped = _table_samples(tables[table_name], data, f"{source.path} ({table_name})", formats)
+        return LoadedData(split_examples(_dedupe(samples), data.split.model_dump(), seed), dropped,
+                          next(iter(formats.values())))
+    splits: dict[str, list[Sample]] = {}
+    dropped, seen = 0, set[str]()
+    for split in SPLITS:  # earlier splits win, as with split_files: no test prompt is seen in training
+        found, empty = _table_samples(tables[named[split]], data, f"{source.path} ({named[split]})", formats)
+        dropped += empty
+        kept = [ex for ex in _dedupe(found) if prompt_key(ex) not in seen]
+        seen.update(prompt_key(ex) for ex in kept)
+        if not kept:
+            raise ConfigError([f"`data.dataset`: no usable rows left in split {named[split]!r} of {source.path}"], "data")
+        splits[split] = kept
+    return LoadedData(splits, dropped, next(iter(formats.values())))
+
+
+def _table_samples(frame: pd.DataFrame, data: DataConfig, source: str,
+                   formats: dict[str, str]) -> tuple[list[Sample], int]:
+    """One table's samples in its format (`auto`: from its columns; every table of a sweep in one format)."""
+    if len(frame) == 0:
+        raise ConfigError([f"`data.dataset`: {source} has no rows"], "data")
+    data_format = detect_format(list(frame.columns), data, source)
+    others = {f: fmt for f, fmt in formats.items() if fmt != data_format}
+    if others:
+        other_source, other_format = next(iter(others.items()))
+        raise ConfigError([f"`data.format`: auto reads {source} as {data_format} but {other_source} as {other_format}; "
+                           "give every file one format (or set data.format)"], source)
+    formats[source] = data_format
+    return to_samples(frame, data, data_format, source)
 
 
 def resolve_template(data: DataConfig, data_format: str, tokenizer: Any) -> str:

@@ -214,6 +214,8 @@ class DataConfig(_Strict):
     default_system: str = ""
     split: SplitFractions = Field(default_factory=SplitFractions)
     max_length: Int = Field(512, ge=8)
+    packing: StrictBool = Field(False, description="Pack short training examples into sequences of max_length "
+                                "tokens, each example seeing only itself (position ids restart per example).")
 
     @model_validator(mode="after")
     def _one_source(self) -> "DataConfig":

@@ -22,7 +22,7 @@ from transformers import (PrinterCallback, Trainer, TrainerCallback, TrainerCont
                           TrainingArguments)
 
 from lora_sweep.config import SweepConfig
-from lora_sweep.data import MODEL_COLUMNS, PaddingCollator, load_prepared
+from lora_sweep.data import PaddingCollator, load_prepared, model_columns
 from lora_sweep.direction import Direction
 from lora_sweep.lora import lora_settings
 from lora_sweep.models import (give_back_base_model, load_tokenizer, put_back_weights, take_base_model,
@@ -45,12 +45,16 @@ class LoraCausalLM(Recipe):
             torch.set_num_threads(max(1, int(config.resources.cpu)))
         tokenizer = load_tokenizer(config)
         data = load_prepared(self.data_path)
-        self.train_set = data["train"].select_columns(MODEL_COLUMNS)
-        self.val_set = data["val"].select_columns(MODEL_COLUMNS)
+        self.train_set = data["train"].select_columns(model_columns(data["train"]))
+        self.val_set = data["val"].select_columns(model_columns(data["val"]))
         self.collator = PaddingCollator.for_tokenizer(tokenizer)
         base = take_base_model(config)
         settings = lora_settings(config.lora, base)
         self.rewritten = weights_the_init_rewrites(base, config, settings)
+        if config.data.packing:
+            # transformers isolates packed examples only when the forward pass has no KV cache (it skips its
+            # packed-sequence masks when there is one), and training never reads the cache it would build.
+            base.config.use_cache = False
         self.model: Any = peft.get_peft_model(base, settings)
         if config.training.gradient_checkpointing:
             self.model.enable_input_require_grads()
@@ -214,7 +218,8 @@ def training_arguments(config: SweepConfig, output_dir: str) -> TrainingArgument
         use_cpu=use_cpu,
         bf16=bf16,
         fp16=fp16,
-        include_num_input_tokens_seen="non_padding",
+        # Packed rows carry no attention mask to count by (and almost no padding): every token is counted.
+        include_num_input_tokens_seen="all" if config.data.packing else "non_padding",
         dataloader_num_workers=0,
         disable_tqdm=True,
         remove_unused_columns=False,

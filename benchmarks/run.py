@@ -12,6 +12,8 @@ Sections (see BENCHMARKS.md for what each figure means and its target):
               random search (benchmarks/replay.py; writes benchmarks/results/)
   driver      1,000 trials of a trainable that trains nothing: driver overhead per trial, peak memory
   disk        bytes written per trial against the adapter's own size
+  packing     tokens with a label per second, packed against padded, on data with a wide spread of lengths (one
+              epoch each, the real trainable), and the wall time of the same 4-trial sweep packed and padded
 
 Not a test: nothing here runs in CI. These machines are noisy, so every figure is
 a ratio of two measurements taken back to back, and the median of the repeats.
@@ -302,8 +304,72 @@ def bench_disk(repeats: int, quick: bool) -> list[tuple[str, str, str]]:
              f"+ {logs:,.0f} B Tune logs + {tb:,.0f} B TensorBoard")]
 
 
+# --- packing ----------------------------------------------------------------------------------
+
+PACKING = r'''
+import json, math, random, sys, tempfile, time
+from pathlib import Path
+import ray
+from lora_sweep.config import load_config
+from lora_sweep.data import prepare_data, load_prepared
+from lora_sweep.models import load_tokenizer
+from lora_sweep.recipe import ListReporter, run_trial
+from lora_sweep.pipeline import run
+folder = Path(tempfile.mkdtemp())
+rng = random.Random(0)
+# Prompt/completion pairs whose lengths spread from a few tokens to ~450 (byte-level tokens: one per character).
+rows = []
+for i in range(int(sys.argv[2])):
+    word = "".join(rng.choice("abcdefghij") for _ in range(int(math.exp(rng.uniform(math.log(3), math.log(440))))))
+    rows.append({"prompt": f"Copy {i}: ", "completion": word})
+(folder / "spread.jsonl").write_text("\n".join(json.dumps(r) for r in rows))
+out = {}
+for packing in (False, True):
+    overrides = [f"data.files=[{folder / 'spread.jsonl'}]", "data.template=null", "data.max_length=512", f"data.packing={str(packing).lower()}",
+                 "training.batch_size=8", "training.eval_batch_size=32", "scheduler.type=none", "search.space=null",
+                 "search.parameters={}", "resources.cpu=1", f"output_dir={folder / ('packed' if packing else 'padded')}"]
+    config = load_config(sys.argv[1], overrides)
+    tokenizer = load_tokenizer(config)
+    data = prepare_data(config.data, tokenizer, config.seed, folder / f"data-{packing}")
+    train = load_prepared(data.path)["train"]
+    labelled = sum(sum(label != -100 for label in row) for row in train["labels"])
+    steps = math.ceil(len(train) / 8)  # one epoch
+    trial = load_config(sys.argv[1], overrides + [f"training.max_steps={steps}", f"training.eval_steps={steps}"])
+    reporter = ListReporter()
+    run_trial({}, trial.model_dump(), str(data.path), reporter)
+    seconds = reporter.reports[-1]["train_seconds"]
+    # The same sweep: 4 trials, one epoch each, 2 at a time, from preparing the data to the export.
+    sweep = load_config(sys.argv[1], overrides + [f"training.max_steps={steps}", f"training.eval_steps={max(1, steps // 2)}",
+                                                   "search.num_trials=4", "search.max_concurrent_trials=2",
+                                                   "search.parameters={training.learning_rate: {type: loguniform, low: 1.0e-4, high: 1.0e-2}}",
+                                                   "evaluation.max_examples=16"])
+    started = time.perf_counter()
+    run(sweep)
+    ray.shutdown()
+    out["packed" if packing else "padded"] = {"rows": len(train), "steps": steps, "labelled": labelled,
+                                              "train_seconds": seconds, "sweep_seconds": time.perf_counter() - started}
+print(json.dumps(out))
+'''
+
+
+def bench_packing(repeats: int, quick: bool) -> list[tuple[str, str, str]]:
+    speed, wall, last = [], [], {}
+    for _ in range(repeats):
+        last = python(PACKING, str(DEMO), str(300 if quick else 1200))
+        padded, packed = last["padded"], last["packed"]
+        speed.append((packed["labelled"] / packed["train_seconds"]) / (padded["labelled"] / padded["train_seconds"]))
+        wall.append(padded["sweep_seconds"] / packed["sweep_seconds"])
+    padded, packed = last["padded"], last["packed"]
+    return [("packed / padded: labelled tokens per second", f"{median(speed):.2f}",
+             f"one epoch of {padded['rows']:,} examples (lengths 3..440 tokens, log-uniform): {padded['steps']} padded "
+             f"steps vs {packed['steps']} packed ({packed['rows']:,} rows of <= 512 tokens); target >= 1.5"),
+            ("packed / padded: the same 4-trial sweep's wall time (speed-up)", f"{median(wall):.2f}",
+             f"{median([padded['sweep_seconds']]):.0f} s padded vs {packed['sweep_seconds']:.0f} s packed (last repeat), "
+             "data to export")]
+
+
 SECTIONS = {"throughput": bench_throughput, "startup": bench_startup, "efficiency": bench_efficiency,
-            "search": bench_search, "driver": bench_driver, "disk": bench_disk}
+            "search": bench_search, "driver": bench_driver, "disk": bench_disk, "packing": bench_packing}
 
 
 def main() -> None:

@@ -331,11 +331,26 @@ class CheckpointConfig(_Strict):
 
 
 class EvaluationConfig(_Strict):
+    metrics: list[str] = Field(
+        default_factory=lambda: ["exact_match"], description="Task metrics of generated answers: exact_match, "
+        "token_f1, rouge_l, bleu, chrf, or your own module:function / file.py:function.")
     max_new_tokens: Int = Field(32, ge=1)
     max_examples: Optional[Int] = Field(None, ge=1, description="Cap on test examples for generation metrics.")
     verify_tolerance: Optional[Float] = Field(
         None, gt=0.0, description="Max |logit difference| merged vs adapter; None: 1e-4 for float32, 5e-2 for 16-bit."
     )
+
+    @field_validator("metrics")
+    @classmethod
+    def _known_or_custom(cls, value: list[str]) -> list[str]:
+        built_in = ("exact_match", "token_f1", "rouge_l", "bleu", "chrf")  # lora_sweep.metrics.BUILT_IN_METRICS
+        unknown = [m for m in value if m not in built_in and ":" not in m]
+        if unknown:
+            raise ValueError(f"{unknown} are not built-in metrics ({', '.join(built_in)}) nor module:function "
+                             "(or path/to/file.py:function) of your own")
+        if len(set(value)) < len(value):
+            raise ValueError(f"each metric once, but got {value}")
+        return value
 
 
 class RayConfig(_Strict):
@@ -880,7 +895,9 @@ def _resolve_relative_paths(raw: dict[str, Any], base: Path) -> None:
             if _exists(candidate) or given.startswith((".", "/", "~")):
                 dataset["path"] = str(candidate.resolve())
             files = dataset.get("data_files")
-            local = lambda f: resolve(f) if isinstance(f, str) and _exists(base / f) else f  # noqa: E731
+            def local(file: Any) -> Any:  # a data file next to the config; anything else (a URL, a glob) as given
+                return resolve(file) if isinstance(file, str) and _exists(base / file) else file
+
             if isinstance(files, str):
                 dataset["data_files"] = local(files)
             elif isinstance(files, list):
@@ -888,6 +905,13 @@ def _resolve_relative_paths(raw: dict[str, Any], base: Path) -> None:
             elif isinstance(files, dict):
                 dataset["data_files"] = {k: [local(f) for f in v] if isinstance(v, list) else local(v)
                                          for k, v in files.items()}
+    evaluation = raw.get("evaluation")
+    if isinstance(evaluation, dict) and isinstance(evaluation.get("metrics"), list):
+        # A custom metric in a file (path/to/file.py:function) is relative to the config file, as the data is.
+        evaluation["metrics"] = [
+            f"{resolve(m.rpartition(':')[0])}:{m.rpartition(':')[2]}"
+            if isinstance(m, str) and m.rpartition(":")[0].endswith(".py") else m
+            for m in evaluation["metrics"]]
     model = raw.get("model")
     if isinstance(model, dict) and isinstance(model.get("path"), str):
         candidate = base / model["path"]

@@ -7,13 +7,14 @@ per batch, which skews perplexity when batches differ in length).
 from __future__ import annotations
 
 import math
-from dataclasses import dataclass, field
-from typing import Any, Optional
+from dataclasses import asdict, dataclass, field
+from typing import Any, Optional, Sequence
 
 import torch
 from datasets import Dataset
 
 from lora_sweep.data import IGNORE_INDEX, MODEL_COLUMNS, PaddingCollator, prompt_token_ids
+from lora_sweep.metrics import compute
 
 
 @dataclass
@@ -24,6 +25,14 @@ class EvalMetrics:
     examples: int
     response_tokens: int
     samples: list[dict[str, str]] = field(default_factory=list)
+    metrics: dict[str, float] = field(default_factory=dict)  # `evaluation.metrics` of the answers, by name
+    # Every answer and its reference, for the paired bootstrap of tuned against base (not written to files).
+    completions: list[str] = field(default_factory=list, repr=False)
+    references: list[str] = field(default_factory=list, repr=False)
+
+    def as_json(self) -> dict[str, Any]:
+        """What final_metrics.json keeps: everything but the answers themselves."""
+        return {k: v for k, v in asdict(self).items() if k not in ("completions", "references")}
 
 
 def model_device(model: torch.nn.Module) -> torch.device:
@@ -71,7 +80,7 @@ def greedy_completions(model: Any, tokenizer: Any, prompts: list[list[int]], max
 
 def evaluate_model(
     model: Any, tokenizer: Any, test_set: Dataset, max_new_tokens: int, batch_size: int,
-    max_examples: Optional[int] = None, keep_samples: int = 5,
+    max_examples: Optional[int] = None, keep_samples: int = 5, metrics: Sequence[str] = (),
 ) -> EvalMetrics:
     model.eval()
     loss, tokens = response_loss(model, tokenizer, test_set, batch_size)
@@ -87,4 +96,6 @@ def evaluate_model(
     return EvalMetrics(
         loss=loss, perplexity=math.exp(min(loss, 50.0)), exact_match=matches / max(len(references), 1),
         examples=len(references), response_tokens=tokens, samples=samples,
+        metrics=compute(list(metrics), completions, references) if metrics else {},
+        completions=completions, references=references,
     )

@@ -22,6 +22,7 @@ from lora_sweep.data import load_prepared, prompt_token_ids
 from lora_sweep.evaluate import EvalMetrics, evaluate_model
 from lora_sweep.folder import CONFIRM_FILE, EXPORT_DIR, FINAL_METRICS_FILE, MERGED_DIR
 from lora_sweep.lora import lora_settings
+from lora_sweep.metrics import Difference, paired_bootstrap
 from lora_sweep.placement import visible_gpus
 from lora_sweep.driver import budget_spent
 from lora_sweep.results import (TrialRecord, cost, promotion_rule, replace_folder, seed_spread, sweep_totals, write_atomically)
@@ -109,7 +110,8 @@ def _confirm_sentence(config: SweepConfig, best: TrialRecord) -> str:
 
 
 def model_card(config: SweepConfig, best: TrialRecord, base: EvalMetrics, tuned: EvalMetrics,
-               provenance: dict[str, Any], difference: float, tolerance: float, totals: dict[str, Any]) -> str:
+               provenance: dict[str, Any], difference: float, tolerance: float, totals: dict[str, Any],
+               differences: dict[str, Difference] | None = None) -> str:
     params = "\n".join(f"| `{k}` | {v} |" for k, v in sorted(best.params.items())) or "| (fixed config) | |"
     versions = ", ".join(f"{k} {v}" for k, v in provenance.get("packages", {}).items())
     return f"""# LoRA fine-tune of `{config.model.path}` (sweep `{config.name}`)
@@ -137,7 +139,7 @@ Promotion rule: {promotion_rule(config)}.{f" Its {config.search.also_minimize}: 
 | test | tuned | {tuned.loss:.4f} | {tuned.perplexity:.3f} | {tuned.exact_match:.3f} |
 
 Test split: {tuned.examples} examples, {tuned.response_tokens} response tokens, never seen during the search.
-{_confirm_sentence(config, best)}Data format: `{provenance.get('data_format', 'instruction')}`; prompt template: `{provenance.get('template') or config.data.template or 'default'}`.
+{_task_metrics_table(differences or {})}{_confirm_sentence(config, best)}Data format: `{provenance.get('data_format', 'instruction')}`; prompt template: `{provenance.get('template') or config.data.template or 'default'}`.
 
 ## Cost
 The sweep's {totals['trials']} trials used {totals['device_seconds']:,.1f} device-seconds ({"GPU" if config.resources.gpu > 0 else "CPU"}
@@ -151,6 +153,23 @@ seconds times the devices each trial held){f", and its {totals['confirm_runs']} 
 - git SHA: `{provenance.get('git_sha')}`
 - packages: {versions}
 - export verified: merged vs adapter logits differ by at most {difference:.2e} (tolerance {tolerance:g})
+"""
+
+
+def _task_metrics_table(differences: dict[str, Difference]) -> str:
+    """The task metrics of the answers on the test split, base and tuned, with the difference's bootstrap interval."""
+    if not differences:
+        return ""
+    rows = "\n".join(f"| {name} | {d.base:.4g} | {d.tuned:.4g} | {d.difference:+.4g} [{d.low:+.4g}, {d.high:+.4g}] |"
+                     for name, d in differences.items())
+    resamples = next(iter(differences.values())).resamples
+    return f"""
+| task metric (test, greedy answers) | base | tuned | tuned - base [95% interval] |
+|---|---|---|---|
+{rows}
+
+The intervals are paired bootstrap percentiles ({resamples} resamples of the test examples, both models scored on
+each resample).
 """
 
 
@@ -188,7 +207,7 @@ def finalize(folder: SweepFolder, config: SweepConfig, best: TrialRecord, data_p
     test_set = load_prepared(data_path)["test"]
     settings: dict[str, Any] = dict(
         max_new_tokens=config.evaluation.max_new_tokens, batch_size=config.training.eval_batch_size,
-        max_examples=config.evaluation.max_examples,
+        max_examples=config.evaluation.max_examples, metrics=config.evaluation.metrics,
     )
     # The driver may sit on a GPU machine too: evaluate there when it can (greedy decoding on a CPU is slow),
     # spread over its GPUs when it has several (a model too big for one).
@@ -202,9 +221,13 @@ def finalize(folder: SweepFolder, config: SweepConfig, best: TrialRecord, data_p
         tuned_model = peft.PeftModel.from_pretrained(base_model, str(checkpoint))
     tuned_metrics = evaluate_model(tuned_model, tokenizer, test_set, **settings)
     totals = {**sweep_totals(sweep_dir), "budget_spent": budget_spent(sweep_dir)}
+    # Each task metric's tuned - base difference on the same test answers, with its paired bootstrap interval.
+    differences = paired_bootstrap(config.evaluation.metrics, base_metrics.completions, tuned_metrics.completions,
+                                   tuned_metrics.references, seed=config.seed)
     write_atomically(sweep_dir / FINAL_METRICS_FILE, json.dumps({
         "trial_id": best.trial_id, "step": best.best_step, "params": best.params,
-        "validation": best.best_metrics, "test": {"base": asdict(base_metrics), "tuned": asdict(tuned_metrics)},
+        "validation": best.best_metrics, "test": {"base": base_metrics.as_json(), "tuned": tuned_metrics.as_json()},
+        "task_metrics": {name: asdict(d) for name, d in differences.items()},
         "sweep": totals, "promotion": promotion_rule(config),
         **({"confirm": confirm_report(config, best)} if config.promotion.confirm else {}),
     }, indent=2))
@@ -213,7 +236,7 @@ def finalize(folder: SweepFolder, config: SweepConfig, best: TrialRecord, data_p
     shutil.rmtree(staging, ignore_errors=True)
     try:
         return _export(sweep_dir, config, best, trial_config, tuned_model, tokenizer, test_set, staging, gpus,
-                       base_metrics, tuned_metrics, provenance, totals)
+                       base_metrics, tuned_metrics, provenance, totals, differences)
     except ExportVerificationError:
         raise  # its staging folder is left for inspection, as its message says
     except BaseException:  # a full disk, a Ctrl-C: the previous export stays as it was, and no partial one is left
@@ -223,7 +246,8 @@ def finalize(folder: SweepFolder, config: SweepConfig, best: TrialRecord, data_p
 
 def _export(sweep_dir: Path, config: SweepConfig, best: TrialRecord, trial_config: SweepConfig, tuned_model: Any,
             tokenizer: Any, test_set: Any, staging: Path, gpus: int, base_metrics: EvalMetrics,
-            tuned_metrics: EvalMetrics, provenance: dict[str, Any], totals: dict[str, Any]) -> FinalReport:
+            tuned_metrics: EvalMetrics, provenance: dict[str, Any], totals: dict[str, Any],
+            differences: dict[str, Difference]) -> FinalReport:
     """Write the export to `staging`, verify it from disk, then swap it in for the previous one."""
     save_adapter(tuned_model, trial_config, staging / "adapter")
     tokenizer.save_pretrained(staging / "adapter")
@@ -248,7 +272,7 @@ def _export(sweep_dir: Path, config: SweepConfig, best: TrialRecord, trial_confi
             f"{tolerance:g}; the export was left in {staging} for inspection"
         )
     (staging / "README.md").write_text(
-        model_card(config, best, base_metrics, tuned_metrics, provenance, difference, tolerance, totals),
+        model_card(config, best, base_metrics, tuned_metrics, provenance, difference, tolerance, totals, differences),
         encoding="utf-8"
     )
     (staging / "best_config.yaml").write_text(config_to_yaml(best_trial_config(config, best)), encoding="utf-8")

@@ -29,10 +29,12 @@ from lora_sweep.data import TokenizedData, load_samples, tokenize_splits
 from lora_sweep.disk import check_free_space, disk_needs, nearest_existing
 from lora_sweep.driver import check_cluster_address, concurrent_trials, local_ray_resources
 from lora_sweep.lora import largest_adapter, resolve_target_modules
+from lora_sweep.metrics import check_metrics
 from lora_sweep.placement import check_placement, model_positions
 from lora_sweep.search_space import build_search_space
 from lora_sweep.storage import check_storage, open_storage
 from lora_sweep.testing.faults import check_test_hooks
+from lora_sweep.trial_report import BEST_EVALUATION_KEYS, SCALARS
 from lora_sweep.models import load_tokenizer
 
 log = logging.getLogger(__name__)
@@ -187,6 +189,8 @@ def preflight(config: SweepConfig, probe_storage: bool = True) -> Checked:
     else:
         open_storage(config)  # the URI opens; a plan writes nothing, so it does not probe
     check_cluster_address(config)
+    # Every metric imports and returns floats on a sample answer (a user's own code, before any trial runs).
+    check_metrics(config.evaluation.metrics, reserved=(*SCALARS, *BEST_EVALUATION_KEYS))
     examples = load_samples(config.data, config.seed)
     skeleton = check_model(config, space)
     tokenizer = load_tokenizer(config)

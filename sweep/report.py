@@ -313,6 +313,14 @@ def _page(name: str, result: ReportResult, board: pd.DataFrame, final: dict[str,
         )
         parts.append("<p>" + ", ".join(f"<code>{e(k)}={e(f'{v:.4g}' if isinstance(v, float) else str(v))}</code>"
                                        for k, v in best.items()) + "</p>")
+        task = final.get("task_metrics") or {}
+        if isinstance(task, dict) and task:
+            rows = "".join(
+                f"<tr><td>{e(str(name))}</td><td>{d.get('base', float('nan')):.4g}</td><td>{d.get('tuned', float('nan')):.4g}"
+                f"</td><td>{d.get('difference', float('nan')):+.4g} [{d.get('low', float('nan')):+.4g}, "
+                f"{d.get('high', float('nan')):+.4g}]</td></tr>" for name, d in task.items() if isinstance(d, dict))
+            parts.append("<h2>Task metrics on the test split</h2><table><tr><th>metric</th><th>base</th><th>tuned</th>"
+                         f"<th>tuned - base [95% paired bootstrap interval]</th></tr>{rows}</table>")
     for figure in result.figures:
         parts.append(f"<figure><h2>{e(figure.title)}</h2><img src='{e(figure.file)}' alt='{e(figure.title)}'>"
                      f"<figcaption>{e(figure.caption)}</figcaption></figure>")

@@ -96,3 +96,22 @@ def test_a_full_disk_ends_in_one_line_and_exit_1(monkeypatch, raw_config, write_
     assert result.output.strip().splitlines() == [
         "error: the disk is full (No space left on device: /results/tiny/export); what was finished is kept: free "
         "some space, then `sweep resume` (or `sweep export`) the sweep folder"]
+
+
+def test_the_final_evaluation_scores_every_task_metric_with_a_paired_interval(trained):
+    config, best, data_path = trained
+    config = config.model_copy(update={"evaluation": config.evaluation.model_copy(
+        update={"metrics": ["exact_match", "token_f1", "rouge_l", "chrf"]})})
+    final = export.finalize(SweepFolder.of(config), config, best, data_path, {})
+    written = json.loads((config.sweep_dir / "final_metrics.json").read_text())
+    assert list(written["task_metrics"]) == ["exact_match", "token_f1", "rouge_l", "chrf"]
+    for name, d in written["task_metrics"].items():
+        assert d["base"] == pytest.approx(written["test"]["base"]["metrics"][name])
+        assert d["tuned"] == pytest.approx(written["test"]["tuned"]["metrics"][name])
+        assert d["difference"] == pytest.approx(d["tuned"] - d["base"])
+        assert d["low"] <= d["difference"] <= d["high"] and d["resamples"] == 1000
+    assert written["test"]["tuned"]["metrics"]["exact_match"] == pytest.approx(final.tuned.exact_match)
+    assert "completions" not in written["test"]["tuned"]  # the answers stay out of the file
+    card = (config.sweep_dir / "export" / "README.md").read_text()
+    assert "| task metric (test, greedy answers) | base | tuned | tuned - base [95% interval] |" in card
+    assert "| rouge_l |" in card and "paired bootstrap" in card

@@ -17,10 +17,10 @@ from urllib.parse import parse_qsl, urlsplit
 
 import yaml
 from pydantic import (AfterValidator, BaseModel, BeforeValidator, ConfigDict, Field, Strict, StrictBool,
-                      ValidationError, field_validator, model_validator)
+                      ValidationError, ValidationInfo, field_validator, model_validator)
 
 from lora_sweep.direction import Direction
-from lora_sweep.trial_report import EVAL_LOSS, OBJECTIVE_METRICS
+from lora_sweep.trial_report import EVAL_LOSS, OBJECTIVE_METRICS, TASK_METRICS
 
 TARGET_MODULE_PRESETS = ("attention", "mlp", "all-linear")
 # LoRA inits that start the adapter from a decomposition of the adapted weights and take that part out
@@ -264,6 +264,15 @@ class WarmStartConfig(_Strict):
     top: Int = Field(3, ge=1, description="How many of its best trials to re-run as this sweep's first trials.")
 
 
+def metric_problem(metric: str, specs: list[str]) -> str:
+    """Why `search.metric` names nothing a trial reports, or "" when it does. A custom metric's names are known
+    only once it is imported: with one configured, any name passes here and `sweep run` checks it before any trial."""
+    if metric in OBJECTIVE_METRICS or metric in specs or any(":" in spec for spec in specs):
+        return ""
+    return (f"must be one the trainable reports ({', '.join(OBJECTIVE_METRICS)}, or a task metric listed in "
+            f"evaluation.metrics: {', '.join(TASK_METRICS)}), but got {metric!r}")
+
+
 class SearchConfig(_Strict):
     space: Optional[PathText] = Field("lora_default", description="Name in search_spaces/ or a path to a YAML space.")
     parameters: dict[str, dict[str, Any]] = Field(default_factory=dict, description="Inline entries; override `space`.")
@@ -293,10 +302,16 @@ class SearchConfig(_Strict):
 
     @field_validator("metric")
     @classmethod
-    def _reported(cls, value: str) -> str:
-        if value not in OBJECTIVE_METRICS:
-            raise ValueError(f"must be one the trainable reports ({', '.join(OBJECTIVE_METRICS)}), but got {value!r}")
+    def _reported(cls, value: str, info: ValidationInfo) -> str:
+        # Checked here, beside every other field's error, when load_config passes the file's evaluation.metrics
+        # in the context; SweepConfig's own check covers a config validated without it.
+        specs = (info.context or {}).get("evaluation_metrics")
+        if isinstance(specs, list):
+            problem = metric_problem(value, [s for s in specs if isinstance(s, str)])
+            if problem:
+                raise ValueError(problem)
         return value
+
 
 
 class SchedulerConfig(_Strict):
@@ -336,6 +351,11 @@ class EvaluationConfig(_Strict):
         "token_f1, rouge_l, bleu, chrf, or your own module:function / file.py:function.")
     max_new_tokens: Int = Field(32, ge=1)
     max_examples: Optional[Int] = Field(None, ge=1, description="Cap on test examples for generation metrics.")
+    val_examples: Optional[Int] = Field(
+        None, ge=0, description="Validation examples each trial answers (greedy) at an evaluation, for the task "
+        "metrics in its reports; unset: 32 when search.metric is a task metric, else 0 (no generation in trials).")
+    generate_every: Int = Field(1, ge=1, description="Generate at every this-many-th evaluation; the reports between "
+                                "repeat the last generated values.")
     verify_tolerance: Optional[Float] = Field(
         None, gt=0.0, description="Max |logit difference| merged vs adapter; None: 1e-4 for float32, 5e-2 for 16-bit."
     )
@@ -343,7 +363,7 @@ class EvaluationConfig(_Strict):
     @field_validator("metrics")
     @classmethod
     def _known_or_custom(cls, value: list[str]) -> list[str]:
-        built_in = ("exact_match", "token_f1", "rouge_l", "bleu", "chrf")  # lora_sweep.metrics.BUILT_IN_METRICS
+        built_in = TASK_METRICS
         unknown = [m for m in value if m not in built_in and ":" not in m]
         if unknown:
             raise ValueError(f"{unknown} are not built-in metrics ({', '.join(built_in)}) nor module:function "
@@ -505,6 +525,15 @@ class SweepConfig(_Strict):
             if self.lora.init in REWRITES_BASE_WEIGHTS:
                 problems.append(f"lora.init {self.lora.init} rewrites the base weights, which a 4-bit base "
                                 f"(model.quantization {self.model.quantization}) cannot hold exactly: use default or gaussian")
+        metric = self.search.metric
+        if metric_problem(metric, self.evaluation.metrics):
+            problems.append(f"`search.metric`: {metric_problem(metric, self.evaluation.metrics)}")
+        elif metric in TASK_METRICS and self.search.mode == "min":
+            problems.append(f"`search.mode`: {metric} is higher for better answers, so the sweep would look for the "
+                            "worst ones: set search.mode: max")
+        if metric not in OBJECTIVE_METRICS and self.evaluation.val_examples == 0:
+            problems.append(f"`evaluation.val_examples`: 0 generates nothing in trials, but search.metric {metric} "
+                            "is a task metric of generated answers: leave it unset (32) or set a number above 0")
         warm = self.search.warm_start
         if warm is not None and warm.top > self.search.num_trials:
             problems.append(
@@ -523,6 +552,14 @@ class SweepConfig(_Strict):
         if problems:
             raise ValueError("; ".join(problems))
         return self
+
+    @property
+    def generated_val_examples(self) -> int:
+        """Validation examples a trial answers at an evaluation (`evaluation.val_examples`; unset: 32 when the
+        sweep's metric is a task metric, which only generation gives, else none)."""
+        if self.evaluation.val_examples is not None:
+            return self.evaluation.val_examples
+        return 0 if self.search.metric in OBJECTIVE_METRICS else 32
 
     @property
     def confirm_seeds(self) -> list[int]:
@@ -842,7 +879,9 @@ def validate_config(raw: Any, source: str = "config") -> SweepConfig:
     if not isinstance(raw, dict):
         raise ConfigError([f"the top level must be a mapping of keys, but got {type(raw).__name__}"], source)
     try:
-        return SweepConfig.model_validate(raw)
+        evaluation = raw.get("evaluation") if isinstance(raw, dict) else None
+        specs = evaluation.get("metrics", ["exact_match"]) if isinstance(evaluation, dict) else ["exact_match"]
+        return SweepConfig.model_validate(raw, context={"evaluation_metrics": specs})
     except ValidationError as error:
         raise ConfigError(format_errors(error), source) from None
 

@@ -32,6 +32,7 @@ from lora_sweep.schedulers import KeepResultsAcrossPauses, PausingConcurrencyLim
 from lora_sweep.safety import check_state_files_are_ours, recover_truncated_tune_snapshot
 from lora_sweep.signals import SweepInterrupted, ctrl_c_handler_kept, sigterm_stops_like_ctrl_c
 from lora_sweep.config import ConfigError, SweepConfig, cut, read_yaml, shown
+from lora_sweep.metrics import metric_names
 from lora_sweep.progress import ProgressCallback
 from lora_sweep.results import read_json
 from lora_sweep.storage import SweepFolder
@@ -445,7 +446,8 @@ def run_sweep(config: SweepConfig, space: dict[str, Any], data_path: Path, folde
         return _fit(restored, sweep_dir)
     callbacks: list[Callback] = [
         TensorBoardCallback(sweep_dir / TENSORBOARD_DIR, config.search.metric, config.search.mode,
-                            config.training.max_steps),
+                            config.training.max_steps,
+                            tuple(metric_names(config.evaluation.metrics)) if config.generated_val_examples else ()),
         ProgressCallback(sweep_dir, config.name, config.search.metric, config.search.mode, config.search.num_trials,
                          config.search.max_concurrent_trials, config.training.max_steps),
     ]

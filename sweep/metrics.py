@@ -26,8 +26,9 @@ from typing import Any, Callable
 import numpy as np
 
 from lora_sweep.config import ConfigError, cut
+from lora_sweep.trial_report import TASK_METRICS
 
-BUILT_IN_METRICS = ("exact_match", "token_f1", "rouge_l", "bleu", "chrf")
+BUILT_IN_METRICS = TASK_METRICS  # their names are defined once, with the other report keys
 Scores = dict[str, float]
 
 

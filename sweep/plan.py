@@ -39,6 +39,7 @@ class SweepPlan:
     data_format: str  # `data.format` (`auto` resolved from the columns)
     template: str  # what the data is rendered with (`none`: as written)
     train_on: str  # conversations: which assistant turns carry the loss
+    generation_per_evaluation: dict[str, Any]  # what a trial generates at an evaluation for its task metrics
     base_parameters: int
     largest_adapter_parameters: int
     resources_per_trial: dict[str, float]
@@ -70,6 +71,17 @@ def expected_steps(config: SweepConfig, rungs: list[int]) -> int:
         end = rungs[k + 1] if k + 1 < len(rungs) else top
         per_trial += (end - start) / config.scheduler.reduction_factor ** (k + 1)
     return int(round(config.search.num_trials * per_trial))
+
+
+def generation_cost(config: SweepConfig, val_examples: int) -> dict[str, Any]:
+    """What a trial's evaluation generates for its task metrics: examples, new tokens at most, how often."""
+    examples = min(config.generated_val_examples, val_examples)
+    evaluations = config.training.max_steps // config.training.eval_steps
+    return {"examples": examples, "max_new_tokens": config.evaluation.max_new_tokens,
+            "tokens_at_most": examples * config.evaluation.max_new_tokens,
+            "every": config.evaluation.generate_every,
+            "generations_per_trial": -(-evaluations // config.evaluation.generate_every) if examples else 0,
+            "metrics": config.evaluation.metrics if examples else []}
 
 
 def make_plan(config: SweepConfig) -> SweepPlan:
@@ -105,6 +117,7 @@ def make_plan(config: SweepConfig) -> SweepPlan:
         data_format=tokenized.format,
         template=tokenized.template,
         train_on=config.data.train_on,
+        generation_per_evaluation=generation_cost(config, tokenized.counts["val"]),
         base_parameters=checked.base_parameters,
         largest_adapter_parameters=checked.adapter_parameters,
         resources_per_trial={"cpu": config.resources.cpu, "gpu": config.resources.gpu},
@@ -145,6 +158,12 @@ def plan_lines(plan: SweepPlan) -> list[str]:
         f"{human_bytes(plan.disk_bytes['during_sweep_at_most'])} of checkpoints while it runs, "
         f"{human_bytes(plan.disk_bytes['after_sweep'])} after; export {human_bytes(plan.disk_bytes['export'])}",
     ]
+    cost = plan.generation_per_evaluation
+    if cost["examples"]:
+        lines.append(f"generation in trials: {cost['examples']} validation answers of up to {cost['max_new_tokens']} "
+                     f"tokens (at most {cost['tokens_at_most']:,} greedy tokens) at every "
+                     f"{'' if cost['every'] == 1 else str(cost['every']) + '-th '}evaluation, "
+                     f"{cost['generations_per_trial']} times in a full trial, for {', '.join(cost['metrics'])}")
     if plan.confirm_runs:
         lines.append(f"promotion: the top {plan.confirm_runs // len(plan.confirm_seeds)} configurations train again "
                      f"with seeds {plan.confirm_seeds} ({plan.confirm_runs} more runs of {plan.max_steps} steps); "

@@ -34,7 +34,7 @@ from lora_sweep.placement import check_placement, model_positions
 from lora_sweep.search_space import build_search_space
 from lora_sweep.storage import check_storage, open_storage
 from lora_sweep.testing.faults import check_test_hooks
-from lora_sweep.trial_report import BEST_EVALUATION_KEYS, SCALARS
+from lora_sweep.trial_report import BEST_EVALUATION_KEYS, OBJECTIVE_METRICS, SCALARS
 from lora_sweep.models import load_tokenizer
 
 log = logging.getLogger(__name__)
@@ -190,7 +190,11 @@ def preflight(config: SweepConfig, probe_storage: bool = True) -> Checked:
         open_storage(config)  # the URI opens; a plan writes nothing, so it does not probe
     check_cluster_address(config)
     # Every metric imports and returns floats on a sample answer (a user's own code, before any trial runs).
-    check_metrics(config.evaluation.metrics, reserved=(*SCALARS, *BEST_EVALUATION_KEYS))
+    reported = check_metrics(config.evaluation.metrics, reserved=(*SCALARS, *BEST_EVALUATION_KEYS))
+    if config.search.metric not in (*OBJECTIVE_METRICS, *reported):
+        raise ConfigError([f"`search.metric`: {config.search.metric!r} is neither a loss the trainable reports "
+                           f"({', '.join(OBJECTIVE_METRICS)}) nor a metric evaluation.metrics reports "
+                           f"({', '.join(reported)})"], "config")
     examples = load_samples(config.data, config.seed)
     skeleton = check_model(config, space)
     tokenizer = load_tokenizer(config)

@@ -98,8 +98,19 @@ def trial_record(result: Any, config: SweepConfig) -> TrialRecord:
     usable = history[history[metric].map(_usable)] if metric in history else history.iloc[0:0]
     if DIVERGED in usable:
         usable = usable[~usable[DIVERGED].astype(bool)]
+    record.checkpoints = [
+        {"path": checkpoint.path, "step": int(metrics.get(STEP, -1)), "metric": float(metrics[metric])}
+        for checkpoint, metrics in result.best_checkpoints or []
+        if _usable(metrics.get(metric)) and is_directory(checkpoint.filesystem, checkpoint.path)
+    ]
     if len(usable):
-        best_row = usable.loc[usable[metric].idxmin() if config.direction.ascending else usable[metric].idxmax()]
+        best_value = usable[metric].min() if config.direction.ascending else usable[metric].max()
+        # Evaluations tied at the best (a task metric often is: the same share of right answers): the first
+        # whose checkpoint Tune kept, so that the promoted step can be exported.
+        tied = usable[usable[metric] == best_value]
+        kept = {c["step"] for c in record.checkpoints}
+        with_checkpoint = tied[tied[STEP].map(lambda step: int(step) in kept)]
+        best_row = (with_checkpoint if len(with_checkpoint) else tied).iloc[0]
         record.best_metric = float(best_row[metric])
         record.best_step = int(best_row[STEP])
         record.best_metrics = {
@@ -107,11 +118,6 @@ def trial_record(result: Any, config: SweepConfig) -> TrialRecord:
             for k in BEST_EVALUATION_KEYS
             if k in best_row
         }
-    record.checkpoints = [
-        {"path": checkpoint.path, "step": int(metrics.get(STEP, -1)), "metric": float(metrics[metric])}
-        for checkpoint, metrics in result.best_checkpoints or []
-        if _usable(metrics.get(metric)) and is_directory(checkpoint.filesystem, checkpoint.path)
-    ]
     record.best_checkpoint = next((c["path"] for c in record.checkpoints if c["step"] == record.best_step), None)
     record.trial_dir = str(result.path)
     record.disk_bytes = tree_bytes(result.filesystem, result.path)  # on the local disk or in storage

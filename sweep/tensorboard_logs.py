@@ -25,9 +25,10 @@ def hparam_value(value: Any) -> Any:
 class TensorBoardCallback(TrialTracker):
     """Per-trial scalars at every report, and the trial's HParams (config, status, best metric) when it ends."""
 
-    def __init__(self, log_dir: Path, metric: str, mode: str, max_steps: int):
+    def __init__(self, log_dir: Path, metric: str, mode: str, max_steps: int, task_metrics: tuple[str, ...] = ()):
         super().__init__(metric, mode, max_steps)
         self.log_dir = Path(log_dir)
+        self.scalars = (*SCALARS, *task_metrics)  # and the task metrics of trials' generated answers
         self._writers: dict[str, SummaryWriter] = {}
         self._adapter_params: dict[str, float] = {}
 
@@ -39,7 +40,7 @@ class TensorBoardCallback(TrialTracker):
     def log_trial_result(self, iteration: int, trial: Any, result: dict[str, Any]) -> None:
         step = self.trials[trial.trial_id].step
         writer = self._writer(trial)
-        for name in SCALARS:
+        for name in self.scalars:
             value = result.get(name)
             if isinstance(value, (int, float)) and math.isfinite(value):
                 writer.add_scalar(name, value, step)

@@ -28,8 +28,10 @@ ADAPTER_PARAMS = "adapter_params"
 EVAL_MS_PER_EXAMPLE = "eval_ms_per_example"
 NODE_ID = "node_id"  # added by the Tune reporter: the Ray node that ran the trial
 
-# What `search.metric` may name, and the costs `search.also_minimize` may name.
+# What `search.metric` may name (and any metric of `evaluation.metrics`, a custom one's included), and the costs
+# `search.also_minimize` may name.
 OBJECTIVE_METRICS = (EVAL_LOSS, EVAL_PERPLEXITY, TRAIN_LOSS)
+TASK_METRICS = ("exact_match", "token_f1", "rouge_l", "bleu", "chrf")  # the built-ins (lora_sweep.metrics); higher-better
 COST_METRICS = (ADAPTER_PARAMS, EVAL_MS_PER_EXAMPLE)
 # Per-trial scalars in TensorBoard, and what a trial record keeps of its best evaluation.
 SCALARS = (EVAL_LOSS, EVAL_PERPLEXITY, TRAIN_LOSS, LEARNING_RATE, TOKENS_PER_SECOND, EVAL_MS_PER_EXAMPLE)
@@ -57,14 +59,18 @@ class TrialReport:
     eval_ms_per_example: float
     diverged_reason: Optional[str] = None
 
-    def as_dict(self) -> dict[str, Any]:
-        """The flat dict Tune stores (without `diverged_reason` unless the trial diverged)."""
+    def as_dict(self, task_metrics: Optional[dict[str, float]] = None) -> dict[str, Any]:
+        """The flat dict Tune stores (without `diverged_reason` unless the trial diverged), with the task metrics
+        of the evaluation's generated answers (`evaluation.metrics`, when trials generate) beside the rest."""
         report = dataclasses.asdict(self)
         if self.diverged_reason is None:
             del report[DIVERGED_REASON]
-        return report
+        return {**report, **(task_metrics or {})}
 
     def diverging(self, metric: str, worst: float, reason: str) -> TrialReport:
-        """This report as a diverged trial's: the sweep metric at its worst, so schedulers and samplers rank it last."""
+        """This report as a diverged trial's: the sweep metric at its worst, so schedulers and samplers rank it last.
+        (A task metric as the sweep metric is set to its worst by the caller, in `as_dict`'s task metrics.)"""
+        if not hasattr(self, metric):
+            return dataclasses.replace(self, diverged=True, diverged_reason=reason)
         worst_metric: dict[str, Any] = {metric: worst}
         return dataclasses.replace(self, diverged=True, diverged_reason=reason, **worst_metric)

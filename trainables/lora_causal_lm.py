@@ -14,7 +14,7 @@ import shutil
 import tempfile
 import time
 from pathlib import Path
-from typing import Any, Optional
+from typing import Any, Callable, Optional
 
 import peft
 import torch
@@ -22,7 +22,9 @@ from transformers import (PrinterCallback, Trainer, TrainerCallback, TrainerCont
                           TrainingArguments)
 
 from lora_sweep.config import SweepConfig
-from lora_sweep.data import PaddingCollator, load_prepared, model_columns
+from lora_sweep.data import PaddingCollator, load_prepared, model_columns, prompt_token_ids
+from lora_sweep.evaluate import greedy_completions
+from lora_sweep.metrics import compute
 from lora_sweep.direction import Direction
 from lora_sweep.lora import lora_settings
 from lora_sweep.models import (give_back_base_model, load_tokenizer, put_back_weights, take_base_model,
@@ -48,6 +50,7 @@ class LoraCausalLM(Recipe):
         self.train_set = data["train"].select_columns(model_columns(data["train"]))
         self.val_set = data["val"].select_columns(model_columns(data["val"]))
         self.collator = PaddingCollator.for_tokenizer(tokenizer)
+        self.scorer = answer_scorer(config, tokenizer, data["val"])
         base = take_base_model(config)
         settings = lora_settings(config.lora, base)
         self.rewritten = weights_the_init_rewrites(base, config, settings)
@@ -64,7 +67,7 @@ class LoraCausalLM(Recipe):
         with tempfile.TemporaryDirectory(prefix="lora-sweep-trial-") as scratch:
             adapter_params = sum(p.numel() for p in model.parameters() if p.requires_grad)
             callback = EvaluationReporter(reporter, config.search.metric, config.search.mode, self.started,
-                                          adapter_params)
+                                          adapter_params, self.scorer, config.evaluation.generate_every)
             trainer = Trainer(
                 model=model,
                 args=training_arguments(config, os.path.join(scratch, "trainer")),
@@ -89,6 +92,29 @@ class LoraCausalLM(Recipe):
             give_back_base_model(self.config, put_back_weights(self.model.unload(), self.rewritten))
 
 
+def answer_scorer(config: SweepConfig, tokenizer: Any, val_set: Any) -> Optional[Callable[[Any], dict[str, float]]]:
+    """What a trial's evaluation adds when it generates: greedy answers (batched, with the KV cache) to the first
+    `evaluation.val_examples` validation examples, scored by `evaluation.metrics`. None when trials do not generate."""
+    count = min(config.generated_val_examples, len(val_set))
+    if count == 0:
+        return None
+    subset = val_set.select(range(count))
+    prompts, references = prompt_token_ids(subset), [r.strip() for r in subset["response"]]
+    settings = config.evaluation
+
+    def score(model: Any) -> dict[str, float]:
+        training = model.training
+        model.eval()
+        try:
+            answers = greedy_completions(model, tokenizer, prompts, settings.max_new_tokens,
+                                         config.training.eval_batch_size)
+        finally:
+            model.train(training)
+        return compute(settings.metrics, answers, references)
+
+    return score
+
+
 class EvaluationReporter(TrainerCallback):
     """Turns each Trainer evaluation into one report, and stops training on a NaN/inf loss.
 
@@ -97,8 +123,14 @@ class EvaluationReporter(TrainerCallback):
     evaluation's metrics with that checkpoint, so a restarted trial resumes exactly.
     """
 
-    def __init__(self, reporter: Reporter, metric: str, mode: str, trial_started: float, adapter_params: int):
+    def __init__(self, reporter: Reporter, metric: str, mode: str, trial_started: float, adapter_params: int,
+                 scorer: Optional[Callable[[Any], dict[str, float]]] = None, generate_every: int = 1):
         self.reporter = reporter
+        # Task metrics of generated answers (`evaluation.metrics`): computed at every `generate_every`-th
+        # evaluation from the model being trained; the reports between repeat the last values.
+        self.scorer, self.generate_every = scorer, generate_every
+        self.evaluations = 0
+        self.task_metrics: dict[str, float] = {}
         self.adapter_params = adapter_params
         self.trial_started = trial_started
         self.startup_seconds: Optional[float] = None
@@ -167,12 +199,18 @@ class EvaluationReporter(TrainerCallback):
             # Schedulers and samplers compare numbers: a diverged trial reports the worst one,
             # and no checkpoint of a diverged model is kept.
             control.should_save = False
-            self.reporter.report(report.diverging(self.metric, self.direction.worst, self.diverged_reason).as_dict(), None)
+            worst = {**self.task_metrics, self.metric: self.direction.worst} if self.metric in self.task_metrics else {}
+            diverged = report.diverging(self.metric, self.direction.worst, self.diverged_reason)
+            self.reporter.report(diverged.as_dict(worst), None)
             return
-        value = getattr(report, self.metric)
+        if self.scorer is not None and self.evaluations % self.generate_every == 0:
+            self.task_metrics = self.scorer(kwargs["model"])
+        self.evaluations += 1
+        flat = report.as_dict(self.task_metrics)
+        value = flat[self.metric]
         if self.direction.is_better(value, self.best):
             self.best = value
-        self.pending = report.as_dict()
+        self.pending = flat
         control.should_save = True
 
     def on_save(self, args: TrainingArguments, state: TrainerState, control: TrainerControl, **kwargs: Any) -> None:

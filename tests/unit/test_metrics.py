@@ -117,3 +117,62 @@ def test_the_paired_bootstrap_interval_is_of_the_difference():
         assert d.difference == pytest.approx(0.5) and 0.0 < d.low < 0.5 < d.high < 1.0 and d.resamples == 500
     again = paired_bootstrap(["exact_match"], base, tuned, references, resamples=500, seed=1)["exact_match"]
     assert (again.low, again.high) == (result["exact_match"].low, result["exact_match"].high)  # seeded
+
+
+def test_search_metric_may_be_a_task_metric_with_its_direction(raw_config, write_config):
+    from lora_sweep.config import load_config
+
+    raw_config["search"].update(metric="rouge_l", mode="max")
+    raw_config["evaluation"] = {"metrics": ["rouge_l"]}
+    config = load_config(write_config(raw_config))
+    assert config.generated_val_examples == 32  # unset: trials generate, since only generation gives rouge_l
+    raw_config["search"]["mode"] = "min"
+    with pytest.raises(ConfigError, match="`search.mode`: rouge_l is higher for better answers"):
+        load_config(write_config(raw_config))
+    raw_config["search"]["mode"] = "max"
+    raw_config["evaluation"]["val_examples"] = 0
+    with pytest.raises(ConfigError, match="`evaluation.val_examples`: 0 generates nothing in trials"):
+        load_config(write_config(raw_config))
+    raw_config["evaluation"] = {"metrics": ["exact_match"]}  # rouge_l is not among the metrics
+    with pytest.raises(ConfigError, match=r"`search.metric`: must be one the trainable reports .* but got 'rouge_l'"):
+        load_config(write_config(raw_config))
+
+
+def test_a_custom_metrics_name_is_checked_once_it_is_imported(raw_config, write_config, tmp_path, custom_module):
+    def change(raw, _):
+        raw["search"].update(metric="accuracy", mode="max")
+        raw["evaluation"] = {"metrics": ["my_metrics:length_ratio"]}
+
+    refused_case("run", change, "`search.metric`: 'accuracy' is neither a loss the trainable reports",
+                 raw_config, write_config, tmp_path)
+
+
+@pytest.mark.parametrize("every, generated", [(1, [1, 2, 3, 4]), (2, [1, 1, 3, 3])])
+def test_trials_generate_at_their_evaluations_and_report_the_task_metrics(raw_config, write_config, tmp_path,
+                                                                         monkeypatch, every, generated):
+    from lora_sweep.config import load_config
+    from lora_sweep.data import prepare_data
+    from lora_sweep.models import load_tokenizer
+    from lora_sweep.recipe import ListReporter, run_trial
+    from lora_sweep.trainables import lora_causal_lm
+
+    raw_config["training"].update(max_steps=8, eval_steps=2)
+    raw_config["search"].update(metric="token_f1", mode="max")
+    raw_config["evaluation"] = {"metrics": ["token_f1", "exact_match"], "val_examples": 3, "generate_every": every}
+    config = load_config(write_config(raw_config))
+    data = prepare_data(config.data, load_tokenizer(config), config.seed, tmp_path / "data")
+    calls = []
+    real = lora_causal_lm.greedy_completions
+
+    def counted(model, tokenizer, prompts, max_new_tokens, batch_size):
+        calls.append(len(prompts))
+        assert not model.training  # generation runs in eval mode, and training resumes in train mode
+        return real(model, tokenizer, prompts, max_new_tokens, batch_size)
+
+    monkeypatch.setattr(lora_causal_lm, "greedy_completions", counted)
+    reporter = ListReporter()
+    run_trial({}, config.model_dump(), str(data.path), reporter)
+    assert [r["step"] for r in reporter.reports] == [2, 4, 6, 8]
+    assert calls == [3] * len(set(generated))  # 3 validation answers at each generating evaluation
+    for report in reporter.reports:
+        assert 0.0 <= report["token_f1"] <= 1.0 and report["exact_match"] in {0.0, 1 / 3, 2 / 3, 1.0}

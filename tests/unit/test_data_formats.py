@@ -242,3 +242,14 @@ def test_the_chat_example_reads_conversations_with_the_models_chat_template():
         assert 2 <= len(turns) <= 3 and all(turn.endswith("</s>\n") for turn in turns)  # every answer, and its EOS
         assert turns[-1] == row["response"] + "</s>\n"
         assert row["prompt"].endswith("<|assistant|>\n") and row["prompt"].startswith("<s>")
+
+
+def test_sweep_run_refuses_bad_conversations_before_anything_runs(raw_config, write_config, tmp_path):
+    from conftest import refused_case
+
+    def change(raw, tmp):
+        rows = rows_of("messages") + [{"messages": [{"role": "user", "content": "Q"}, {"role": "user", "content": "Q2"}]}]
+        raw["data"]["files"] = [write_jsonl(tmp / "chat.jsonl", rows)]
+
+    refused_case("run", change, "1 of 31 conversations in column 'messages' are not usable; the first, line 31: "
+                 "roles out of order", raw_config, write_config, tmp_path)

@@ -14,7 +14,7 @@ import json
 import logging
 import sys
 import time
-from dataclasses import asdict, replace
+from dataclasses import asdict
 from pathlib import Path
 from typing import TYPE_CHECKING, Callable, List, Optional
 
@@ -26,6 +26,7 @@ from lora_sweep.folder import CONFIG_FILE
 
 if TYPE_CHECKING:
     from lora_sweep.pipeline import SweepOutcome
+    from lora_sweep.templates import Sample
 
 app = typer.Typer(add_completion=False, no_args_is_help=True, help="Hyperparameter sweeps for LoRA fine-tuning.")
 DEMO_CONFIG = Path(examples.__file__).resolve().parent / "demo.yaml"  # package data: works outside a checkout
@@ -130,13 +131,16 @@ def _run_and_report(start: Callable[[], "SweepOutcome"]) -> None:
         _fail(_error_lines(error), 1)
     except OSError as error:  # a full disk while writing a checkpoint's record or the export; or a bad path
         _fail_os_error(error)
+    from lora_sweep.evaluate import shown_match
+
     final = outcome.final
     counts = {status: sum(r.status == status for r in outcome.records) for status in ("completed", "stopped early", "errored")}
     typer.echo(f"\nsweep finished: {len(outcome.records)} trials ({', '.join(f'{n} {s}' for s, n in counts.items())})")
     typer.echo(f"best trial {final.best.trial_id} at step {final.best.best_step}: {final.best.params}")
     typer.echo(
-        f"test split ({final.tuned.examples} examples): base loss {final.base.loss:.4f} exact match {final.base.exact_match:.3f}"
-        f" -> tuned loss {final.tuned.loss:.4f} exact match {final.tuned.exact_match:.3f}"
+        f"test split ({final.tuned.examples} examples): base loss {final.base.loss:.4f} exact match "
+        f"{shown_match(final.base.exact_match)} -> tuned loss {final.tuned.loss:.4f} exact match "
+        f"{shown_match(final.tuned.exact_match)}"
     )
     typer.echo(f"results: {outcome.sweep_dir}/ (leaderboard.csv, final_metrics.json, export/, tensorboard/)")
 
@@ -327,7 +331,8 @@ def report(sweep_dir: Path = typer.Argument(..., help="A sweep folder, e.g. resu
 def generate(
     sweep_dir: Path = typer.Argument(..., help="A finished sweep folder, e.g. results/demo"),
     question: Optional[str] = typer.Argument(None, help="The instruction to answer (or use --file)."),
-    file: Optional[Path] = typer.Option(None, "--file", help="JSONL/CSV/Parquet of prompts, in the sweep's column names."),
+    file: Optional[Path] = typer.Option(None, "--file", help="JSONL/CSV/Parquet of prompts: in the sweep's data format "
+                                        "(messages, conversations, prompt, text) or its instruction columns."),
     input_text: str = typer.Option("", "--input", help="Input text that goes with the instruction, as in the data."),
     system: Optional[str] = typer.Option(None, "--system", help="System text; default: the sweep's data.default_system."),
     max_new_tokens: int = typer.Option(128, "--max-new-tokens", help="Most tokens to generate per answer."),
@@ -340,7 +345,8 @@ def generate(
     Examples: sweep generate results/demo "Repeat the word." --input hello
               sweep generate results/demo --file prompts.jsonl --json
     """
-    from lora_sweep.generate import ExportedModel, example_for, examples_from_file
+    from lora_sweep.generate import (ExportedModel, example_for, examples_from_file, prompt_fields, prompt_heading,
+                                     with_system)
     from lora_sweep.pipeline import load_sweep
 
     if (question is None) == (file is None):
@@ -350,12 +356,13 @@ def generate(
     if not 0.0 <= temperature < float("inf"):  # also NaN
         _fail(f"error: `--temperature`: must be a finite number >= 0 (0 decodes greedily), but got {temperature}", 2)
     try:
-        config, _ = load_sweep(sweep_dir)
+        config, record = load_sweep(sweep_dir)
         # Exactly one of them is given (checked above): without a file there is a question.
-        examples = (examples_from_file(file, config) if file is not None
-                    else [example_for(question or "", config, system, input_text)])
+        examples: list[Sample] = (
+            examples_from_file(file, config, str(record.get("data_format", "instruction"))) if file is not None
+            else [example_for(question or "", config, system, input_text)])
         if file and system is not None:
-            examples = [replace(e, system=system) for e in examples]
+            examples = [with_system(e, system) for e in examples]
         model = ExportedModel(sweep_dir)
         model.check_fits(examples, max_new_tokens)  # before the first answer: no prompt is cut or overruns
     except (FileNotFoundError, ConfigError) as error:
@@ -363,10 +370,10 @@ def generate(
     for example in examples:
         if as_json:
             answer = model.answer(example, max_new_tokens, temperature)
-            typer.echo(json.dumps({"instruction": example.instruction, "input": example.input, "answer": answer}))
+            typer.echo(json.dumps({**prompt_fields(example), "answer": answer}))
             continue
         if file:
-            typer.echo(cut(f"### {example.instruction}" + (f" | {example.input}" if example.input else ""), 200))
+            typer.echo(cut(prompt_heading(example), 200))
         for piece in model.stream(example, max_new_tokens, temperature):
             sys.stdout.write(piece)
             sys.stdout.flush()

@@ -269,6 +269,9 @@ def metric_problem(metric: str, specs: list[str]) -> str:
     only once it is imported: with one configured, any name passes here and `sweep run` checks it before any trial."""
     if metric in OBJECTIVE_METRICS or metric in specs or any(":" in spec for spec in specs):
         return ""
+    if metric in TASK_METRICS:  # a built-in the trials would report, were it configured
+        return (f"{metric!r} is a task metric, reported only when evaluation.metrics lists it (it lists "
+                f"{', '.join(specs) or 'none'}); add {metric} there")
     return (f"must be one the trainable reports ({', '.join(OBJECTIVE_METRICS)}, or a task metric listed in "
             f"evaluation.metrics: {', '.join(TASK_METRICS)}), but got {metric!r}")
 

@@ -21,7 +21,7 @@ from lora_sweep.metrics import compute
 class EvalMetrics:
     loss: float
     perplexity: float
-    exact_match: float
+    exact_match: Optional[float]  # None: nothing was answered (text data has no prompts)
     examples: int
     response_tokens: int
     samples: list[dict[str, str]] = field(default_factory=list)
@@ -33,6 +33,11 @@ class EvalMetrics:
     def as_json(self) -> dict[str, Any]:
         """What final_metrics.json keeps: everything but the answers themselves."""
         return {k: v for k, v in asdict(self).items() if k not in ("completions", "references")}
+
+
+def shown_match(exact_match: Optional[float]) -> str:
+    """Exact match as tables and messages show it: `n/a` where nothing was answered (text data)."""
+    return "n/a" if exact_match is None else f"{exact_match:.3f}"
 
 
 def model_device(model: torch.nn.Module) -> torch.device:
@@ -80,10 +85,16 @@ def greedy_completions(model: Any, tokenizer: Any, prompts: list[list[int]], max
 
 def evaluate_model(
     model: Any, tokenizer: Any, test_set: Dataset, max_new_tokens: int, batch_size: int,
-    max_examples: Optional[int] = None, keep_samples: int = 5, metrics: Sequence[str] = (),
+    max_examples: Optional[int] = None, keep_samples: int = 5, metrics: Sequence[str] = (), answers: bool = True,
 ) -> EvalMetrics:
+    """Loss and perplexity over the test split's trained tokens; with `answers`, greedy answers to (the first
+    `max_examples` of) its prompts and their task metrics. Text data has no prompts: answering the BOS token
+    alone would score a continuation of nothing against a whole document."""
     model.eval()
     loss, tokens = response_loss(model, tokenizer, test_set, batch_size)
+    if not answers:
+        return EvalMetrics(loss=loss, perplexity=math.exp(min(loss, 50.0)), exact_match=None,
+                           examples=len(test_set), response_tokens=tokens)
     subset = test_set if max_examples is None else test_set.select(range(min(max_examples, len(test_set))))
     prompts = prompt_token_ids(subset)
     completions = greedy_completions(model, tokenizer, prompts, max_new_tokens, batch_size)

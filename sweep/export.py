@@ -19,7 +19,7 @@ from transformers import AutoModelForCausalLM
 
 from lora_sweep.config import REWRITES_BASE_WEIGHTS, PromotionConfig, SweepConfig, config_to_yaml
 from lora_sweep.data import load_prepared, prompt_token_ids
-from lora_sweep.evaluate import EvalMetrics, evaluate_model
+from lora_sweep.evaluate import EvalMetrics, evaluate_model, shown_match
 from lora_sweep.folder import CONFIRM_FILE, EXPORT_DIR, FINAL_METRICS_FILE, MERGED_DIR
 from lora_sweep.lora import lora_settings
 from lora_sweep.metrics import Difference, paired_bootstrap
@@ -135,8 +135,8 @@ Promotion rule: {promotion_rule(config)}.{f" Its {config.search.also_minimize}: 
 | split | model | loss | perplexity | exact match |
 |---|---|---|---|---|
 | val | tuned (best eval) | {best.best_metrics.get('eval_loss', float('nan')):.4f} | {best.best_metrics.get('eval_perplexity', float('nan')):.3f} | |
-| test | base (untuned) | {base.loss:.4f} | {base.perplexity:.3f} | {base.exact_match:.3f} |
-| test | tuned | {tuned.loss:.4f} | {tuned.perplexity:.3f} | {tuned.exact_match:.3f} |
+| test | base (untuned) | {base.loss:.4f} | {base.perplexity:.3f} | {shown_match(base.exact_match)} |
+| test | tuned | {tuned.loss:.4f} | {tuned.perplexity:.3f} | {shown_match(tuned.exact_match)} |
 
 Test split: {tuned.examples} examples, {tuned.response_tokens} response tokens, never seen during the search.
 {_task_metrics_table(differences or {})}{_confirm_sentence(config, best)}Data format: `{provenance.get('data_format', 'instruction')}`; prompt template: `{provenance.get('template') or config.data.template or 'default'}`.
@@ -208,6 +208,7 @@ def finalize(folder: SweepFolder, config: SweepConfig, best: TrialRecord, data_p
     settings: dict[str, Any] = dict(
         max_new_tokens=config.evaluation.max_new_tokens, batch_size=config.training.eval_batch_size,
         max_examples=config.evaluation.max_examples, metrics=config.evaluation.metrics,
+        answers=provenance.get("data_format") != "text",
     )
     # The driver may sit on a GPU machine too: evaluate there when it can (greedy decoding on a CPU is slow),
     # spread over its GPUs when it has several (a model too big for one).
@@ -222,7 +223,8 @@ def finalize(folder: SweepFolder, config: SweepConfig, best: TrialRecord, data_p
     tuned_metrics = evaluate_model(tuned_model, tokenizer, test_set, **settings)
     totals = {**sweep_totals(sweep_dir), "budget_spent": budget_spent(sweep_dir)}
     # Each task metric's tuned - base difference on the same test answers, with its paired bootstrap interval.
-    differences = paired_bootstrap(config.evaluation.metrics, base_metrics.completions, tuned_metrics.completions,
+    scored = config.evaluation.metrics if settings["answers"] else []  # text data: nothing answered to score
+    differences = paired_bootstrap(scored, base_metrics.completions, tuned_metrics.completions,
                                    tuned_metrics.references, seed=config.seed)
     write_atomically(sweep_dir / FINAL_METRICS_FILE, json.dumps({
         "trial_id": best.trial_id, "step": best.best_step, "params": best.params,

@@ -20,12 +20,16 @@ from safetensors import SafetensorError
 
 from lora_sweep.config import ConfigError, SweepConfig, cut
 from lora_sweep.folder import EXPORT_DIR, MERGED_DIR
-from lora_sweep.data import check_text_columns, read_table, resolve_template, row_to_example
+from lora_sweep.data import (FORMAT_COLUMNS, check_text_columns, read_table, resolve_template, row_to_example,
+                              to_samples)
 from lora_sweep.pipeline import load_sweep
 from lora_sweep.placement import model_positions
-from lora_sweep.templates import Example, as_format, prompt_for
+from lora_sweep.templates import Conversation, Example, Message, PlainText, Sample, as_format, prompt_for
 
 EXPORT_MODEL = Path(EXPORT_DIR) / MERGED_DIR
+# The columns a prompts file in a data format needs: its training columns less the answer.
+PROMPT_COLUMNS = {"messages": ("messages",), "sharegpt": ("conversations",), "prompt_completion": ("prompt",),
+                  "text": ("text",)}
 
 
 def load_exported(sweep_dir: Path) -> tuple[SweepConfig, Any, Any]:
@@ -50,16 +54,22 @@ def load_exported(sweep_dir: Path) -> tuple[SweepConfig, Any, Any]:
     return config, tokenizer, model
 
 
-def examples_from_file(path: Path, config: SweepConfig) -> list[Example]:
-    """Prompts from a JSONL/CSV/Parquet file with the sweep's own column names (a response column is not needed)."""
+def examples_from_file(path: Path, config: SweepConfig, data_format: str = "instruction") -> list[Sample]:
+    """Prompts from a JSONL/CSV/Parquet file: rows in the sweep's own format (`messages`/`conversations` ending
+    with a user turn, or with an assistant turn that is answered anew; `prompt`; `text` to continue), or rows
+    in the sweep's instruction column names, which any sweep answers. A response column is not needed."""
 
     columns = config.data.columns
     if not Path(path).exists():
         raise ConfigError([f"`--file`: prompts file not found: {path}"], str(path))
     # read_table refuses a folder, a FIFO, an empty file, a file that is not UTF-8 (or UTF-16 with its BOM)
-    frame: pd.DataFrame = read_table(path, required=(columns.instruction,), field="--file")
+    frame: pd.DataFrame = read_table(path, field="--file")
+    own = PROMPT_COLUMNS.get(data_format)
+    if own and all(column in frame.columns for column in own):
+        return _prompts_in_format(frame, config, data_format, str(path))
     if columns.instruction not in frame.columns:
-        raise ConfigError([f"`--file`: no `{columns.instruction}` column (the sweep's data.columns.instruction); "
+        formats = f" or `{'`, `'.join(own)}` (the sweep's data format, {data_format})" if own else ""
+        raise ConfigError([f"`--file`: no `{columns.instruction}` column (the sweep's data.columns.instruction){formats}; "
                            f"the file has {list(frame.columns)}"], str(path))
     check_text_columns(frame, columns, str(path), fields=("system", "instruction", "input"))
     # A response column, if the file has one, is not part of the prompt.
@@ -68,7 +78,33 @@ def examples_from_file(path: Path, config: SweepConfig) -> list[Example]:
     if empty:
         raise ConfigError([f"`{columns.instruction}`: empty in row(s) {empty[:10]}; every prompt needs an instruction"],
                           str(path))
-    return examples
+    return list(examples)
+
+
+def _prompts_in_format(frame: pd.DataFrame, config: SweepConfig, data_format: str, source: str) -> list[Sample]:
+    """Rows in the sweep's own format as prompts: a conversation that ends with the user's turn gets a placeholder
+    assistant turn (the prompt is everything before the last assistant turn), then is checked as training data is."""
+    if data_format in ("messages", "sharegpt"):
+        column = FORMAT_COLUMNS[data_format][0]
+        role_key, content_key, assistant = (("role", "content", "assistant") if data_format == "messages"
+                                            else ("from", "value", "gpt"))
+        rows = []
+        for value in frame[column].tolist():
+            turns = value.tolist() if hasattr(value, "tolist") else value
+            if isinstance(turns, list) and turns and isinstance(turns[-1], dict) and \
+                    turns[-1].get(role_key) in ("user", "human"):
+                turns = [*turns, {role_key: assistant, content_key: "-"}]
+            rows.append(turns)
+        frame = frame.assign(**{column: pd.Series(rows, index=frame.index, dtype=object)})
+    elif data_format == "prompt_completion":
+        frame = frame.assign(completion="-")  # the answer is generated; a completion column is not needed
+    else:  # text: each text is a prompt to continue
+        frame = frame.assign(prompt=frame["text"], completion="-")
+        data_format = "prompt_completion"
+    samples, dropped = to_samples(frame, config.data, data_format, source)
+    if dropped:
+        raise ConfigError([f"`--file`: {dropped} of {len(frame)} prompts are empty"], source)
+    return samples
 
 
 def stream_answer(model: Any, tokenizer: Any, prompt: str, max_new_tokens: int,
@@ -112,11 +148,14 @@ class ExportedModel:
         self.format = str(record.get("data_format", "instruction"))
         self.template = str(record.get("template") or resolve_template(self.config.data, self.format, self.tokenizer))
 
-    def prompt(self, example: Example) -> tuple[str, bool]:
-        """The question's prompt as the sweep trained on it, and whether the tokenizer adds its special tokens."""
-        return prompt_for(as_format(example, self.format), self.template, self.tokenizer)
+    def prompt(self, sample: Sample) -> tuple[str, bool]:
+        """The question's prompt as the sweep trained on it, and whether the tokenizer adds its special tokens:
+        an instruction-format question in the sweep's own format, a sample of that format as it is."""
+        if isinstance(sample, Example):
+            sample = as_format(sample, self.format)
+        return prompt_for(sample, self.template, self.tokenizer)
 
-    def stream(self, example: Example, max_new_tokens: int, temperature: float = 0.0) -> Iterator[str]:
+    def stream(self, example: Sample, max_new_tokens: int, temperature: float = 0.0) -> Iterator[str]:
         text, special = self.prompt(example)
         return stream_answer(self.model, self.tokenizer, text, max_new_tokens, temperature, special)
 
@@ -125,7 +164,7 @@ class ExportedModel:
         found = model_positions(self.model.config)
         return found[1] if found else None
 
-    def check_fits(self, examples: list[Example], max_new_tokens: int) -> None:
+    def check_fits(self, examples: list[Sample], max_new_tokens: int) -> None:
         """Every prompt plus `max_new_tokens` fits the model's positions: a ConfigError naming the first that
         does not (a model asked past them generates garbage or fails, after a long wait)."""
         positions = self.positions()
@@ -144,10 +183,40 @@ class ExportedModel:
                                    f"is more than the model's {positions} positions; shorten it or lower "
                                    "--max-new-tokens"], "generate")
 
-    def answer(self, example: Example, max_new_tokens: int, temperature: float = 0.0) -> str:
+    def answer(self, example: Sample, max_new_tokens: int, temperature: float = 0.0) -> str:
         return "".join(self.stream(example, max_new_tokens, temperature)).strip()
 
 
 def example_for(question: str, config: SweepConfig, system: Optional[str] = None, input_text: str = "") -> Example:
     return Example(instruction=question, response="", system=config.data.default_system if system is None else system,
                    input=input_text)
+
+
+def with_system(sample: Sample, system: str) -> Sample:
+    """The prompt with `--system` as its system text (a conversation's own system turn replaced)."""
+    if isinstance(sample, Example):
+        return replace(sample, system=system)
+    if isinstance(sample, Conversation):
+        turns = sample.messages[1:] if sample.messages[0].role == "system" else sample.messages
+        return Conversation(((Message("system", system),) if system else ()) + turns)
+    return sample  # plain text has no system text
+
+
+def prompt_fields(sample: Sample) -> dict[str, Any]:
+    """What was asked, for `--json` and the heading of each answer: the instruction-format fields, a
+    conversation's turns before the answer, or a plain-text prompt."""
+    if isinstance(sample, Example):
+        return {"instruction": sample.instruction, "input": sample.input}
+    if isinstance(sample, Conversation):
+        return {"messages": [{"role": m.role, "content": m.content} for m in sample.messages[:-1]]}
+    assert isinstance(sample, PlainText)
+    return {"prompt": sample.prompt}
+
+
+def prompt_heading(sample: Sample) -> str:
+    """One line naming the prompt above its streamed answer."""
+    if isinstance(sample, Example):
+        return f"### {sample.instruction}" + (f" | {sample.input}" if sample.input else "")
+    if isinstance(sample, Conversation):
+        return f"### {sample.messages[-2].content}"
+    return f"### {sample.prompt}"

@@ -199,6 +199,11 @@ def preflight(config: SweepConfig, probe_storage: bool = True) -> Checked:
     skeleton = check_model(config, space)
     tokenizer = load_tokenizer(config)
     tokenized = tokenize_splits(config.data, tokenizer, config.seed, examples)
+    if tokenized.format == "text" and config.generated_val_examples:
+        why = (f"search.metric {config.search.metric} is scored on generated answers" if config.evaluation.val_examples
+               is None else f"evaluation.val_examples {config.evaluation.val_examples} asks trials to answer")
+        raise ConfigError([f"`data.format`: text data has no prompts to answer (every token is trained on), but {why}; "
+                           "optimise eval_loss or eval_perplexity, or use prompt_completion data"], "config")
     concurrent = concurrent_trials(config)
     base_parameters = sum(p.numel() for p in skeleton.parameters())
     adapter_parameters = largest_adapter(config, space, skeleton)

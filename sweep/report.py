@@ -54,7 +54,7 @@ class ReportResult:
 
 class _Scores(BaseModel):
     loss: float
-    exact_match: float
+    exact_match: Optional[float]  # None: text data, nothing answered
     examples: int
 
 
@@ -185,14 +185,20 @@ def best_vs_base(final: Optional[dict[str, Any]]) -> Any:
     if final is None:  # the report draws this figure only once final_metrics.json exists
         raise ValueError("no final evaluation to plot")
     test = final["test"]
-    figure, (loss_axes, match_axes) = plt.subplots(1, 2)
+    answered = test["tuned"].get("exact_match") is not None  # text data answers nothing: loss alone
+    figure, axes_row = plt.subplots(1, 2 if answered else 1, squeeze=False)
+    loss_axes = axes_row[0][0]
     names = ["base", "tuned"]
     loss_axes.bar(names, [test[n]["loss"] for n in names], color=["tab:gray", "tab:green"])
     loss_axes.set_title(f"test loss ({test['tuned']['examples']} examples, lower is better)")
-    match_axes.bar(names, [test[n]["exact_match"] for n in names], color=["tab:gray", "tab:green"])
-    match_axes.set_title("test exact match (higher is better)")
-    match_axes.set_ylim(0, max(0.05, max(test[n]["exact_match"] for n in names) * 1.2))
-    for axes, key in ((loss_axes, "loss"), (match_axes, "exact_match")):
+    panels = [(loss_axes, "loss")]
+    if answered:
+        match_axes = axes_row[0][1]
+        match_axes.bar(names, [test[n]["exact_match"] for n in names], color=["tab:gray", "tab:green"])
+        match_axes.set_title("test exact match (higher is better)")
+        match_axes.set_ylim(0, max(0.05, max(test[n]["exact_match"] for n in names) * 1.2))
+        panels.append((match_axes, "exact_match"))
+    for axes, key in panels:
         for x, name in enumerate(names):
             axes.annotate(f"{test[name][key]:.3f}", (x, test[name][key]), ha="center", va="bottom")
     figure.suptitle("Best trial vs the untuned base model on the held-out test split")
@@ -308,8 +314,9 @@ def _page(name: str, result: ReportResult, board: pd.DataFrame, final: dict[str,
         best, test = final.get("params", {}), final["test"]
         parts.append(
             f"<p>Best trial <b>{e(str(final.get('trial_id')))}</b> at step {final.get('step')}: test loss "
-            f"{test['base']['loss']:.4f} &rarr; <b>{test['tuned']['loss']:.4f}</b>, exact match "
-            f"{test['base']['exact_match']:.3f} &rarr; <b>{test['tuned']['exact_match']:.3f}</b>.</p>"
+            f"{test['base']['loss']:.4f} &rarr; <b>{test['tuned']['loss']:.4f}</b>"
+            + (f", exact match {test['base']['exact_match']:.3f} &rarr; <b>{test['tuned']['exact_match']:.3f}</b>"
+               if test['tuned'].get('exact_match') is not None else "") + ".</p>"
         )
         parts.append("<p>" + ", ".join(f"<code>{e(k)}={e(f'{v:.4g}' if isinstance(v, float) else str(v))}</code>"
                                        for k, v in best.items()) + "</p>")

@@ -253,3 +253,20 @@ def test_sweep_run_refuses_bad_conversations_before_anything_runs(raw_config, wr
 
     refused_case("run", change, "1 of 31 conversations in column 'messages' are not usable; the first, line 31: "
                  "roles out of order", raw_config, write_config, tmp_path)
+
+
+@pytest.mark.parametrize("setting, why", [({"search": {"metric": "rouge_l", "mode": "max"},
+                                            "evaluation": {"metrics": ["rouge_l"]}},
+                                           "search.metric rouge_l is scored on generated answers"),
+                                          ({"evaluation": {"val_examples": 4}},
+                                           "evaluation.val_examples 4 asks trials to answer")])
+def test_text_data_cannot_be_scored_on_answers(raw_config, write_config, tmp_path, setting, why):
+    from conftest import refused_case
+
+    def change(raw, tmp):
+        raw["data"]["files"] = [write_jsonl(tmp / "text.jsonl", rows_of("text"))]
+        for section, values in setting.items():
+            raw.setdefault(section, {}).update(values)
+
+    refused_case("plan", change, f"`data.format`: text data has no prompts to answer (every token is trained on), "
+                 f"but {why}", raw_config, write_config, tmp_path)

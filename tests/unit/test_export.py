@@ -18,6 +18,10 @@ from lora_sweep.recipe import ListReporter, run_trial
 @pytest.fixture
 def trained(raw_config, write_config, tmp_path):
     """A sweep folder with one trial's checkpoint at step 6, as promotion leaves it."""
+    return train_one(raw_config, write_config, tmp_path)
+
+
+def train_one(raw_config, write_config, tmp_path):
     config = load_config(write_config(raw_config))
     config.sweep_dir.mkdir(parents=True)
     data = prepare_data(config.data, load_tokenizer(config), config.seed, config.sweep_dir / "data")
@@ -115,3 +119,22 @@ def test_the_final_evaluation_scores_every_task_metric_with_a_paired_interval(tr
     card = (config.sweep_dir / "export" / "README.md").read_text()
     assert "| task metric (test, greedy answers) | base | tuned | tuned - base [95% interval] |" in card
     assert "| rouge_l |" in card and "paired bootstrap" in card
+
+
+def test_text_data_is_evaluated_on_loss_alone(raw_config, write_config, tmp_path):
+    """Text data has no prompts: the final evaluation scores the loss, answers nothing and says so (n/a), where
+    generating from the BOS token alone would compare a continuation of nothing with a whole document."""
+    rows = [{"text": f"Line {i}: the number after {i} is {i + 1}."} for i in range(40)]
+    (tmp_path / "text.jsonl").write_text("".join(json.dumps(row) + "\n" for row in rows))
+    raw_config["data"]["files"] = [str(tmp_path / "text.jsonl")]
+    raw_config["evaluation"] = {"metrics": ["exact_match", "rouge_l"]}
+    config, best, data_path = train_one(raw_config, write_config, tmp_path)
+    final = export.finalize(SweepFolder.of(config), config, best, data_path, {"data_format": "text"})
+    assert final.tuned.exact_match is None and final.base.exact_match is None
+    assert final.tuned.examples == 4 and final.tuned.response_tokens > 0 and final.tuned.loss < final.base.loss
+    written = json.loads((config.sweep_dir / "final_metrics.json").read_text())
+    assert written["task_metrics"] == {} and written["test"]["tuned"]["metrics"] == {}
+    assert written["test"]["tuned"]["exact_match"] is None and written["test"]["tuned"]["samples"] == []
+    card = (config.sweep_dir / "export" / "README.md").read_text()
+    assert f"| test | tuned | {final.tuned.loss:.4f} | {final.tuned.perplexity:.3f} | n/a |" in card
+    assert "task metric (test" not in card

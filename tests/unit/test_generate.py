@@ -12,7 +12,7 @@ from lora_sweep.config import config_to_yaml, load_config
 from lora_sweep.data import tokenize_example
 from lora_sweep.evaluate import greedy_completions
 from lora_sweep.generate import ExportedModel
-from lora_sweep.templates import Example, render_default
+from lora_sweep.templates import Conversation, Example, Message, render_default, segments_for
 
 
 @pytest.fixture
@@ -115,3 +115,89 @@ def test_bad_generation_options_are_refused_in_one_line(exported_sweep, option, 
     from conftest import assert_refused
 
     assert_refused(CliRunner().invoke(app, ["generate", str(exported_sweep), "hi", option, value]), expected)
+
+
+@pytest.fixture
+def messages_sweep(exported_sweep):
+    """The exported sweep as if trained on `messages` conversations with the default template."""
+    (exported_sweep / "provenance.json").write_text(json.dumps({"data_path": "unused", "data_format": "messages",
+                                                                "template": "default"}))
+    return exported_sweep
+
+
+def _prompts_seen(monkeypatch) -> list[str]:
+    seen: list[str] = []
+
+    def stream(self, sample, *args):
+        seen.append(self.prompt(sample)[0])
+        return iter(["ok"])
+
+    monkeypatch.setattr(ExportedModel, "stream", stream)
+    return seen
+
+
+def test_a_file_of_conversations_is_prompted_as_the_sweep_trained_on_them(messages_sweep, tmp_path, monkeypatch):
+    seen = _prompts_seen(monkeypatch)
+    ask = [{"role": "system", "content": "Be brief."}, {"role": "user", "content": "Hi"},
+           {"role": "assistant", "content": "Hello"}, {"role": "user", "content": "Repeat: abc"}]
+    prompts = tmp_path / "prompts.jsonl"
+    # The same question twice: ending with the user's turn, and with an answer to be given anew.
+    prompts.write_text(json.dumps({"messages": ask}) + "\n"
+                       + json.dumps({"messages": [*ask, {"role": "assistant", "content": "abc"}]}) + "\n")
+    result = CliRunner().invoke(app, ["generate", str(messages_sweep), "--file", str(prompts), "--json"])
+    assert result.exit_code == 0, result.output
+    lines = [json.loads(line) for line in result.output.splitlines()]
+    assert [line["messages"] for line in lines] == [ask, ask] and [line["answer"] for line in lines] == ["ok", "ok"]
+    trained = Conversation(tuple(Message(t["role"], t["content"]) for t in ask) + (Message("assistant", "abc"),))
+    segments = segments_for(trained, "default", AutoTokenizer.from_pretrained(messages_sweep / "export" / "merged"))
+    expected = "".join(segment.text for segment in segments[:-1])  # everything before the last answer
+    assert seen == [expected, expected]
+    assert expected.rstrip().endswith("### Response:") and "Repeat: abc" in expected and "Hello" in expected
+
+    # --system replaces the conversation's own system turn; the heading names the last user turn.
+    seen.clear()
+    result = CliRunner().invoke(app, ["generate", str(messages_sweep), "--file", str(prompts), "--system", "Terse."])
+    assert result.exit_code == 0, result.output
+    assert result.output.splitlines() == ["### Repeat: abc", "ok"] * 2
+    assert all("Terse." in prompt and "Be brief." not in prompt for prompt in seen)
+
+
+def test_a_messages_sweep_still_answers_instruction_columns(messages_sweep, tmp_path, monkeypatch):
+    seen = _prompts_seen(monkeypatch)
+    prompts = tmp_path / "prompts.csv"
+    prompts.write_text("instruction,input\nRepeat the word.,abc\n")
+    result = CliRunner().invoke(app, ["generate", str(messages_sweep), "--file", str(prompts), "--json"])
+    assert result.exit_code == 0, result.output
+    assert json.loads(result.output) == {"instruction": "Repeat the word.", "input": "abc", "answer": "ok"}
+    assert "Repeat the word.\n\nabc" in seen[0] and seen[0].rstrip().endswith("### Response:")
+
+
+def test_bad_conversations_in_a_prompts_file_are_refused_with_the_first_line(messages_sweep, tmp_path):
+    prompts = tmp_path / "prompts.jsonl"
+    prompts.write_text(json.dumps({"messages": [{"role": "user", "content": "Hi"}]}) + "\n"
+                       + json.dumps({"messages": [{"role": "robot", "content": "Hi"}]}) + "\n")
+    result = CliRunner().invoke(app, ["generate", str(messages_sweep), "--file", str(prompts)])
+    assert result.exit_code == 2 and "Traceback" not in result.output
+    assert "1 of 2 conversations in column 'messages' are not usable; the first, line 2: turn 1 has an unknown role 'robot'" \
+        in " ".join(result.output.split()), result.output
+
+    prompts.write_text('{"question": "Hi"}\n')
+    result = CliRunner().invoke(app, ["generate", str(messages_sweep), "--file", str(prompts)])
+    assert result.exit_code == 2
+    assert "no `instruction` column (the sweep's data.columns.instruction) or `messages` (the sweep's data format, " \
+        "messages)" in " ".join(result.output.split()), result.output
+
+
+def test_a_prompt_completion_sweep_answers_a_prompt_column(exported_sweep, tmp_path, monkeypatch):
+    (exported_sweep / "provenance.json").write_text(json.dumps({"data_path": "unused",
+                                                                "data_format": "prompt_completion"}))
+    seen = _prompts_seen(monkeypatch)
+    prompts = tmp_path / "prompts.jsonl"
+    prompts.write_text('{"prompt": "The capital of France is"}\n{"prompt": ""}\n')
+    result = CliRunner().invoke(app, ["generate", str(exported_sweep), "--file", str(prompts), "--json"])
+    assert result.exit_code == 2 and "1 of 2 prompts are empty" in result.output, result.output
+    prompts.write_text('{"prompt": "The capital of France is"}\n')
+    result = CliRunner().invoke(app, ["generate", str(exported_sweep), "--file", str(prompts), "--json"])
+    assert result.exit_code == 0, result.output
+    assert json.loads(result.output) == {"prompt": "The capital of France is", "answer": "ok"}
+    assert seen == ["The capital of France is"]

@@ -134,7 +134,8 @@ def test_search_metric_may_be_a_task_metric_with_its_direction(raw_config, write
     with pytest.raises(ConfigError, match="`evaluation.val_examples`: 0 generates nothing in trials"):
         load_config(write_config(raw_config))
     raw_config["evaluation"] = {"metrics": ["exact_match"]}  # rouge_l is not among the metrics
-    with pytest.raises(ConfigError, match=r"`search.metric`: must be one the trainable reports .* but got 'rouge_l'"):
+    with pytest.raises(ConfigError, match=r"`search.metric`: 'rouge_l' is a task metric, reported only when "
+                       r"evaluation.metrics lists it \(it lists exact_match\); add rouge_l there"):
         load_config(write_config(raw_config))
 
 

@@ -111,3 +111,15 @@ def test_report_renders_in_headless_chromium_with_every_image_loaded(finished_sw
     pixels = matplotlib.image.imread(screenshot)
     assert pixels.shape[0] > 5 * 400 and pixels.shape[1] == 1100
     assert pixels[:, :, :3].std() > 0.05
+
+
+def test_a_final_evaluation_of_text_data_draws_and_states_the_loss_alone():
+    """Text data answers nothing (exact match None): the figure has the loss panel only, the page no exact match."""
+    from lora_sweep.report import ReportResult, _page, best_vs_base
+
+    scores = {"loss": 2.0, "perplexity": 7.4, "exact_match": None, "examples": 4, "response_tokens": 90}
+    final = {"trial_id": "t0", "step": 6, "params": {}, "test": {"base": {**scores, "loss": 3.0}, "tuned": scores}}
+    figure = best_vs_base(final)
+    assert [axes.get_title() for axes in figure.axes] == ["test loss (4 examples, lower is better)"]
+    page = _page("tiny", ReportResult(index=Path("index.html")), pd.DataFrame(), final, "eval_loss")
+    assert "test loss 3.0000 &rarr; <b>2.0000</b>." in page and "exact match" not in page

@@ -103,6 +103,40 @@ def test_offline_a_dataset_missing_from_the_cache_is_a_clear_error(tmp_path):
     assert "offline, a dataset is read from the `datasets` cache only" in out.stdout
 
 
+FILL_CACHE = """
+import json, os, sys
+from pathlib import Path
+import datasets
+from datasets.packaged_modules.json.json import Json
+root = Path(sys.argv[1])
+for split, rows in json.loads(sys.argv[2]).items():
+    (root / f"{split}.jsonl").write_text("".join(json.dumps(row) + "\\n" for row in rows))
+builder = Json(dataset_name="support-chats", config_name="default", hash="0123abcd",
+               data_files={split: str(root / f"{split}.jsonl") for split in json.loads(sys.argv[2])})
+builder.download_and_prepare()
+# Where a download of the hub's acme/support-chats (default config, commit 0123abcd) leaves its Arrow files.
+cache = Path(datasets.config.HF_DATASETS_CACHE)
+(cache / "support-chats").rename(cache / "acme___support-chats")
+[config] = (cache / "acme___support-chats").iterdir()
+config.rename(config.parent / "default")
+"""
+
+
+def test_offline_a_hub_id_is_read_from_a_filled_datasets_cache(tmp_path):
+    """`data.dataset.path: acme/support-chats` offline: read from the `datasets` cache as a download of the hub
+    dataset leaves it (filled here from local files, so the test needs no network), with its own three splits."""
+    env = {**os.environ, "HF_HOME": str(tmp_path / "hf"), "HF_HUB_OFFLINE": "1", "HF_DATASETS_OFFLINE": "1"}
+    splits = {"train": conversations(0, 20), "validation": conversations(20, 5), "test": conversations(25, 4)}
+    subprocess.run([sys.executable, "-c", FILL_CACHE, str(tmp_path), json.dumps(splits)], env=env, check=True,
+                   capture_output=True, timeout=120)
+    code = ("from lora_sweep.config import DataConfig\nfrom lora_sweep.data import load_samples\n"
+            "loaded = load_samples(DataConfig(dataset={'path': 'acme/support-chats'}), seed=0)\n"
+            "print(loaded.format, {name: len(split) for name, split in loaded.splits.items()})\n"
+            "print(loaded.splits['test'][0].messages[1].content)\n")
+    out = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, timeout=120)
+    assert out.stdout.splitlines() == ["messages {'train': 20, 'val': 5, 'test': 4}", "26"], out.stdout + out.stderr
+
+
 def test_a_dataset_tokenizes_like_files(tmp_path):
     from lora_sweep.testing.tiny_model import build_byte_tokenizer
 

@@ -399,6 +399,29 @@ class RayConfig(_Strict):
         return value
 
 
+class MlflowConfig(_Strict):
+    """Where `trackers: [mlflow]` logs (see lora_sweep.trackers)."""
+
+    tracking_uri: Optional[PathText] = Field(
+        None, description="An MLflow server (http://host:5000) or store (sqlite:///path.db); unset: "
+        "MLFLOW_TRACKING_URI, else a SQLite store in the sweep folder (mlflow.db).")
+    experiment: Optional[str] = Field(None, min_length=1, max_length=500,
+                                      description="The MLflow experiment; unset: the sweep's name.")
+    register_model: bool = Field(True, description="Register the promoted merged model in the Model Registry.")
+    model_name: Optional[str] = Field(None, min_length=1, max_length=250,
+                                            description="Its name in the registry; unset: the sweep's name.")
+
+
+class WandbConfig(_Strict):
+    """Where `trackers: [wandb]` logs: one run per trial, grouped by the sweep's name."""
+
+    project: Optional[str] = Field(None, pattern=r"^[^/\\#?%:]{1,128}$",
+                                   description="The W&B project; unset: the sweep's name.")
+    mode: Literal["offline", "online"] = Field(
+        "offline", description="offline writes runs under `dir` for `wandb sync` later; online needs WANDB_API_KEY.")
+    dir: Optional[PathText] = Field(None, description="Where W&B writes its files; unset: the sweep folder.")
+
+
 class BudgetConfig(_Strict):
     """Limits on the tuning phase; when one is spent, no trial starts, running ones stop, and the sweep
     promotes and exports from what ran."""
@@ -444,6 +467,10 @@ class SweepConfig(_Strict):
     promotion: PromotionConfig = Field(default_factory=PromotionConfig)
     trainable: TrainableName = Field(
         "lora_causal_lm", description="What a trial runs: a recipe of lora_sweep.trainables, by name.")
+    trackers: list[Literal["mlflow", "wandb"]] = Field(
+        default_factory=list, description="Trackers the driver logs every trial to, beside TensorBoard.")
+    mlflow: MlflowConfig = Field(default_factory=MlflowConfig)
+    wandb: WandbConfig = Field(default_factory=WandbConfig)
 
     @property
     def objectives(self) -> list[tuple[str, str]]:
@@ -537,6 +564,13 @@ class SweepConfig(_Strict):
         if metric not in OBJECTIVE_METRICS and self.evaluation.val_examples == 0:
             problems.append(f"`evaluation.val_examples`: 0 generates nothing in trials, but search.metric {metric} "
                             "is a task metric of generated answers: leave it unset (32) or set a number above 0")
+        if len(set(self.trackers)) < len(self.trackers):
+            problems.append(f"`trackers`: {self.trackers} names a tracker twice")
+        for tracker, defaults in (("mlflow", MlflowConfig()), ("wandb", WandbConfig())):
+            # (a config saved with every field written, as the sweep folder's is, holds the defaults)
+            if getattr(self, tracker) != defaults and tracker not in self.trackers:
+                problems.append(f"`{tracker}`: settings for a tracker that `trackers` does not list "
+                                f"({self.trackers}); add {tracker} there")
         warm = self.search.warm_start
         if warm is not None and warm.top > self.search.num_trials:
             problems.append(
@@ -671,7 +705,9 @@ def format_errors(error: ValidationError) -> list[str]:
                 close = difflib.get_close_matches(key, list(parent.model_fields), n=1)
                 if close:
                     hint = f" (did you mean `{close[0]}`?)"
-            problems.append(f"`{location}`: unknown key{hint}; valid keys here: {', '.join(parent.model_fields) if parent else '?'}")
+            # (the key cut short: the line has the valid keys to list)
+            problems.append(f"`{cut(location, 40)}`: unknown key{hint}; valid keys here: "
+                            f"{', '.join(parent.model_fields) if parent else '?'}")
             continue
         if item["type"] == "missing":
             problems.append(f"`{location}`: required field is missing")

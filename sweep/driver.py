@@ -29,7 +29,7 @@ from ray.tune.search.optuna import OptunaSearch
 
 from lora_sweep.folder import BUDGET_FILE, CONFIG_FILE, CONFIRM_DIR_NAME, STUDY_FILE, TENSORBOARD_DIR, TUNE_DIR_NAME
 from lora_sweep.schedulers import KeepResultsAcrossPauses, PausingConcurrencyLimiter, PromotionASHA
-from lora_sweep.safety import check_state_files_are_ours, recover_truncated_tune_snapshot
+from lora_sweep.safety import check_state_files_are_ours, recover_truncated_tune_snapshot, sweep_id
 from lora_sweep.signals import SweepInterrupted, ctrl_c_handler_kept, sigterm_stops_like_ctrl_c
 from lora_sweep.config import ConfigError, SweepConfig, cut, read_yaml, shown
 from lora_sweep.metrics import metric_names
@@ -38,6 +38,7 @@ from lora_sweep.results import read_json
 from lora_sweep.storage import SweepFolder
 from lora_sweep.tensorboard_logs import TensorBoardCallback
 from lora_sweep.testing import faults
+from lora_sweep.trackers import tracker_callbacks
 from lora_sweep.trial_report import DIVERGED, STEP
 from lora_sweep.recipe import confirm_trainable, tune_trainable
 
@@ -444,12 +445,13 @@ def run_sweep(config: SweepConfig, space: dict[str, Any], data_path: Path, folde
         # Finished trials stay finished; unfinished ones restart from their last checkpoint; the
         # searcher (and through it the Optuna study) continues from its saved state.
         return _fit(restored, sweep_dir)
+    task_metrics = tuple(metric_names(config.evaluation.metrics)) if config.generated_val_examples else ()
     callbacks: list[Callback] = [
         TensorBoardCallback(sweep_dir / TENSORBOARD_DIR, config.search.metric, config.search.mode,
-                            config.training.max_steps,
-                            tuple(metric_names(config.evaluation.metrics)) if config.generated_val_examples else ()),
+                            config.training.max_steps, task_metrics),
         ProgressCallback(sweep_dir, config.name, config.search.metric, config.search.mode, config.search.num_trials,
                          config.search.max_concurrent_trials, config.training.max_steps),
+        *tracker_callbacks(config, sweep_dir, sweep_id(sweep_dir) or config.name, task_metrics),
     ]
     if config.scheduler.type == "promotion_asha":
         callbacks.append(KeepResultsAcrossPauses())

@@ -38,6 +38,7 @@ from lora_sweep.search_space import apply_params
 from lora_sweep.signals import SweepInterrupted
 from lora_sweep.storage import SweepFolder, open_storage
 from lora_sweep.testing import faults
+from lora_sweep.trackers import log_promoted_model
 from lora_sweep.warm_start import warm_start_points
 
 log = logging.getLogger(__name__)
@@ -236,6 +237,7 @@ def _tune_and_export(config: SweepConfig, space: dict[str, od.BaseDistribution],
     mark_state(sweep_dir, "exporting")
     faults.stall_if_asked("export", sweep_dir)
     final = finalize(folder, config, best, data_path, record)
+    log_to_trackers(config, sweep_dir, final)
     # The confirm runs' checkpoints compete for `checkpoints.keep` with the trials' (a luckier seed's adapter).
     pruned = prune_checkpoints(records + [run.record for run in runs], best, config, folder)
     records, kept = pruned[:len(records)], pruned[len(records):]
@@ -243,6 +245,19 @@ def _tune_and_export(config: SweepConfig, space: dict[str, od.BaseDistribution],
     if runs:
         write_confirm_runs([replace(run, record=r) for run, r in zip(runs, kept, strict=True)], sweep_dir, config)
     return SweepOutcome(sweep_dir, records, final)
+
+
+def log_to_trackers(config: SweepConfig, sweep_dir: Path, final: FinalReport) -> None:
+    """The promoted model to MLflow (logged and registered), when it is a tracker. A tracker that fails here is
+    a warning: the export it would record is complete and verified in the sweep folder."""
+    try:
+        version = log_promoted_model(config, sweep_dir, sweep_id(sweep_dir) or config.name, final)
+    except Exception as error:  # noqa: BLE001 - any tracker failure; the export stands
+        log.warning("could not log the promoted model to MLflow (%s); the export in %s is complete", cut(
+            (str(error).strip().splitlines() or [type(error).__name__])[0], 200), sweep_dir)
+        return
+    if version is not None:
+        log.info("MLflow: the promoted model is version %s of %s", version, config.mlflow.model_name or config.name)
 
 
 def _confirm(config: SweepConfig, records: list[TrialRecord], data_path: Path, folder: SweepFolder, resume: bool,
@@ -307,5 +322,6 @@ def export(sweep_dir: Path) -> FinalReport:
     folder = SweepFolder.of(config, Path(sweep_dir))
     with driver_lock(folder.local, "sweep export"):
         final = finalize(folder, config, best, Path(record["data_path"]), record)
+    log_to_trackers(config, folder.local, final)
     folder.mirror()  # storage gets the new export too
     return final

@@ -105,6 +105,13 @@ def listing(root: Path) -> set[str]:
     return {str(p.relative_to(root)) for p in Path(root).rglob("*")}
 
 
+def free_port() -> int:
+    """A TCP port on loopback that nothing listens on (for a server a test starts, or one that must not answer)."""
+    with socket.socket() as probe:
+        probe.bind(("127.0.0.1", 0))
+        return int(probe.getsockname()[1])
+
+
 # Storage: an S3 server on loopback (tests of `storage:`).
 
 @pytest.fixture
@@ -115,9 +122,7 @@ def s3(monkeypatch):
     moto_server = pytest.importorskip("moto.server")
     for key in ("AWS_ACCESS_KEY_ID", "AWS_SECRET_ACCESS_KEY"):
         monkeypatch.setenv(key, "testing")
-    with socket.socket() as probe:
-        probe.bind(("127.0.0.1", 0))
-        port = probe.getsockname()[1]
+    port = free_port()
     server = moto_server.ThreadedMotoServer(ip_address="127.0.0.1", port=port, verbose=False)
     server.start()
     endpoint = f"http://127.0.0.1:{port}"

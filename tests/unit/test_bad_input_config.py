@@ -3,13 +3,12 @@ written: exit 2, one to three `error:` lines naming the field, the value and the
 
 from __future__ import annotations
 
-import socket
 
 import pytest
 import yaml
 from typer.testing import CliRunner
 
-from conftest import assert_refused, listing, refused_case
+from conftest import assert_refused, free_port, listing, refused_case
 from lora_sweep.cli import app
 
 
@@ -20,12 +19,6 @@ def _set(section: str, **values):
         else:
             raw.update(values)
     return change
-
-
-def _free_port() -> int:
-    with socket.socket() as probe:
-        probe.bind(("127.0.0.1", 0))
-        return probe.getsockname()[1]
 
 
 # (what to change in the config dict, expected text in the output)
@@ -58,7 +51,7 @@ CASES = {
     "ray.address port 0": (_set("ray", address="127.0.0.1:0"), "`ray.address`: must be `auto`, HOST:PORT"),
     "ray.address port too big": (_set("ray", address="127.0.0.1:99999"), "`ray.address`: must be `auto`, HOST:PORT"),
     "ray.address with a path": (_set("ray", address="127.0.0.1:6379/x"), "`ray.address`: must be `auto`, HOST:PORT"),
-    "ray.address nothing answers": (lambda raw, tmp: raw["ray"].update(address=f"127.0.0.1:{_free_port()}"), "`ray.address`: nothing answers at 127.0.0.1:"),
+    "ray.address nothing answers": (lambda raw, tmp: raw["ray"].update(address=f"127.0.0.1:{free_port()}"), "`ray.address`: nothing answers at 127.0.0.1:"),
     "search.metric unknown": (_set("search", metric="accuracy"), "`search.metric`: must be one the trainable reports"),
     "a long bad value is cut short": (_set("training", batch_size="x" * 5000), "... (5,002 characters)"),
     "a NUL in a data path": (lambda raw, tmp: raw["data"].update(files=[raw["data"]["files"][0] + "\0x"]), "`data.files.0`: must not hold control characters"),

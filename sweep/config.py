@@ -181,7 +181,8 @@ class SplitNames(_Strict):
 class DatasetSource(_Strict):
     """A dataset by name, as `datasets.load_dataset` takes it, or a folder written by `save_to_disk`."""
 
-    path: str = Field(min_length=1, description="A hub id, a local folder (data files or a loading script), "
+    path: str = Field(min_length=1, description="A hub id, a local folder (data files, or a loading script with "
+                      "datasets < 4, which dropped scripts), "
                       "a builder name (json, csv, parquet) with data_files, or a folder written by save_to_disk.")
     name: Optional[str] = Field(None, description="The dataset's configuration name.")
     split: Optional[str] = Field(None, description="One split, then divided by data.split.")

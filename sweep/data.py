@@ -15,6 +15,7 @@ import logging
 import re
 import shutil
 import stat
+import sys
 import dataclasses
 from dataclasses import dataclass
 from pathlib import Path
@@ -26,6 +27,7 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 import torch
 import datasets
+from datasets.exceptions import DatasetsError
 from datasets import Dataset, DatasetDict, load_from_disk
 
 from lora_sweep.config import ColumnMapping, ConfigError, DataConfig, DatasetSource, byte_order_mark_codec, cut
@@ -306,7 +308,7 @@ def parse_conversation(value: Any, data_format: str, default_system: str) -> Con
             return f"turn {number} must be a {{{role_key}, {content_key}}} object, but got {_show(turn)}"
         role = turn[role_key]
         if data_format == "sharegpt":
-            if role not in SHAREGPT_ROLES:
+            if not isinstance(role, str) or role not in SHAREGPT_ROLES:
                 return f"turn {number} has an unknown `from` {_show(role)} (system, human or gpt)"
             role = SHAREGPT_ROLES[role]
         elif role not in ("system", "user", "assistant"):
@@ -401,7 +403,7 @@ def split_examples(examples: list[Sample], fractions: dict[str, float], seed: in
         groups.setdefault(prompt_key(example), []).append(example)
     keys = sorted(groups, key=lambda k: hashlib.sha256(f"{seed}:{k}".encode()).hexdigest())
     n = len(keys)
-    n_test = max(1, round(n * fractions["test"]))
+    n_test = max(1, round(n * fractions["test"])) if fractions["test"] > 0 else 0  # 0: the test split comes apart
     n_val = max(1, round(n * fractions["val"]))
     if n - n_test - n_val < 1:
         raise ConfigError(
@@ -492,7 +494,9 @@ def read_dataset(source: DatasetSource) -> dict[str, pd.DataFrame]:
                                            data_files=source.data_files)
     except ConfigError:
         raise
-    except (ConnectionError, FileNotFoundError, OSError, ValueError) as error:
+    except (ConnectionError, FileNotFoundError, OSError, ValueError, RuntimeError, DatasetsError) as error:
+        # (DatasetsError: files that do not share one schema; RuntimeError: a loading script, which datasets 4
+        # no longer runs)
         reason = cut((str(error).strip().splitlines() or [type(error).__name__])[0], 300)
         offline = datasets.config.HF_HUB_OFFLINE or "offline" in reason.lower() or "couldn't reach" in reason.lower()
         hint = ("; offline, a dataset is read from the `datasets` cache only (HF_HOME / HF_DATASETS_CACHE): load it "
@@ -523,6 +527,8 @@ def dataset_splits(source: DatasetSource, tables: dict[str, pd.DataFrame]) -> di
     validation = next((name for name in VALIDATION_NAMES if name in tables), None)
     if "train" in tables and "test" in tables and validation is not None:
         return {"train": "train", "val": validation, "test": "test"}
+    if "train" in tables and "test" in tables:  # no validation split: data.split takes one out of train
+        return {"train": "train", "test": "test"}
     return None
 
 
@@ -543,7 +549,15 @@ def _dataset_samples(data: DataConfig, seed: int) -> LoadedData:
                           next(iter(formats.values())))
     splits: dict[str, list[Sample]] = {}
     dropped, seen = 0, set[str]()
-    for split in SPLITS:  # earlier splits win, as with split_files: no test prompt is seen in training
+    if "val" not in named:  # train and test only: the validation split is taken out of train (data.split's share)
+        found, dropped = _table_samples(tables[named["train"]], data, f"{source.path} ({named['train']})", formats)
+        share = data.split.val / (data.split.train + data.split.val)
+        divided = split_examples(_dedupe(found), {"train": 1 - share, "val": share, "test": 0.0}, seed)
+        splits = {"train": divided["train"], "val": divided["val"]}
+        seen = {prompt_key(ex) for split in splits.values() for ex in split}
+        log.info("data.dataset: %s has train and test splits: %d of train's rows are the validation split",
+                 source.path, len(splits["val"]))
+    for split in [s for s in SPLITS if s not in splits]:  # earlier splits win: no test prompt is seen in training
         found, empty = _table_samples(tables[named[split]], data, f"{source.path} ({named[split]})", formats)
         dropped += empty
         kept = [ex for ex in _dedupe(found) if prompt_key(ex) not in seen]
@@ -614,6 +628,17 @@ def tokenize_segments(segments: list[Segment], tokenizer: Any, max_length: int) 
         answer_start = max(1, len(tokenizer("", add_special_tokens=True)["input_ids"]))
     return {"input_ids": input_ids, "attention_mask": [1] * len(input_ids), "labels": labels,
             "prompt_length": answer_start}
+
+
+def prompt_ids(sample: Sample, template: str, tokenizer: Any) -> list[int]:
+    """The token ids a model is prompted with for the sample's (last) answer, exactly as training tokenized them:
+    segment by segment, with the EOS after each earlier answer (joining the text first would drop those)."""
+    segments = segments_for(sample, template, tokenizer)
+    last = _last_answer(segments)
+    tokenized = tokenize_segments(segments[:last] + [Segment("", trained=True, answer=True)], tokenizer,
+                                  max_length=sys.maxsize // MAX_CHARACTERS_PER_TOKEN)
+    assert tokenized is not None, "no length limit: every sample fits"
+    return list(tokenized["input_ids"][:tokenized["prompt_length"]])
 
 
 def tokenize_example(example: Example, render: Callable[[Example], str], tokenizer: Any, max_length: int,

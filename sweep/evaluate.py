@@ -63,6 +63,28 @@ def response_loss(model: Any, tokenizer: Any, dataset: Dataset, batch_size: int)
     return total / max(tokens, 1), tokens
 
 
+def stop_token_ids(model: Any, tokenizer: Any) -> list[int]:
+    """Where an answer ends: the tokenizer's EOS, the model's own (its generation config may list several), and
+    the chat template's end-of-turn token, which ends an assistant turn in training and need not be the EOS
+    (ChatML's <|im_end|> beside a base model's <|endoftext|>)."""
+    ids = [tokenizer.eos_token_id]
+    configured = getattr(getattr(model, "generation_config", None), "eos_token_id", None)
+    ids += configured if isinstance(configured, list) else [configured]
+    if getattr(tokenizer, "chat_template", None):
+        marker = "\u2063answer\u2063"  # text no template writes: what follows it closes the assistant turn
+        try:
+            rendered = str(tokenizer.apply_chat_template(
+                [{"role": "user", "content": "question"}, {"role": "assistant", "content": marker}], tokenize=False))
+        except Exception:  # noqa: BLE001 - a template that needs other turns: EOS alone, as before
+            rendered = ""
+        after = rendered.partition(marker)[2]
+        special = set(tokenizer.all_special_ids) | {i for i, t in tokenizer.added_tokens_decoder.items() if t.special}
+        following = tokenizer(after, add_special_tokens=False)["input_ids"] if after else []
+        if following and following[0] in special:
+            ids.append(following[0])
+    return sorted({int(i) for i in ids if isinstance(i, int)})
+
+
 @torch.no_grad()
 def greedy_completions(model: Any, tokenizer: Any, prompts: list[list[int]], max_new_tokens: int, batch_size: int) -> list[str]:
     """Greedy decoding of each prompt (token ids, as trained), left-padded in batches."""
@@ -76,7 +98,7 @@ def greedy_completions(model: Any, tokenizer: Any, prompts: list[list[int]], max
         attention = torch.tensor([[0] * (width - len(p)) + [1] * len(p) for p in chunk], device=device)
         generated = model.generate(
             input_ids=input_ids, attention_mask=attention, max_new_tokens=max_new_tokens, do_sample=False,
-            pad_token_id=pad, eos_token_id=tokenizer.eos_token_id,
+            pad_token_id=pad, eos_token_id=stop_token_ids(model, tokenizer),
         )
         for row in generated[:, width:]:
             outputs.append(tokenizer.decode(row, skip_special_tokens=True).strip())

@@ -20,11 +20,12 @@ from safetensors import SafetensorError
 
 from lora_sweep.config import ConfigError, SweepConfig, cut
 from lora_sweep.folder import EXPORT_DIR, MERGED_DIR
-from lora_sweep.data import (FORMAT_COLUMNS, check_text_columns, read_table, resolve_template, row_to_example,
-                              to_samples)
+from lora_sweep.data import (FORMAT_COLUMNS, check_text_columns, prompt_ids, read_table, resolve_template,
+                              row_to_example, to_samples)
 from lora_sweep.pipeline import load_sweep
 from lora_sweep.placement import model_positions
-from lora_sweep.templates import Conversation, Example, Message, PlainText, Sample, as_format, prompt_for
+from lora_sweep.evaluate import stop_token_ids
+from lora_sweep.templates import Conversation, Example, Message, PlainText, Sample, as_format
 
 EXPORT_MODEL = Path(EXPORT_DIR) / MERGED_DIR
 # The columns a prompts file in a data format needs: its training columns less the answer.
@@ -107,16 +108,16 @@ def _prompts_in_format(frame: pd.DataFrame, config: SweepConfig, data_format: st
     return samples
 
 
-def stream_answer(model: Any, tokenizer: Any, prompt: str, max_new_tokens: int,
-                  temperature: float = 0.0, add_special_tokens: bool = True) -> Iterator[str]:
-    """Yield the answer's text piece by piece as it is generated."""
+def stream_answer(model: Any, tokenizer: Any, prompt: list[int], max_new_tokens: int,
+                  temperature: float = 0.0) -> Iterator[str]:
+    """Yield the answer to the prompt's token ids piece by piece as it is generated."""
     from threading import Thread
 
-    input_ids = torch.tensor([tokenizer(prompt, add_special_tokens=add_special_tokens)["input_ids"]], device=model.device)
+    input_ids = torch.tensor([prompt], device=model.device)
     streamer = TextIteratorStreamer(tokenizer, skip_prompt=True, skip_special_tokens=True)
     settings: dict[str, Any] = dict(
         input_ids=input_ids, attention_mask=torch.ones_like(input_ids), max_new_tokens=max_new_tokens,
-        pad_token_id=tokenizer.pad_token_id, eos_token_id=tokenizer.eos_token_id, streamer=streamer,
+        pad_token_id=tokenizer.pad_token_id, eos_token_id=stop_token_ids(model, tokenizer), streamer=streamer,
         do_sample=temperature > 0,
     )
     if temperature > 0:
@@ -148,16 +149,15 @@ class ExportedModel:
         self.format = str(record.get("data_format", "instruction"))
         self.template = str(record.get("template") or resolve_template(self.config.data, self.format, self.tokenizer))
 
-    def prompt(self, sample: Sample) -> tuple[str, bool]:
-        """The question's prompt as the sweep trained on it, and whether the tokenizer adds its special tokens:
-        an instruction-format question in the sweep's own format, a sample of that format as it is."""
+    def prompt(self, sample: Sample) -> list[int]:
+        """The question's prompt as the sweep trained on it, as token ids: an instruction-format question in the
+        sweep's own format, a sample of that format as it is."""
         if isinstance(sample, Example):
             sample = as_format(sample, self.format)
-        return prompt_for(sample, self.template, self.tokenizer)
+        return prompt_ids(sample, self.template, self.tokenizer)
 
     def stream(self, example: Sample, max_new_tokens: int, temperature: float = 0.0) -> Iterator[str]:
-        text, special = self.prompt(example)
-        return stream_answer(self.model, self.tokenizer, text, max_new_tokens, temperature, special)
+        return stream_answer(self.model, self.tokenizer, self.prompt(example), max_new_tokens, temperature)
 
     def positions(self) -> Optional[int]:
         """Tokens the model can attend over (prompt and answer together), when its config says."""
@@ -174,10 +174,9 @@ class ExportedModel:
             raise ConfigError([f"`--max-new-tokens`: {max_new_tokens} is not below the model's {positions} positions "
                                "(prompt and answer share them)"], "generate")
         for number, example in enumerate(examples, start=1):
-            text, special = self.prompt(example)
             # A token is a few characters: a prompt this long cannot fit, and tokenizing it would take long.
-            length = len(text) // 64 if len(text) > 64 * positions else len(
-                self.tokenizer(text, add_special_tokens=special)["input_ids"])
+            characters = prompt_characters(example)
+            length = characters // 64 if characters > 64 * positions else len(self.prompt(example))
             if length + max_new_tokens > positions:
                 raise ConfigError([f"prompt {number}: about {length:,} tokens with --max-new-tokens {max_new_tokens} "
                                    f"is more than the model's {positions} positions; shorten it or lower "
@@ -220,3 +219,12 @@ def prompt_heading(sample: Sample) -> str:
     if isinstance(sample, Conversation):
         return f"### {sample.messages[-2].content}"
     return f"### {sample.prompt}"
+
+
+def prompt_characters(sample: Sample) -> int:
+    """The prompt's length in characters, known before tokenizing it."""
+    if isinstance(sample, Example):
+        return len(sample.system) + len(sample.instruction) + len(sample.input)
+    if isinstance(sample, Conversation):
+        return sum(len(m.content) for m in sample.messages)
+    return len(sample.prompt)

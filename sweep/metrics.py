@@ -15,6 +15,7 @@ import collections
 import importlib
 import importlib.util
 import math
+import numbers
 import re
 import string
 import sys
@@ -32,9 +33,13 @@ BUILT_IN_METRICS = TASK_METRICS  # their names are defined once, with the other 
 Scores = dict[str, float]
 
 
+def _exact(prediction: str, reference: str) -> float:
+    return float(prediction.strip() == reference.strip())
+
+
 def exact_match(predictions: list[str], references: list[str]) -> float:
     """The share of answers that equal their reference, outer white space aside (as the final evaluation always did)."""
-    return _mean([float(p.strip() == r.strip()) for p, r in zip(predictions, references, strict=True)])
+    return _mean([_exact(p, r) for p, r in zip(predictions, references, strict=True)])
 
 
 def _squad_tokens(text: str) -> list[str]:
@@ -43,22 +48,22 @@ def _squad_tokens(text: str) -> list[str]:
     return re.sub(r"\b(a|an|the)\b", " ", text).split()
 
 
+def _f1(prediction: str, reference: str) -> float:
+    predicted, expected = _squad_tokens(prediction), _squad_tokens(reference)
+    if not predicted or not expected:  # SQuAD v2's rule: both empty (after normalising) agree
+        return float(predicted == expected)
+    common = sum((collections.Counter(predicted) & collections.Counter(expected)).values())
+    if common == 0:
+        return 0.0
+    precision, recall = common / len(predicted), common / len(expected)
+    return 2 * precision * recall / (precision + recall)
+
+
 def token_f1(predictions: list[str], references: list[str]) -> float:
-    """SQuAD's token F1, averaged over examples. Written out (it is the 10-line definition of SQuAD's official
-    script): the packages that carry it load the script from the network at run time."""
-    scores = []
-    for prediction, reference in zip(predictions, references, strict=True):
-        predicted, expected = _squad_tokens(prediction), _squad_tokens(reference)
-        if not predicted or not expected:
-            scores.append(float(predicted == expected))
-            continue
-        common = sum((collections.Counter(predicted) & collections.Counter(expected)).values())
-        if common == 0:
-            scores.append(0.0)
-            continue
-        precision, recall = common / len(predicted), common / len(expected)
-        scores.append(2 * precision * recall / (precision + recall))
-    return _mean(scores)
+    """SQuAD's token F1 (v2's official script: an answer and a reference that both normalise to nothing score 1),
+    averaged over examples. Written out (it is the 10-line definition of that script): the packages that carry it
+    load the script from the network at run time."""
+    return _mean([_f1(p, r) for p, r in zip(predictions, references, strict=True)])
 
 
 @lru_cache(maxsize=1)
@@ -68,10 +73,13 @@ def _rouge() -> Any:
     return rouge_scorer.RougeScorer(["rougeL"], use_stemmer=False)
 
 
+def _rouge_one(prediction: str, reference: str) -> float:
+    return float(_rouge().score(reference, prediction)["rougeL"].fmeasure)
+
+
 def rouge_l(predictions: list[str], references: list[str]) -> float:
     """ROUGE-L F-measure (longest common subsequence of tokens), averaged over examples."""
-    scorer = _rouge()
-    return _mean([scorer.score(r, p)["rougeL"].fmeasure for p, r in zip(predictions, references, strict=True)])
+    return _mean([_rouge_one(p, r) for p, r in zip(predictions, references, strict=True)])
 
 
 def bleu(predictions: list[str], references: list[str]) -> float:
@@ -90,6 +98,9 @@ def chrf(predictions: list[str], references: list[str]) -> float:
 
 BUILT_IN: dict[str, Callable[[list[str], list[str]], float]] = {
     "exact_match": exact_match, "token_f1": token_f1, "rouge_l": rouge_l, "bleu": bleu, "chrf": chrf}
+# The built-ins that are a mean over examples, by their per-example score: the bootstrap scores each example once
+# and resamples the scores (corpus metrics, BLEU, chrF and a user's own, are recomputed on every resample).
+PER_EXAMPLE: dict[str, Callable[[str, str], float]] = {"exact_match": _exact, "token_f1": _f1, "rouge_l": _rouge_one}
 
 
 def _mean(values: list[float]) -> float:
@@ -124,15 +135,19 @@ def load_custom(spec: str) -> Callable[..., Any]:
     return function
 
 
+def _is_number(value: Any) -> bool:
+    """A float, an int or a numpy scalar of either; not a bool (a metric returning True is a mistake)."""
+    return isinstance(value, numbers.Real) and not isinstance(value, (bool, np.bool_))
+
+
 def _as_scores(spec: str, value: Any) -> Scores:
     """A metric's return value as {name: float}; a ConfigError naming the spec when it is something else."""
     name = spec.rpartition(":")[2] if ":" in spec else spec
-    if isinstance(value, bool) or not isinstance(value, (int, float, dict)):
+    if not _is_number(value) and not isinstance(value, dict):
         raise ConfigError([f"`evaluation.metrics`: {spec!r} returned {cut(repr(value), 80)}; a metric returns a float "
                            "or a dict of floats"], "evaluation")
     if isinstance(value, dict):
-        bad = {k: v for k, v in value.items() if not isinstance(k, str) or isinstance(v, bool)
-               or not isinstance(v, (int, float))}
+        bad = {k: v for k, v in value.items() if not isinstance(k, str) or not _is_number(v)}
         if bad or not value:
             raise ConfigError([f"`evaluation.metrics`: {spec!r} returned {cut(repr(value), 80)}; a dict must map "
                                "names to floats"], "evaluation")
@@ -185,13 +200,18 @@ def paired_bootstrap(specs: list[str], base: list[str], tuned: list[str], refere
     observed_base, observed_tuned = compute(specs, base, references), compute(specs, tuned, references)
     rng = np.random.default_rng(seed)
     n = len(references)
+    picks = [rng.integers(0, n, n) for _ in range(resamples if n else 0)]
     differences: dict[str, list[float]] = {name: [] for name in observed_base}
-    for _ in range(resamples if n else 0):
-        picked = rng.integers(0, n, n)
+    for name, score in PER_EXAMPLE.items():
+        if name in specs:  # each example scored once; a resample's score is the mean of its examples' scores
+            gain = np.array([score(t, r) - score(b, r) for b, t, r in zip(base, tuned, references, strict=True)])
+            differences[name] = [float(gain[picked].mean()) for picked in picks]
+    recomputed = [spec for spec in specs if spec not in PER_EXAMPLE]
+    for picked in picks if recomputed else []:
         expected = [references[i] for i in picked]
-        b = compute(specs, [base[i] for i in picked], expected)
-        t = compute(specs, [tuned[i] for i in picked], expected)
-        for name in differences:
+        b = compute(recomputed, [base[i] for i in picked], expected)
+        t = compute(recomputed, [tuned[i] for i in picked], expected)
+        for name in b:
             differences[name].append(t[name] - b[name])
     result = {}
     for name, values in differences.items():
@@ -202,8 +222,18 @@ def paired_bootstrap(specs: list[str], base: list[str], tuned: list[str], refere
 
 
 def check_metrics(specs: list[str], reserved: tuple[str, ...] = ()) -> list[str]:
-    """Before anything runs: every metric imports and returns floats on a sample; none takes a reserved name."""
-    names = metric_names(specs)
+    """Before anything runs: every metric imports and returns finite floats on a sample; none takes a reserved name."""
+    try:
+        samples = scores_by_spec(specs, ["a sample answer"], ["a sample answer"])
+    except RuntimeError as error:  # the user's metric raised on the sample
+        reason = cut(str(error).removeprefix("evaluation.metrics: "), 300)
+        raise ConfigError([f"`evaluation.metrics`: {reason} (called on one sample answer before anything runs)"],
+                          "evaluation") from None
+    not_finite = {name: value for scores in samples for name, value in scores.items() if not math.isfinite(value)}
+    if not_finite:
+        raise ConfigError([f"`evaluation.metrics`: {not_finite} on a sample answer; a metric returns finite numbers "
+                           "(a NaN or infinite score cannot rank trials)"], "evaluation")
+    names = [name for scores in samples for name in scores]
     clashes = [name for name in names if name in reserved]
     if clashes:
         raise ConfigError([f"`evaluation.metrics`: a custom metric reports {clashes}, a name the engine reports "

@@ -35,7 +35,7 @@ from lora_sweep.search_space import build_search_space
 from lora_sweep.storage import check_storage, open_storage
 from lora_sweep.testing.faults import check_test_hooks
 from lora_sweep.trackers import check_trackers
-from lora_sweep.trial_report import BEST_EVALUATION_KEYS, OBJECTIVE_METRICS, SCALARS
+from lora_sweep.trial_report import OBJECTIVE_METRICS, RESERVED_KEYS
 from lora_sweep.models import load_tokenizer
 
 log = logging.getLogger(__name__)
@@ -192,7 +192,7 @@ def preflight(config: SweepConfig, probe_storage: bool = True) -> Checked:
     check_cluster_address(config)
     check_trackers(config)  # installed, and a remote MLflow server answers
     # Every metric imports and returns floats on a sample answer (a user's own code, before any trial runs).
-    reported = check_metrics(config.evaluation.metrics, reserved=(*SCALARS, *BEST_EVALUATION_KEYS))
+    reported = check_metrics(config.evaluation.metrics, reserved=RESERVED_KEYS)
     if config.search.metric not in (*OBJECTIVE_METRICS, *reported):
         raise ConfigError([f"`search.metric`: {config.search.metric!r} is neither a loss the trainable reports "
                            f"({', '.join(OBJECTIVE_METRICS)}) nor a metric evaluation.metrics reports "

@@ -188,8 +188,8 @@ def segments_for(sample: Sample, template: str, tokenizer: Any, train_on: TrainO
                     Segment(sample.completion, trained=True, eos=True, answer=True)]
     else:
         segments = [Segment(sample.completion, trained=True, special=True, eos=True)]
-    if train_on == "last_assistant":
-        last = max((i for i, segment in enumerate(segments) if segment.answer), default=None)
+    if train_on == "last_assistant" and any(segment.answer for segment in segments):  # text has no answer: all of it
+        last = max(i for i, segment in enumerate(segments) if segment.answer)
         segments = [Segment(s.text, s.trained and i == last, s.special, s.eos, s.answer)
                     for i, s in enumerate(segments)]
     return segments

@@ -74,3 +74,14 @@ class TrialReport:
             return dataclasses.replace(self, diverged=True, diverged_reason=reason)
         worst_metric: dict[str, Any] = {metric: worst}
         return dataclasses.replace(self, diverged=True, diverged_reason=reason, **worst_metric)
+
+
+# Names a custom task metric may not take: every key of a report, the ones the Tune reporter adds, and Tune's own
+# (a metric named `diverged` or `time_total_s` would overwrite what the schedulers and records read).
+# Tune's are written out (ray.tune.result's AUTO_RESULT_KEYS, DONE, TRIAL_ID, ...): importing Ray Tune here would
+# slow every command that reads a config; a test checks the list against the installed Ray.
+TUNE_RESULT_KEYS = ("training_iteration", "time_total_s", "episodes_total", "timesteps_total", "node_ip", "hostname",
+                    "pid", "time_this_iter_s", "timestamp", "date", "time_since_restore", "timesteps_since_restore",
+                    "iterations_since_restore", "config", "checkpoint_dir_name", "done", "trial_id",
+                    "should_checkpoint", "experiment_tag")
+RESERVED_KEYS = (*(field.name for field in dataclasses.fields(TrialReport)), NODE_ID, *TUNE_RESULT_KEYS)

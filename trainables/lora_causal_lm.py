@@ -199,7 +199,9 @@ class EvaluationReporter(TrainerCallback):
             # Schedulers and samplers compare numbers: a diverged trial reports the worst one,
             # and no checkpoint of a diverged model is kept.
             control.should_save = False
-            worst = {**self.task_metrics, self.metric: self.direction.worst} if self.metric in self.task_metrics else {}
+            # A task metric as the sweep metric is no field of the report: set here, even before the first
+            # generation gave one (Tune refuses a result without the sweep metric and would end the sweep).
+            worst = {**self.task_metrics, self.metric: self.direction.worst} if not hasattr(report, self.metric) else {}
             diverged = report.diverging(self.metric, self.direction.worst, self.diverged_reason)
             self.reporter.report(diverged.as_dict(worst), None)
             return

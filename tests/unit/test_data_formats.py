@@ -7,7 +7,7 @@ import pytest
 
 from lora_sweep.config import ConfigError, DataConfig
 from lora_sweep.data import IGNORE_INDEX, load_samples, tokenize_segments, tokenize_splits
-from lora_sweep.templates import (Conversation, Example, Message, as_format, prompt_for, render_default,
+from lora_sweep.templates import (Conversation, Example, Message, PlainText, as_format, prompt_for, render_default,
                                   segments_for)
 from lora_sweep.testing.tiny_model import build_byte_tokenizer
 
@@ -182,6 +182,19 @@ def test_openai_text_parts_are_joined_and_sharegpt_roles_are_checked(tmp_path):
     data = DataConfig(files=[write_jsonl(tmp_path / "s.jsonl", [{"conversations": bad}] + rows_of("sharegpt"))])
     with pytest.raises(ConfigError, match=r"line 1: turn 2 has an unknown `from` 'chatgpt' \(system, human or gpt\)"):
         load_samples(data, seed=0)
+    for role in (["human"], {"name": "human"}):  # not text at all: the same error, not a crash on hashing it
+        bad = [{"from": role, "value": "Q"}, {"from": "gpt", "value": "A"}]
+        data = DataConfig(files=[write_jsonl(tmp_path / "s.jsonl", [{"conversations": bad}] + rows_of("sharegpt"))])
+        with pytest.raises(ConfigError, match=r"line 1: turn 1 has an unknown `from`"):
+            load_samples(data, seed=0)
+
+
+def test_text_is_trained_on_every_token_whatever_train_on_says(tokenizer):
+    """`last_assistant` picks among conversation turns; text has none, and keeps its loss on every token."""
+    sample = PlainText(prompt="", completion="hello world")
+    for train_on in ("all_assistant", "last_assistant"):
+        row = tokenize_segments(segments_for(sample, "none", tokenizer, train_on), tokenizer, 64)
+        assert row["labels"] == row["input_ids"]
 
 
 def test_templates_that_do_not_fit_the_format_are_refused(tmp_path, tokenizer, chat_tokenizer):
@@ -270,3 +283,40 @@ def test_text_data_cannot_be_scored_on_answers(raw_config, write_config, tmp_pat
 
     refused_case("plan", change, f"`data.format`: text data has no prompts to answer (every token is trained on), "
                  f"but {why}", raw_config, write_config, tmp_path)
+
+
+CHATML = ("{% for m in messages %}<|im_start|>{{ m['role'] }}\n{{ m['content'] }}<|im_end|>\n{% endfor %}"
+          "{% if add_generation_prompt %}<|im_start|>assistant\n{% endif %}")
+
+
+def test_answers_stop_at_the_chat_templates_end_of_turn_and_the_models_own_eos():
+    """ChatML ends an assistant turn with <|im_end|>, not the tokenizer's EOS: the token that closes every trained
+    answer is where generation stops, beside the EOS and what the model's generation config lists."""
+    from types import SimpleNamespace
+
+    from lora_sweep.evaluate import stop_token_ids
+    from lora_sweep.testing.tiny_model import build_byte_tokenizer
+
+    tokenizer = build_byte_tokenizer()
+    tokenizer.add_special_tokens({"additional_special_tokens": ["<|im_start|>", "<|im_end|>"]})
+    tokenizer.chat_template = CHATML
+    end_of_turn = tokenizer.convert_tokens_to_ids("<|im_end|>")
+    row = tokenize_segments(segments_for(TWO_TURNS, "chat", tokenizer), tokenizer, 512)
+    closing = [ids[-2] for ids in _labelled_runs(row)]
+    assert closing == [end_of_turn, end_of_turn] and tokenizer.eos_token_id not in row["input_ids"]
+    model = SimpleNamespace(generation_config=SimpleNamespace(eos_token_id=[tokenizer.eos_token_id, 7]))
+    assert stop_token_ids(model, tokenizer) == sorted({tokenizer.eos_token_id, 7, end_of_turn})
+    tokenizer.chat_template = None  # no template: the EOS (and the model's)
+    assert stop_token_ids(SimpleNamespace(), tokenizer) == [tokenizer.eos_token_id]
+
+
+def _labelled_runs(row) -> list[list[int]]:
+    runs, current = [], []
+    for token, label in zip(row["input_ids"], row["labels"], strict=True):
+        if label == IGNORE_INDEX:
+            if current:
+                runs.append(current)
+            current = []
+        else:
+            current.append(token)
+    return runs + ([current] if current else [])

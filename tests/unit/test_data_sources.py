@@ -47,6 +47,29 @@ def test_one_saved_split_is_divided_by_data_split(tmp_path):
     assert {split: len(samples) for split, samples in loaded.splits.items()} == {"train": 20, "val": 10, "test": 10}
 
 
+def test_a_dataset_with_train_and_test_only_keeps_its_test_split_and_takes_validation_out_of_train(tmp_path):
+    folder = tmp_path / "saved"
+    DatasetDict({"train": Dataset.from_list(conversations(0, 40)),
+                 "test": Dataset.from_list(conversations(40, 6))}).save_to_disk(str(folder))
+    loaded = load_samples(DataConfig(dataset={"path": str(folder)}, split={"train": 0.6, "val": 0.2, "test": 0.2}),
+                          seed=0)
+    # val: 0.2 / (0.6 + 0.2) of train's 40 rows; the test split is the dataset's own six.
+    assert {split: len(samples) for split, samples in loaded.splits.items()} == {"train": 30, "val": 10, "test": 6}
+    assert sorted(s.messages[0].content for s in loaded.splits["test"]) == sorted(
+        f"What is {i} + 1?" for i in range(40, 46))
+
+
+def test_files_that_do_not_share_one_schema_are_a_clear_error(tmp_path):
+    folder = tmp_path / "repo"
+    folder.mkdir()
+    (folder / "train.jsonl").write_text(json.dumps({"prompt": "a", "completion": "b"}) + "\n")
+    (folder / "more.jsonl").write_text(json.dumps({"prompt": "a", "completion": {"x": 1}, "extra": 2}) + "\n")
+    (folder / "README.md").write_text("---\nconfigs:\n- config_name: default\n  data_files:\n  - split: train\n"
+                                      "    path: '*.jsonl'\n---\n")
+    with pytest.raises(ConfigError, match=r"`data.dataset.path`: cannot load .*repo"):
+        load_samples(DataConfig(dataset={"path": str(folder)}), seed=0)
+
+
 def test_load_dataset_reads_a_local_folder_of_files_by_their_split_names(tmp_path):
     folder = tmp_path / "repo"
     folder.mkdir()

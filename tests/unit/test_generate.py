@@ -9,7 +9,7 @@ from typer.testing import CliRunner
 
 from lora_sweep.cli import app
 from lora_sweep.config import config_to_yaml, load_config
-from lora_sweep.data import tokenize_example
+from lora_sweep.data import tokenize_example, tokenize_segments
 from lora_sweep.evaluate import greedy_completions
 from lora_sweep.generate import ExportedModel
 from lora_sweep.templates import Conversation, Example, Message, render_default, segments_for
@@ -102,7 +102,7 @@ def test_answers_that_cannot_fit_the_models_positions_are_refused_before_generat
     prompts.write_text(json.dumps({"instruction": "Repeat the word."}) + "\n"
                        + json.dumps({"instruction": "x" * 2_000_000}) + "\n")
     result = CliRunner().invoke(app, ["generate", str(exported_sweep), "--file", str(prompts)])
-    assert_refused(result, f"prompt 2: about 31,251 tokens with --max-new-tokens 128 is more than the model's {positions}")
+    assert_refused(result, f"prompt 2: about 31,250 tokens with --max-new-tokens 128 is more than the model's {positions}")
     assert "Repeat" not in result.output  # nothing was answered before the refusal
 
 
@@ -125,11 +125,12 @@ def messages_sweep(exported_sweep):
     return exported_sweep
 
 
-def _prompts_seen(monkeypatch) -> list[str]:
-    seen: list[str] = []
+def _prompts_seen(monkeypatch) -> list[list[int]]:
+    """The token ids each answer would be prompted with."""
+    seen: list[list[int]] = []
 
     def stream(self, sample, *args):
-        seen.append(self.prompt(sample)[0])
+        seen.append(self.prompt(sample))
         return iter(["ok"])
 
     monkeypatch.setattr(ExportedModel, "stream", stream)
@@ -149,17 +150,21 @@ def test_a_file_of_conversations_is_prompted_as_the_sweep_trained_on_them(messag
     lines = [json.loads(line) for line in result.output.splitlines()]
     assert [line["messages"] for line in lines] == [ask, ask] and [line["answer"] for line in lines] == ["ok", "ok"]
     trained = Conversation(tuple(Message(t["role"], t["content"]) for t in ask) + (Message("assistant", "abc"),))
-    segments = segments_for(trained, "default", AutoTokenizer.from_pretrained(messages_sweep / "export" / "merged"))
-    expected = "".join(segment.text for segment in segments[:-1])  # everything before the last answer
+    tokenizer = AutoTokenizer.from_pretrained(messages_sweep / "export" / "merged")
+    # Token for token what training prompted the last answer with: the earlier answer closed by its EOS.
+    tokenized = tokenize_segments(segments_for(trained, "default", tokenizer), tokenizer, 4096)
+    expected = tokenized["input_ids"][:tokenized["prompt_length"]]
     assert seen == [expected, expected]
-    assert expected.rstrip().endswith("### Response:") and "Repeat: abc" in expected and "Hello" in expected
+    text = tokenizer.decode(expected)
+    assert text.rstrip().endswith("### Response:") and "Repeat: abc" in text and f"Hello{tokenizer.eos_token}" in text
 
     # --system replaces the conversation's own system turn; the heading names the last user turn.
     seen.clear()
     result = CliRunner().invoke(app, ["generate", str(messages_sweep), "--file", str(prompts), "--system", "Terse."])
     assert result.exit_code == 0, result.output
     assert result.output.splitlines() == ["### Repeat: abc", "ok"] * 2
-    assert all("Terse." in prompt and "Be brief." not in prompt for prompt in seen)
+    tokenizer = AutoTokenizer.from_pretrained(messages_sweep / "export" / "merged")
+    assert all("Terse." in tokenizer.decode(ids) and "Be brief." not in tokenizer.decode(ids) for ids in seen)
 
 
 def test_a_messages_sweep_still_answers_instruction_columns(messages_sweep, tmp_path, monkeypatch):
@@ -169,7 +174,8 @@ def test_a_messages_sweep_still_answers_instruction_columns(messages_sweep, tmp_
     result = CliRunner().invoke(app, ["generate", str(messages_sweep), "--file", str(prompts), "--json"])
     assert result.exit_code == 0, result.output
     assert json.loads(result.output) == {"instruction": "Repeat the word.", "input": "abc", "answer": "ok"}
-    assert "Repeat the word.\n\nabc" in seen[0] and seen[0].rstrip().endswith("### Response:")
+    text = AutoTokenizer.from_pretrained(messages_sweep / "export" / "merged").decode(seen[0])
+    assert "Repeat the word.\n\nabc" in text and text.rstrip().endswith("### Response:")
 
 
 def test_bad_conversations_in_a_prompts_file_are_refused_with_the_first_line(messages_sweep, tmp_path):
@@ -200,4 +206,5 @@ def test_a_prompt_completion_sweep_answers_a_prompt_column(exported_sweep, tmp_p
     result = CliRunner().invoke(app, ["generate", str(exported_sweep), "--file", str(prompts), "--json"])
     assert result.exit_code == 0, result.output
     assert json.loads(result.output) == {"prompt": "The capital of France is", "answer": "ok"}
-    assert seen == ["The capital of France is"]
+    tokenizer = AutoTokenizer.from_pretrained(exported_sweep / "export" / "merged")
+    assert seen == [tokenizer("The capital of France is")["input_ids"]]  # with BOS, as a prompt_completion row

@@ -58,7 +58,11 @@ def custom_module(tmp_path, monkeypatch):
         "    return {'starts_same': sum(p[:1] == r[:1] for p, r in zip(predictions, references)) / len(references),\n"
         "            'count': len(references)}\n"
         "def text(predictions, references):\n    return 'high'\n"
-        "def broken(predictions, references):\n    raise ZeroDivisionError('oops')\n")
+        "def broken(predictions, references):\n    raise ZeroDivisionError('oops')\n"
+        "def nan(predictions, references):\n    return float('nan')\n"
+        "def inf(predictions, references):\n    return {'x': float('inf')}\n"
+        "def numpy_scalar(predictions, references):\n    import numpy\n    return numpy.float32(0.5)\n"
+        "def diverged(predictions, references):\n    return {'diverged': 1.0, 'tokens_seen': 2.0}\n")
     monkeypatch.syspath_prepend(str(tmp_path))
     metrics.load_custom.cache_clear()
     yield tmp_path
@@ -78,11 +82,23 @@ def test_a_custom_metric_by_module_or_by_file(custom_module):
     ("my_metrics:missing", "'my_metrics' has no function 'missing'"),
     ("my_metrics:text", "returned 'high'; a metric returns a float or a dict of floats"),
     ("/nowhere/m.py:f", "cannot import '/nowhere/m.py' (ImportError: no such file"),
+    ("my_metrics:broken", "'my_metrics:broken' failed: ZeroDivisionError: oops (called on one sample answer before "
+                          "anything runs)"),
+    ("my_metrics:nan", "{'nan': nan} on a sample answer; a metric returns finite numbers"),
+    ("my_metrics:inf", "{'x': inf} on a sample answer; a metric returns finite numbers"),
 ])
 def test_a_bad_metric_module_is_a_config_error(custom_module, spec, expected):
     with pytest.raises(ConfigError, match="`evaluation.metrics`") as error:
         metrics.check_metrics([spec])
     assert expected in str(error.value)
+
+
+def test_a_numpy_scalar_is_a_float_and_engine_keys_are_reserved(custom_module):
+    from lora_sweep.trial_report import RESERVED_KEYS
+
+    assert compute(["my_metrics:numpy_scalar"], ["a"], ["a"]) == {"numpy_scalar": 0.5}
+    with pytest.raises(ConfigError, match=r"reports \['diverged', 'tokens_seen'\], a name the engine reports itself"):
+        metrics.check_metrics(["my_metrics:diverged"], reserved=RESERVED_KEYS)
 
 
 def test_a_custom_metric_may_not_take_an_engine_name_or_a_name_twice(custom_module):
@@ -117,6 +133,28 @@ def test_the_paired_bootstrap_interval_is_of_the_difference():
         assert d.difference == pytest.approx(0.5) and 0.0 < d.low < 0.5 < d.high < 1.0 and d.resamples == 500
     again = paired_bootstrap(["exact_match"], base, tuned, references, resamples=500, seed=1)["exact_match"]
     assert (again.low, again.high) == (result["exact_match"].low, result["exact_match"].high)  # seeded
+
+
+def test_the_bootstrap_of_a_mean_metric_resamples_its_example_scores_as_recomputing_would():
+    """exact_match, token_f1 and rouge_l are means over examples: resampling each example's score once gives the
+    interval that recomputing the metric on every resample gives (bleu, chrf and custom metrics are recomputed)."""
+    import numpy as np
+
+    rng = np.random.default_rng(3)
+    words = ["the cat sat", "a dog ran far", "blue sky", "red car fast", "cat", "sat on the mat"]
+    references = [words[i] for i in rng.integers(0, len(words), 30)]
+    base = [words[i] for i in rng.integers(0, len(words), 30)]
+    kept, others = rng.random(30) < 0.5, rng.integers(0, len(words), 30)
+    tuned = [r if keep else words[i] for r, keep, i in zip(references, kept, others, strict=True)]
+    fast = paired_bootstrap(["exact_match", "token_f1", "rouge_l", "chrf"], base, tuned, references, resamples=300)
+    rng = np.random.default_rng(0)  # the same resamples, each metric recomputed on each
+    picks = [rng.integers(0, 30, 30) for _ in range(300)]
+    for name in ("exact_match", "token_f1", "rouge_l"):
+        gains = [compute([name], [tuned[i] for i in p], [references[i] for i in p])[name]
+                 - compute([name], [base[i] for i in p], [references[i] for i in p])[name] for p in picks]
+        assert fast[name].low == pytest.approx(np.percentile(gains, 2.5))
+        assert fast[name].high == pytest.approx(np.percentile(gains, 97.5))
+    assert fast["chrf"].resamples == 300 and fast["chrf"].low <= fast["chrf"].difference <= fast["chrf"].high
 
 
 def test_search_metric_may_be_a_task_metric_with_its_direction(raw_config, write_config):

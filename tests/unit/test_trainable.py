@@ -150,3 +150,25 @@ def test_pissa_and_olora_train_on_rewritten_base_weights_that_are_put_back(prepa
     run_trial({"training.learning_rate": 1e-2, "lora.init": init}, config.model_dump(), str(data_path), Watching())
     assert seen and not torch.allclose(seen[0], original)  # the trial really trained on W - B0 A0
     assert torch.equal(models.take_base_model(config).model.layers[0].self_attn.q_proj.weight, original)
+
+
+def test_a_trial_diverging_before_its_first_answers_still_reports_the_task_metric_it_is_ranked_by():
+    """search.metric rouge_l, and the loss turns NaN before any generation: the report carries rouge_l at its worst
+    (Tune refuses a result without the sweep metric, which would end the whole sweep)."""
+    from types import SimpleNamespace
+
+    from transformers import TrainerControl
+
+    from lora_sweep.recipe import ListReporter
+    from lora_sweep.trainables.lora_causal_lm import EvaluationReporter
+
+    reporter = ListReporter()
+    callback = EvaluationReporter(reporter, "rouge_l", "max", trial_started=0.0, adapter_params=10,
+                                  scorer=lambda model: {"rouge_l": 0.5})
+    state = SimpleNamespace(global_step=2, num_input_tokens_seen=100)
+    args = SimpleNamespace(device="cpu")
+    control = TrainerControl()
+    callback.on_log(args, state, control, logs={"loss": math.nan})
+    callback.on_evaluate(args, state, control, metrics={"eval_loss": math.nan}, model=None)
+    [report] = reporter.reports
+    assert report["diverged"] is True and report["rouge_l"] == -math.inf

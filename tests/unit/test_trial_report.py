@@ -27,3 +27,13 @@ def test_a_report_as_tune_stores_it():
     assert diverged[keys.EVAL_LOSS] == math.inf and diverged[keys.DIVERGED] is True
     assert diverged[keys.DIVERGED_REASON] == "eval loss became nan at step 10"
     assert list(report) == [field.name for field in dataclasses.fields(TrialReport)][:-1]  # Tune's column order
+
+
+def test_the_reserved_names_cover_tunes_own_result_keys():
+    from ray.tune import result
+
+    from lora_sweep.trial_report import RESERVED_KEYS
+
+    tune_keys = {*result.AUTO_RESULT_KEYS, result.DONE, result.TRIAL_ID, result.SHOULD_CHECKPOINT, result.EXPERIMENT_TAG}
+    assert tune_keys <= set(RESERVED_KEYS)
+    assert {"diverged", "tokens_seen", "train_seconds", "device", "node_id", "eval_loss"} <= set(RESERVED_KEYS)

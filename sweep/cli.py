@@ -26,6 +26,7 @@ from lora_sweep.folder import CONFIG_FILE
 
 if TYPE_CHECKING:
     from lora_sweep.pipeline import SweepOutcome
+    from lora_sweep.progress import SweepStatus
     from lora_sweep.templates import Sample
 
 app = typer.Typer(add_completion=False, no_args_is_help=True, help="Hyperparameter sweeps for LoRA fine-tuning.")
@@ -183,17 +184,30 @@ def _run_config(config_path: Path, overrides: list[str], overwrite: bool, resume
 
 @app.command()
 @refuses_inputs_beyond_limits
-def resume(sweep_dir: Path = typer.Argument(..., help="The folder of a stopped or crashed sweep, e.g. results/demo")) -> None:
+def resume(
+    sweep_dir: str = typer.Argument(..., help="The folder of a stopped or crashed sweep, e.g. results/demo, or its "
+                                    "storage, e.g. s3://bucket/prefix/NAME, on a machine without the folder"),
+    into: Optional[Path] = typer.Option(None, "--into", help="With a storage URI: the local folder to resume in "
+                                        "(default: the config's output_dir/NAME, or results/NAME)."),
+) -> None:
     """Continue a sweep that was stopped (Ctrl-C) or killed: finished trials are kept, running ones restart
-    from their last checkpoint, and the sweep ends with the configured number of trials.
+    from their last checkpoint, and the sweep ends with the configured number of trials. Given its storage
+    URI, the sweep continues from storage alone: on another machine when the driver's is gone.
 
-    Example: sweep resume results/demo
+    Examples: sweep resume results/demo
+              sweep resume s3://bucket/sweeps/my-sweep
     """
     from lora_sweep.pipeline import resume as resume_sweep
+    from lora_sweep.pipeline import resume_from_storage
+
+    if into is not None and "://" not in sweep_dir:
+        _fail("error: `--into` is for a sweep resumed from its storage URI; a folder resumes where it is", 2)
 
     def start() -> "SweepOutcome":
+        if "://" in sweep_dir:
+            return resume_from_storage(sweep_dir, into, live=True)
         try:
-            return resume_sweep(sweep_dir, live=True)
+            return resume_sweep(Path(sweep_dir), live=True)
         except ConfigError as error:
             raise error.in_config_file(Path(sweep_dir) / CONFIG_FILE) from None
 
@@ -268,24 +282,36 @@ def plan(
 @app.command()
 @refuses_inputs_beyond_limits
 def status(
-    sweep_dir: Path = typer.Argument(..., help="A sweep folder, e.g. results/demo"),
+    sweep_dir: str = typer.Argument(..., help="A sweep folder, e.g. results/demo, or its storage, "
+                                    "e.g. s3://bucket/prefix/NAME"),
     as_json: bool = typer.Option(False, "--json", help="Print JSON for scripts."),
     watch: bool = typer.Option(False, "--watch", help="Redraw every second until the sweep ends (Ctrl-C to leave)."),
 ) -> None:
     """Show where a sweep stands: trials running, done, stopped early and errored, the best so far, elapsed and ETA.
 
     Works while the sweep runs (from another terminal) and after it ends. A sweep whose
-    driver was killed shows as stopped: continue it with `sweep resume`.
+    driver was killed shows as stopped: continue it with `sweep resume`. Given the sweep's
+    storage URI, it reads what the driver copied there (at least every minute), from any machine.
 
     Example: sweep status results/demo --watch
     """
     from rich.console import Console
     from rich.live import Live
 
-    from lora_sweep.progress import ACTIVE_STATES, read_status, render
+    from lora_sweep.progress import ACTIVE_STATES, read_status, read_stored_status, render
+
+    def read() -> "SweepStatus":
+        if "://" not in sweep_dir:
+            return read_status(Path(sweep_dir))
+        status, age = read_stored_status(sweep_dir)
+        if not as_json:
+            typer.echo(f"(as its driver copied it to storage {age:.0f} s ago"
+                       + (f"; its driver stopped copying: `sweep resume {sweep_dir}` continues the sweep)"
+                          if status.state == "stopped" and age > 180 else ")"), err=True)
+        return status
 
     try:
-        current = read_status(sweep_dir)
+        current = read()
     except (FileNotFoundError, ConfigError) as error:
         _fail(_error_lines(error), 2)
     if as_json:
@@ -299,8 +325,8 @@ def status(
     try:
         with Live(render(current, rows, console.width), console=console, auto_refresh=False) as live:
             while current.state in ACTIVE_STATES:
-                time.sleep(1.0)
-                current = read_status(sweep_dir)
+                time.sleep(1.0 if "://" not in sweep_dir else 10.0)
+                current = read()
                 live.update(render(current, rows, console.width), refresh=True)
     except (FileNotFoundError, ConfigError) as error:  # the folder went away, or was damaged, while watched
         _fail(_error_lines(error), 2)

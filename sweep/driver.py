@@ -10,6 +10,7 @@ import contextlib
 import json
 import logging
 import os
+import pickle
 import socket
 import sqlite3
 import time
@@ -185,6 +186,10 @@ class ResumableOptunaSearch(OptunaSearch):
     study holds each trial once, with the configuration the sampler chose then.
     """
 
+    # The sweep folder's study in this driver (set by `_experiment`): a sweep resumed in another folder (moved, or
+    # on another machine from storage) finds its study there, not where the pickled searcher last saw it.
+    study_file_now: Path | None = None
+
     def __init__(self, *args: Any, stopped_as_pruned_before: int | None = None, **kwargs: Any):
         super().__init__(*args, **kwargs)
         # `search.stopped_trials: pruned`: a trial whose last result is before this step was stopped by the
@@ -205,8 +210,41 @@ class ResumableOptunaSearch(OptunaSearch):
             raise TypeError("the sweep's search space is a dict of Optuna distributions")
         return self._space
 
+    def __getstate__(self) -> dict[str, Any]:
+        """The searcher without its open database: the study by its file, its trials by their ids. Unpickling
+        a SQLite storage reconnects at once to the path it had, which after a move or on another machine is
+        gone; `__setstate__` opens the study in the sweep folder this driver works in."""
+        state = self.__dict__.copy()
+        if isinstance(self._storage, optuna.storages.RDBStorage) and self._ot_study is not None:
+            state.update(_storage=None, _ot_study=None, _study_url=self._storage.url,
+                         _study_sampler=self.study.sampler,
+                         _ot_trials={key: trial._trial_id for key, trial in self._ot_trials.items()})
+        return state
+
+    def __setstate__(self, state: dict[str, Any]) -> None:
+        self.__dict__.update(state)
+        url = self.__dict__.pop("_study_url", None)
+        if url is None:
+            return
+        now = type(self).study_file_now
+        storage = (study_storage(now.parent, create_tables=False) if now is not None
+                   else optuna.storages.RDBStorage(url, skip_table_creation=True))
+        sampler = self.__dict__.pop("_study_sampler")
+        study = optuna.load_study(study_name=self._study_name, storage=storage, sampler=sampler)
+        self._storage, self._ot_study = storage, study  # type: ignore[assignment]  # OptunaSearch types them None
+        self._ot_trials = {key: optuna.trial.Trial(study, trial_id) for key, trial_id in self._ot_trials.items()}
+
+    def save(self, checkpoint_path: str) -> None:
+        with open(checkpoint_path, "wb") as handle:  # as OptunaSearch.save, without the open database
+            pickle.dump(self.__getstate__(), handle)
+
     def restore(self, checkpoint_path: str) -> None:
-        super().restore(checkpoint_path)
+        with open(checkpoint_path, "rb") as handle:
+            state = pickle.load(handle)
+        if not isinstance(state, dict):  # an older searcher's tuple: OptunaSearch reads those
+            super().restore(checkpoint_path)
+        else:
+            self.__setstate__(state)
         owned = {ot_trial._trial_id for ot_trial in self._ot_trials.values()}
         running = self.study.get_trials(deepcopy=False, states=(optuna.trial.TrialState.RUNNING,))
         unclaimed = [t for t in running if t._trial_id not in owned]
@@ -336,6 +374,58 @@ def make_scheduler(config: SweepConfig) -> TrialScheduler:
     )
 
 
+class MirrorToStorage(Callback):
+    """Keeps a running sweep's records in storage, so that losing the driver's machine does not strand it: the
+    driver's files (status, the Optuna study, config, provenance) at every trial's start and end, and the whole
+    folder (TensorBoard logs too) at least every `every_seconds`. Tune keeps its own experiment state there.
+
+    The study reaches storage at a trial's start and end, the moments it changes what a resume needs (a trial
+    asked for, a trial told), before Tune's next snapshot of the same event (Tune snapshots after its callbacks,
+    and at most every few seconds): the study in storage is never older than Tune's state there, which is the
+    order `ResumableOptunaSearch.restore` expects. A copy that fails is a warning: the sweep goes on."""
+
+    def __init__(self, folder: SweepFolder, every_seconds: float = 60.0):
+        self.folder = folder
+        self.every_seconds = every_seconds
+        self._last_full = time.monotonic()
+        self._warned = False
+
+    def _copy(self, records_only: bool) -> None:
+        try:
+            self.folder.mirror(records_only=records_only)
+        except Exception as error:  # noqa: BLE001 - a storage hiccup must not end the sweep; the next copy retries
+            if not self._warned:
+                self._warned = True
+                log.warning("could not copy the sweep's records to %s (%s); retrying at the next trial event",
+                            self.folder.storage.uri if self.folder.storage else "storage", cut(str(error), 200))
+            return
+        self._warned = False
+
+    def on_trial_start(self, iteration: int, trials: list[Any], trial: Any, **info: Any) -> None:
+        self._copy(records_only=True)
+
+    def on_trial_complete(self, iteration: int, trials: list[Any], trial: Any, **info: Any) -> None:
+        self._copy(records_only=True)
+
+    def on_trial_error(self, iteration: int, trials: list[Any], trial: Any, **info: Any) -> None:
+        self._copy(records_only=True)
+
+    def on_step_end(self, iteration: int, trials: list[Any], **info: Any) -> None:
+        if time.monotonic() - self._last_full >= self.every_seconds:
+            self._last_full = time.monotonic()
+            self._copy(records_only=False)
+
+    def relocate(self, folder: SweepFolder) -> None:
+        self.folder = folder
+
+    def __getstate__(self) -> dict[str, Any]:
+        return {**self.__dict__, "_last_full": 0.0}
+
+    def __setstate__(self, state: dict[str, Any]) -> None:
+        self.__dict__.update(state)
+        self._last_full = time.monotonic()
+
+
 class BudgetStopper(tune.Stopper):
     """Ends the tuning once its wall-time or device-hour budget is spent, and records which one in the sweep folder.
 
@@ -455,6 +545,8 @@ def run_sweep(config: SweepConfig, space: dict[str, Any], data_path: Path, folde
     ]
     if config.scheduler.type == "promotion_asha":
         callbacks.append(KeepResultsAcrossPauses())
+    if folder.storage is not None:
+        callbacks.append(MirrorToStorage(folder))
     callbacks += faults.tune_callbacks(sweep_dir)  # test hooks: none unless armed
     # Always a number: with a searcher and no limit, Tune starts one trial at a time and waits for it to be
     # running before the next (its pending-trials default), so trials that fit side by side would start one by one.
@@ -537,8 +629,27 @@ def _experiment(config: SweepConfig, data_path: Path, folder: SweepFolder, name:
     check_cluster_resources(config)
     trainable = _bound_trainable(config, data_path, folder, trial_function)
     storage_path, filesystem = folder.experiment_root()
+    ResumableOptunaSearch.study_file_now = folder.local / STUDY_FILE
     restored = _restored(storage_path, filesystem, name, trainable, folder.local) if resume else None
+    if restored is not None:
+        follow_the_folder(restored, folder)
     return trainable, storage_path, filesystem, restored
+
+
+def follow_the_folder(tuner: tune.Tuner, folder: SweepFolder) -> None:
+    """A restored experiment's callbacks and stopper come pickled with the folder the sweep had when it started;
+    a sweep resumed in another folder (moved, or on another machine from storage) has them write to this one.
+    Each says how (`relocate`), or holds the folder as `sweep_dir`."""
+    local = tuner._local_tuner  # Tune restores the RunConfig it pickled and offers no public setter
+    if local is None:  # a Tuner driven through Ray Client: nothing pickled here to follow
+        return
+    run_config = local.get_run_config()
+    hooks: list[Any] = [*(run_config.callbacks or []), run_config.stop]
+    for hook in hooks:
+        if callable(getattr(hook, "relocate", None)):
+            hook.relocate(folder)
+        elif hasattr(hook, "sweep_dir"):
+            hook.sweep_dir = folder.local
 
 
 def _bound_trainable(config: SweepConfig, data_path: Path, folder: SweepFolder,
@@ -570,8 +681,11 @@ def _restored(storage_path: str, filesystem: Any, name: str, trainable: Any, swe
 
 def _fit(tuner: tune.Tuner, sweep_dir: Path) -> Any:
     """Tune's fit; a Ctrl-C or SIGTERM during it is a stop (SweepInterrupted), never a sweep that ended."""
-    with ctrl_c_handler_kept() as stop:
-        result_grid = tuner.fit()
+    try:
+        with ctrl_c_handler_kept() as stop:
+            result_grid = tuner.fit()
+    finally:
+        ResumableOptunaSearch.study_file_now = None  # set by `_experiment` for this experiment only
     if stop.interrupted:
         raise SweepInterrupted(f"its state is saved: continue with `sweep resume {sweep_dir}`")
     return result_grid

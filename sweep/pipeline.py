@@ -12,11 +12,14 @@ from __future__ import annotations
 import contextlib
 import json
 import logging
+import tempfile
 from dataclasses import dataclass, replace
 from pathlib import Path
-from typing import Any, Iterator
+from typing import Any, Iterator, Optional
+from urllib.parse import urlsplit
 
 import optuna.distributions as od
+import pyarrow.fs as pafs
 import ray
 from pyarrow import ArrowException
 
@@ -36,7 +39,7 @@ from lora_sweep.safety import (check_state_files_are_ours, clear_sweep_folder, d
                                is_sweep_folder, mark_stored_sweep_folder, mark_sweep_folder, stored_sweep_id, sweep_id)
 from lora_sweep.search_space import apply_params
 from lora_sweep.signals import SweepInterrupted
-from lora_sweep.storage import SweepFolder, open_storage
+from lora_sweep.storage import Storage, SweepFolder, fetch_sweep_folder, open_storage, storage_of_uri
 from lora_sweep.testing import faults
 from lora_sweep.trackers import log_promoted_model
 from lora_sweep.warm_start import warm_start_points
@@ -160,6 +163,48 @@ def resume(sweep_dir: Path, live: bool = False) -> SweepOutcome:
     checked = preflight(config)
     with driver_lock(sweep_dir, "sweep resume"), stopped_as(sweep_dir):
         return _resume_locked(config, checked.space, checked.tokenized, sweep_dir, live)
+
+
+def resume_from_storage(uri: str, local: Optional[Path] = None, live: bool = False) -> SweepOutcome:
+    """Continue a sweep from its storage alone (`sweep resume s3://bucket/prefix/NAME`), on a machine with nothing
+    of it: its folder is fetched into `local` (default: the config's output_dir when relative, else results/,
+    then the sweep's name) and resumed there; Tune restores the trials from storage."""
+    storage = storage_of_uri(uri)
+    config_path = storage.path(CONFIG_FILE)
+    if stored_sweep_id(storage.filesystem, storage.root) is None or not _stored_file(storage, CONFIG_FILE):
+        raise ConfigError([f"{storage.uri} is not a sweep's storage folder (no {MARKER_FILE} and {CONFIG_FILE} "
+                           "there); give <storage>/<name> as the sweep wrote it"], "resume")
+    with tempfile.TemporaryDirectory(prefix="lora-sweep-config-") as scratch:
+        pafs.copy_files(config_path, f"{scratch}/{CONFIG_FILE}", source_filesystem=storage.filesystem,
+                        destination_filesystem=pafs.LocalFileSystem())
+        stored = load_config(Path(scratch) / CONFIG_FILE)
+    # Compared as paths (bucket/prefix/name): opening the config's URI could need its endpoint, given in its query.
+    written = urlsplit(stored.storage) if stored.storage else None
+    expected = f"{written.netloc}{written.path}".rstrip("/") + f"/{stored.name}" if written else None
+    if expected is None or expected.lstrip("/") != storage.root.lstrip("/"):
+        raise ConfigError([f"{storage.uri} holds a sweep whose `storage` is {stored.storage!r} and name "
+                           f"{stored.name!r}; give <storage>/<name> as its config says"], "resume")
+    if local is None:
+        parent = Path(stored.output_dir) if not Path(stored.output_dir).is_absolute() else Path("results")
+        local = parent / stored.name
+    local = Path(local)
+    if local.exists() and any(local.iterdir()):
+        raise ConfigError([f"{local} already exists; resume that folder with `sweep resume {local}`, or move it away "
+                           f"to resume {storage.uri} from storage"], "resume")
+    if local.exists():
+        local.rmdir()  # empty: the fetch makes it
+    fetch_sweep_folder(storage, local)
+    provenance_file = local / PROVENANCE_FILE
+    if provenance_file.is_file():  # the prepared data is the copy fetched here now, not the old machine's
+        record = read_json(provenance_file, "delete it: the resume then prepares the data again and rewrites it")
+        record["data_path"] = str((local / DATA_DIR / Path(str(record.get("data_path", ""))).name).resolve())
+        write_atomically(provenance_file, json.dumps(record, indent=2))
+    log.info("fetched %s into %s; resuming it there", storage.uri, local)
+    return resume(local, live=live)
+
+
+def _stored_file(storage: Storage, name: str) -> bool:
+    return bool(storage.filesystem.get_file_info(storage.path(name)).type == pafs.FileType.File)
 
 
 def _resume_locked(config: SweepConfig, space: dict[str, od.BaseDistribution], tokenized: TokenizedData,

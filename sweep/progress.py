@@ -141,6 +141,35 @@ def read_status(sweep_dir: Path) -> SweepStatus:
     return status
 
 
+STALE_IN_STORAGE_SECONDS = 180.0  # a live driver copies status.json to storage at least every minute
+
+
+def read_stored_status(uri: str) -> tuple[SweepStatus, float]:
+    """The status a sweep's driver last copied to its storage (`sweep status s3://bucket/prefix/NAME`, from any
+    machine), and how many seconds ago. A running sweep whose copy is older than three minutes shows as stopped:
+    its driver no longer copies it (its machine may be gone), and `sweep resume <uri>` continues it."""
+    import tempfile
+
+    import pyarrow.fs as pafs
+
+    from lora_sweep.storage import storage_of_uri
+
+    storage = storage_of_uri(uri)
+    info = storage.filesystem.get_file_info(storage.path(STATUS_FILE))
+    if info.type != pafs.FileType.File:
+        raise FileNotFoundError(f"{storage.uri} has no {STATUS_FILE}: no sweep has started there (give "
+                                "<storage>/<name> as the sweep's config says)")
+    age = max(0.0, time.time() - info.mtime.timestamp()) if info.mtime is not None else 0.0
+    with tempfile.TemporaryDirectory(prefix="lora-sweep-status-") as scratch:
+        local = Path(scratch) / STATUS_FILE
+        pafs.copy_files(storage.path(STATUS_FILE), str(local), source_filesystem=storage.filesystem,
+                        destination_filesystem=pafs.LocalFileSystem())
+        status = SweepStatus.from_json(read_json(local, STATUS_REMEDY), f"{storage.uri}/{STATUS_FILE}")
+    if status.state in ACTIVE_STATES and age > STALE_IN_STORAGE_SECONDS:
+        status.state = "stopped"
+    return status, age
+
+
 def _duration(seconds: Optional[float]) -> str:
     if seconds is None or not math.isfinite(seconds):
         return "unknown"

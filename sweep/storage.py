@@ -15,6 +15,7 @@ from __future__ import annotations
 import contextlib
 import os
 import shutil
+import sqlite3
 import tempfile
 import uuid
 from dataclasses import dataclass
@@ -29,6 +30,7 @@ from lora_sweep.folder import CONFIRM_DIR_NAME, DATA_DIR, MARKER_FILE, TUNE_DIR_
 
 # Tune's per-trial files the driver reads back (report, learning curves); checkpoints stay in storage.
 TRIAL_RESULT_FILES = ("result.json", "params.json", "progress.csv")
+SQLITE_SIDE_FILES = ("-journal", "-wal", "-shm")  # a live database's own files: its snapshot is what is copied
 
 
 @dataclass(frozen=True)
@@ -93,10 +95,10 @@ class SweepFolder:
         """` in <storage uri>` for messages about a path in storage, else nothing."""
         return f" in {self.storage.uri}" if self.storage else ""
 
-    def mirror(self) -> None:
+    def mirror(self, records_only: bool = False) -> None:
         """The local folder copied to storage (`mirror_to_storage`); nothing without storage."""
         if self.storage is not None:
-            mirror_to_storage(self.local, self.storage)
+            mirror_to_storage(self.local, self.storage, records_only)
 
     def fetch_trial_results(self) -> None:
         """Tune's per-trial result files from storage into the local folder; nothing without storage."""
@@ -156,12 +158,20 @@ def tree_bytes(filesystem: pafs.FileSystem, path: str) -> int:
     return sum(info.size or 0 for info in infos if info.type == pafs.FileType.File)
 
 
-def mirror_to_storage(sweep_dir: Path, storage: Storage) -> None:
+def mirror_to_storage(sweep_dir: Path, storage: Storage, records_only: bool = False) -> None:
     """Copy the local sweep folder to storage: everything but Tune's folders (Tune stores those itself) and
     hidden staging folders. Prepared data (data/<hash>/, content-hashed) is copied once; other folders
-    (export/, tensorboard/, report/) replace what storage had, so a re-export leaves no stale files."""
+    (export/, tensorboard/, report/) replace what storage had, so a re-export leaves no stale files.
+    `records_only`: the driver's files alone (status, study, config, provenance, ...), not its folders: what a
+    running sweep copies at every trial's start and end, so that another machine can continue it.
+    The Optuna study is copied from a consistent snapshot (SQLite's online backup): the driver may be writing it."""
     for entry in sorted(Path(sweep_dir).iterdir()):
         if entry.name in (TUNE_DIR_NAME, CONFIRM_DIR_NAME) or entry.name.startswith("."):
+            continue
+        if entry.name.endswith(SQLITE_SIDE_FILES) or (records_only and entry.is_dir()):
+            continue
+        if entry.name.endswith(".db") and entry.is_file():
+            _upload_database(entry, storage, storage.path(entry.name))
             continue
         if entry.name == DATA_DIR and entry.is_dir():
             for prepared in sorted(entry.iterdir()):
@@ -169,6 +179,46 @@ def mirror_to_storage(sweep_dir: Path, storage: Storage) -> None:
                     _upload(prepared, storage, storage.path("data", prepared.name))
             continue
         _upload(entry, storage, storage.path(entry.name))
+
+
+def _upload_database(local: Path, storage: Storage, target: str) -> None:
+    """A SQLite file as one consistent snapshot (the online backup API), written to storage whole."""
+    with tempfile.TemporaryDirectory(prefix="lora-sweep-db-") as scratch:
+        snapshot = Path(scratch) / local.name
+        source = sqlite3.connect(f"file:{local.resolve()}?mode=ro", uri=True, timeout=60)
+        try:
+            destination = sqlite3.connect(snapshot)
+            with destination:
+                source.backup(destination)
+            destination.close()
+        finally:
+            source.close()
+        with storage.filesystem.open_output_stream(target) as handle:  # S3: the object appears whole at the end
+            handle.write(snapshot.read_bytes())
+
+
+def fetch_sweep_folder(storage: Storage, local: Path) -> None:
+    """A sweep folder from storage alone, into `local` (which must not exist): everything but Tune's experiment
+    folders, which Tune restores from storage itself. For `sweep resume <uri>` on a machine with nothing local."""
+    local.mkdir(parents=True)
+    for info in storage.filesystem.get_file_info(pafs.FileSelector(storage.root, recursive=True)):
+        relative = info.path[len(storage.root) + 1:]
+        if info.type != pafs.FileType.File or relative.split("/")[0] in (TUNE_DIR_NAME, CONFIRM_DIR_NAME):
+            continue
+        target = local / relative
+        target.parent.mkdir(parents=True, exist_ok=True)
+        pafs.copy_files(info.path, str(target), source_filesystem=storage.filesystem,
+                        destination_filesystem=pafs.LocalFileSystem())
+
+
+def storage_of_uri(uri: str) -> Storage:
+    """The storage of a sweep named by its URI (`<storage>/<name>`, as `sweep resume` and `sweep status` take it)."""
+    try:
+        filesystem, path = pafs.FileSystem.from_uri(uri)
+    except (pa.ArrowInvalid, ValueError, OSError) as error:
+        reason = _first_line(error).replace(uri, redact_uri(uri))
+        raise ConfigError([f"cannot open {redact_uri(uri)!r}: {reason}"], "storage") from None
+    return Storage(filesystem, path.rstrip("/"), redact_uri(uri))
 
 
 def _upload(local: Path, storage: Storage, target: str) -> None:

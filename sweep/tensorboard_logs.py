@@ -13,6 +13,7 @@ from typing import Any
 from torch.utils.tensorboard import SummaryWriter
 from torch.utils.tensorboard.summary import hparams
 
+from lora_sweep.folder import TENSORBOARD_DIR
 from lora_sweep.tracking import TrialTracker
 from lora_sweep.trial_report import ADAPTER_PARAMS, SCALARS
 
@@ -31,6 +32,10 @@ class TensorBoardCallback(TrialTracker):
         self.scalars = (*SCALARS, *task_metrics)  # and the task metrics of trials' generated answers
         self._writers: dict[str, SummaryWriter] = {}
         self._adapter_params: dict[str, float] = {}
+
+    def relocate(self, folder: Any) -> None:
+        """The sweep resumed in another folder (`driver.follow_the_folder`): its logs go there."""
+        self.log_dir = Path(folder.local) / TENSORBOARD_DIR
 
     def _writer(self, trial: Any) -> SummaryWriter:
         if trial.trial_id not in self._writers:

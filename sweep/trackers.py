@@ -22,7 +22,7 @@ import logging
 import math
 import os
 from contextlib import contextmanager
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Callable, Iterator, Literal, Optional
 
@@ -100,7 +100,7 @@ def tracker_callbacks(config: SweepConfig, sweep_dir: Path, sweep_id: str, task_
         callbacks.append(WandbTracker(
             config.wandb.project or config.name, config.name, config.wandb.mode,
             str(Path(config.wandb.dir or sweep_dir).resolve()), config.search.metric, config.search.mode,
-            config.training.max_steps, scalars, config.devices_per_trial))
+            config.training.max_steps, scalars, config.devices_per_trial, in_sweep_folder=config.wandb.dir is None))
     return callbacks
 
 
@@ -212,6 +212,14 @@ class MLflowTracker(_CostTracker):
     def __getstate__(self) -> dict[str, Any]:
         return {**self.__dict__, "_client": None, "_parent": None, "_runs": {}}
 
+    def relocate(self, folder: Any) -> None:
+        """The sweep resumed in another folder: a store kept in the sweep folder is the one there now."""
+        if self.target.artifact_location is not None:
+            local = Path(folder.local).resolve()
+            self.target = replace(self.target, tracking_uri=f"sqlite:///{local / 'mlflow.db'}",
+                                  artifact_location=str(local / "mlflow-artifacts"),
+                                  sweep_folder=self.target.sweep_folder if folder.storage else str(local))
+
     def _run(self, trial: Any) -> str:
         if self._client is None:
             self._client = self.target.client()
@@ -312,13 +320,20 @@ class WandbTracker(_CostTracker):
     side in one process) at the first event, not in __init__: Tune pickles its callbacks."""
 
     def __init__(self, project: str, group: str, wandb_mode: Literal["offline", "online"], directory: str,
-                 metric: str, mode: str, max_steps: int, scalars: tuple[str, ...], devices_per_trial: float):
+                 metric: str, mode: str, max_steps: int, scalars: tuple[str, ...], devices_per_trial: float,
+                 in_sweep_folder: bool = False):
         super().__init__(metric, mode, max_steps, scalars, devices_per_trial)
         self.project, self.group, self.wandb_mode, self.directory = project, group, wandb_mode, directory
+        self.in_sweep_folder = in_sweep_folder
         self._runs: dict[str, Any] = {}
 
     def __getstate__(self) -> dict[str, Any]:
         return {**self.__dict__, "_runs": {}}
+
+    def relocate(self, folder: Any) -> None:
+        """The sweep resumed in another folder: offline runs kept in the sweep folder go to the one there now."""
+        if self.in_sweep_folder:
+            self.directory = str(Path(folder.local).resolve())
 
     def _run(self, trial: Any) -> Any:
         run = self._runs.get(trial.trial_id)

@@ -118,3 +118,70 @@ def test_a_new_sweep_refuses_a_name_storage_already_holds(raw_config, write_conf
         (config.sweep_dir / MARKER_FILE).write_bytes(handle.read())
     prepare_sweep_dir(config, overwrite=True)
     assert stored_files(storage) == {".lora-sweep"}
+
+
+def test_records_only_copies_the_driver_files_and_the_study_as_a_consistent_snapshot(raw_config, write_config, s3,
+                                                                                      tmp_path):
+    import sqlite3
+
+    raw_config["storage"] = s3_uri(s3)
+    storage = open_storage(load_config(write_config(raw_config)))
+    local = tmp_path / "sweep"
+    (local / "tensorboard" / "run").mkdir(parents=True)
+    (local / "tensorboard" / "run" / "events").write_text("e")
+    (local / "status.json").write_text("{}")
+    database = sqlite3.connect(local / "optuna_study.db")
+    database.execute("create table trials (n integer)")
+    database.execute("insert into trials values (1)")
+    database.commit()
+    database.execute("begin")
+    database.execute("insert into trials values (2)")  # an open write: not part of the snapshot
+    mirror_to_storage(local, storage, records_only=True)
+    database.rollback()
+    database.close()
+    assert stored_files(storage) == {"status.json", "optuna_study.db"}  # no folders, no journal
+    with storage.filesystem.open_input_stream(storage.path("optuna_study.db")) as handle:
+        (tmp_path / "copy.db").write_bytes(handle.read())
+    assert sqlite3.connect(tmp_path / "copy.db").execute("select n from trials").fetchall() == [(1,)]
+
+
+def test_status_and_resume_by_a_storage_uri(raw_config, write_config, s3, tmp_path, monkeypatch):
+    import time
+
+    from lora_sweep.pipeline import resume_from_storage
+    from lora_sweep.progress import STALE_IN_STORAGE_SECONDS, read_stored_status
+
+    raw_config["storage"] = s3_uri(s3)
+    storage = open_storage(load_config(write_config(raw_config)))
+    uri = s3_uri(s3).replace("/team?", "/team/tiny?")
+    result = CliRunner().invoke(app, ["status", uri])
+    assert result.exit_code == 2 and "has no status.json: no sweep has started there" in result.output
+    with pytest.raises(ConfigError, match="is not a sweep's storage folder"):
+        resume_from_storage(uri, tmp_path / "here")
+
+    status = {"name": "tiny", "state": "running", "metric": "eval_loss", "mode": "min", "num_trials": 2,
+              "max_concurrent": 1, "max_steps": 6, "started_at": time.time() - 30, "updated_at": time.time(),
+              "driver_pid": 1, "driver_host": "a-machine-that-is-gone", "trials": []}
+    local = tmp_path / "sweep"
+    local.mkdir()
+    (local / "status.json").write_text(json.dumps(status))
+    mirror_to_storage(local, storage)
+    seen, age = read_stored_status(uri)
+    assert seen.state == "running" and age < STALE_IN_STORAGE_SECONDS
+    monkeypatch.setattr("lora_sweep.progress.STALE_IN_STORAGE_SECONDS", -1.0)  # as if copied long ago
+    seen, age = read_stored_status(uri)
+    assert seen.state == "stopped"  # its driver stopped copying: `sweep resume <uri>` continues it
+
+    from lora_sweep.safety import mark_stored_sweep_folder
+
+    (local / "config.yaml").write_text((tmp_path / "sweep.yaml").read_text())
+    mirror_to_storage(local, storage)
+    mark_stored_sweep_folder(storage.filesystem, storage.root, "tiny", "id-1")
+    (tmp_path / "here").mkdir()
+    (tmp_path / "here" / "mine.txt").write_text("a user's file")
+    with pytest.raises(ConfigError, match="already exists; resume that folder"):
+        resume_from_storage(uri, tmp_path / "here")
+    assert (tmp_path / "here" / "mine.txt").read_text() == "a user's file"
+    other = s3_uri(s3).replace("/team?", "/elsewhere/tiny?")
+    with pytest.raises(ConfigError, match="is not a sweep's storage folder"):
+        resume_from_storage(other, tmp_path / "there")

@@ -16,6 +16,7 @@ from lora_sweep.preflight import preflight
 from lora_sweep.safety import holds_anything, is_sweep_folder
 from lora_sweep.search_space import describe
 from lora_sweep.storage import SweepFolder
+from lora_sweep.trackers import tracker_targets
 from lora_sweep.warm_start import warm_start_points
 
 
@@ -51,6 +52,7 @@ class SweepPlan:
     warm_start_skipped: list[str]  # earlier trials not used, and why
     confirm_runs: int  # promotion.confirm: runs to the end before promotion (top K configurations x N seeds)
     confirm_seeds: list[int]
+    trackers: list[str]  # where each configured tracker logs ("mlflow: http://...", "wandb: offline in ...")
 
 
 def asha_rungs(config: SweepConfig) -> list[int]:
@@ -129,13 +131,17 @@ def make_plan(config: SweepConfig) -> SweepPlan:
         warm_start_skipped=warm.skipped,
         confirm_runs=config.promotion.confirm.top * config.promotion.confirm.seeds if config.promotion.confirm else 0,
         confirm_seeds=config.confirm_seeds,
+        trackers=tracker_targets(config, sweep_dir),
     )
 
 
 def plan_lines(plan: SweepPlan) -> list[str]:
     lines = [f"sweep {plan.name} -> {plan.sweep_dir}"]
     if plan.storage:
-        lines.append(f"storage: {plan.storage} (trials' checkpoints, and a copy of the sweep folder)")
+        lines.append(f"storage: {plan.storage} (trials' checkpoints, and a copy of the sweep folder; "
+                     f"`sweep resume {plan.storage.rstrip('/')}` continues it from any machine)")
+    if plan.trackers:
+        lines.append(f"trackers: {'; '.join(plan.trackers)}")
     lines.append("search space:")
     lines += [f"  {name}: {text}" for name, text in plan.search_space.items()] or ["  (none: every trial runs the fixed config)"]
     lines += [

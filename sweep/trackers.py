@@ -26,7 +26,7 @@ from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Callable, Iterator, Literal, Optional
 
-from lora_sweep.config import ConfigError, SweepConfig, cut
+from lora_sweep.config import ConfigError, SweepConfig, cut, redact_uri
 from lora_sweep.tracking import TrialTracker
 from lora_sweep.trial_report import ADAPTER_PARAMS, SCALARS, STEP, TOKENS_SEEN
 
@@ -86,6 +86,21 @@ def check_trackers(config: SweepConfig) -> None:
             reason = cut((str(error).strip().splitlines() or [type(error).__name__])[0], 200)
             raise ConfigError([f"`mlflow.tracking_uri`: the MLflow server at {uri} does not answer ({reason})"],
                               "config") from None
+
+
+def tracker_targets(config: SweepConfig, sweep_dir: Path) -> list[str]:
+    """Where each configured tracker logs, for `sweep plan` (the store's URI with anything secret masked)."""
+    targets = []
+    if "mlflow" in config.trackers:
+        experiment = config.mlflow.experiment or config.name
+        targets.append(f"mlflow: {redact_uri(mlflow_tracking_uri(config, sweep_dir))}, experiment {experiment!r}"
+                       + (f", promoted model registered as {config.mlflow.model_name or config.name!r}"
+                          if config.mlflow.register_model else ""))
+    if "wandb" in config.trackers:
+        where = Path(config.wandb.dir or sweep_dir) / "wandb"
+        targets.append(f"wandb: project {config.wandb.project or config.name!r}, group {config.name!r}, "
+                       + (f"offline in {where}" if config.wandb.mode == "offline" else "online"))
+    return targets
 
 
 def tracker_callbacks(config: SweepConfig, sweep_dir: Path, sweep_id: str, task_metrics: tuple[str, ...]) -> list[Callback]:

@@ -73,3 +73,17 @@ def test_without_a_limit_plan_counts_the_trials_that_fit(raw_config, write_confi
     result = CliRunner().invoke(app, ["plan", str(write_config(raw_config)), "--json"])
     assert result.exit_code == 0, result.output
     assert json.loads(result.output)["max_concurrent_trials"] == 6  # 3 GPUs / 0.5 (CPUs would fit 8)
+
+
+def test_plan_says_where_the_trackers_log(raw_config, write_config, tmp_path, monkeypatch):
+    monkeypatch.delenv("MLFLOW_TRACKING_URI", raising=False)
+    raw_config["trackers"] = ["mlflow", "wandb"]
+    raw_config["mlflow"] = {"model_name": "support-bot"}
+    result = CliRunner().invoke(app, ["plan", str(write_config(raw_config))])
+    assert result.exit_code == 0, result.output
+    sweep_dir = (tmp_path / "results" / "tiny").resolve()
+    line = next(line for line in result.output.splitlines() if line.startswith("trackers: "))
+    assert line == (f"trackers: mlflow: sqlite:///{sweep_dir}/mlflow.db, experiment 'tiny', promoted model registered "
+                    f"as 'support-bot'; wandb: project 'tiny', group 'tiny', offline in {sweep_dir}/wandb")
+    assert json.loads(CliRunner().invoke(app, ["plan", str(write_config(raw_config)), "--json"]).output)["trackers"][1] \
+        .startswith("wandb: project 'tiny'")

@@ -189,6 +189,10 @@ class ResumableOptunaSearch(OptunaSearch):
     # The sweep folder's study in this driver (set by `_experiment`): a sweep resumed in another folder (moved, or
     # on another machine from storage) finds its study there, not where the pickled searcher last saw it.
     study_file_now: Path | None = None
+    # Called after the searcher's state is saved in a Tune snapshot, before Tune copies that snapshot to storage
+    # (set by `run_sweep` for a sweep with storage): the study reaches storage first, so the study there is never
+    # older than the Tune state there, the order `restore` expects.
+    before_state_sync: Callable[[], None] | None = None
 
     def __init__(self, *args: Any, stopped_as_pruned_before: int | None = None, **kwargs: Any):
         super().__init__(*args, **kwargs)
@@ -237,6 +241,9 @@ class ResumableOptunaSearch(OptunaSearch):
     def save(self, checkpoint_path: str) -> None:
         with open(checkpoint_path, "wb") as handle:  # as OptunaSearch.save, without the open database
             pickle.dump(self.__getstate__(), handle)
+        hook = type(self).before_state_sync
+        if hook is not None:
+            hook()
 
     def restore(self, checkpoint_path: str) -> None:
         with open(checkpoint_path, "rb") as handle:
@@ -376,19 +383,20 @@ def make_scheduler(config: SweepConfig) -> TrialScheduler:
 
 class MirrorToStorage(Callback):
     """Keeps a running sweep's records in storage, so that losing the driver's machine does not strand it: the
-    driver's files (status, the Optuna study, config, provenance) at every trial's start and end, and the whole
-    folder (TensorBoard logs too) at least every `every_seconds`. Tune keeps its own experiment state there.
-
-    The study reaches storage at a trial's start and end, the moments it changes what a resume needs (a trial
-    asked for, a trial told), before Tune's next snapshot of the same event (Tune snapshots after its callbacks,
-    and at most every few seconds): the study in storage is never older than Tune's state there, which is the
-    order `ResumableOptunaSearch.restore` expects. A copy that fails is a warning: the sweep goes on."""
+    driver's files (status, the Optuna study, config, provenance) at every trial's start and end and with every
+    Tune snapshot (`ResumableOptunaSearch.before_state_sync`: the study reaches storage before the snapshot that
+    refers to it), and the whole folder (TensorBoard logs too) at least every `every_seconds`. Tune keeps its own
+    experiment state there. A copy that fails is a warning: the sweep goes on."""
 
     def __init__(self, folder: SweepFolder, every_seconds: float = 60.0):
         self.folder = folder
         self.every_seconds = every_seconds
         self._last_full = time.monotonic()
         self._warned = False
+
+    def records(self) -> None:
+        """The driver's records to storage now (ResumableOptunaSearch calls it before Tune syncs a snapshot)."""
+        self._copy(records_only=True)
 
     def _copy(self, records_only: bool) -> None:
         try:
@@ -681,11 +689,16 @@ def _restored(storage_path: str, filesystem: Any, name: str, trainable: Any, swe
 
 def _fit(tuner: tune.Tuner, sweep_dir: Path) -> Any:
     """Tune's fit; a Ctrl-C or SIGTERM during it is a stop (SweepInterrupted), never a sweep that ended."""
+    local = tuner._local_tuner
+    mirrors = [hook for hook in (local.get_run_config().callbacks or []) if isinstance(hook, MirrorToStorage)] \
+        if local is not None else []
+    ResumableOptunaSearch.before_state_sync = mirrors[0].records if mirrors else None
     try:
         with ctrl_c_handler_kept() as stop:
             result_grid = tuner.fit()
     finally:
-        ResumableOptunaSearch.study_file_now = None  # set by `_experiment` for this experiment only
+        # set by `_experiment` (and `_fit` below) for this experiment only
+        ResumableOptunaSearch.study_file_now = ResumableOptunaSearch.before_state_sync = None
     if stop.interrupted:
         raise SweepInterrupted(f"its state is saved: continue with `sweep resume {sweep_dir}`")
     return result_grid

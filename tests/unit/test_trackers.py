@@ -149,7 +149,7 @@ def wandb_records(path: Path) -> list:
 
 
 def test_wandb_writes_an_offline_run_per_trial_grouped_by_the_sweep(tmp_path, monkeypatch):
-    pytest.importorskip("wandb")
+    wandb = pytest.importorskip("wandb")
     monkeypatch.setenv("WANDB_SILENT", "true")
     tracker = WandbTracker("proj", "my-sweep", "offline", str(tmp_path / "wb"), "eval_loss", "min", max_steps=6,
                            scalars=("eval_loss",), devices_per_trial=1.0)
@@ -158,6 +158,8 @@ def test_wandb_writes_an_offline_run_per_trial_grouped_by_the_sweep(tmp_path, mo
     feed(tracker, [("start", a), ("start", b), ("result", a, {"step": 3, "eval_loss": 2.5, "time_total_s": 5.0}),
                    ("result", b, {"step": 3, "eval_loss": 2.9, "time_total_s": 5.0}),
                    ("result", a, {"step": 6, "eval_loss": 2.2, "time_total_s": 9.0}), ("complete", a), ("error", b)])
+    wandb.teardown()  # the service writes run files in the background: wait until it has flushed them (a process
+    # that ends does the same at exit)
     runs = sorted((tmp_path / "wb" / "wandb").glob("offline-run-*"))
     assert len(runs) == 2, list((tmp_path / "wb").rglob("*"))
     # What each offline run holds, as `wandb sync` would upload it: the config, the group, the history, the summary.

@@ -34,7 +34,8 @@ def test_storage_must_be_a_uri_that_opens_and_takes_writes(raw_config, write_con
     raw_config["storage"] = s3_uri(s3)
     check_storage(load_config(write_config(raw_config)))  # the real bucket: no error, no probe file left
     plan = CliRunner().invoke(app, ["plan", str(write_config(raw_config))]).output
-    assert "storage: s3://sweeps/team/tiny/ (trials' checkpoints, and a copy of the sweep folder)" in plan
+    assert ("storage: s3://sweeps/team/tiny/ (trials' checkpoints, and a copy of the sweep folder; `sweep resume "
+            "s3://sweeps/team/tiny` continues it from any machine)") in plan
     storage = open_storage(load_config(write_config(raw_config)))
     assert stored_files(storage) == set()
 

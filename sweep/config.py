@@ -412,6 +412,17 @@ class MlflowConfig(_Strict):
     model_name: Optional[str] = Field(None, min_length=1, max_length=250,
                                             description="Its name in the registry; unset: the sweep's name.")
 
+    @field_validator("tracking_uri")
+    @classmethod
+    def _no_credentials(cls, value: Optional[str]) -> Optional[str]:
+        found = uri_credentials(value) if value else []
+        if found and found != [UNPARSEABLE_URI]:
+            # The config is saved in the sweep folder (and its storage), and the URI shows in messages.
+            raise ValueError(f"must not carry credentials ({', '.join(found)}): they would be saved in config.yaml; "
+                             "give them as MLFLOW_TRACKING_USERNAME / MLFLOW_TRACKING_PASSWORD or "
+                             "MLFLOW_TRACKING_TOKEN in the environment")
+        return value
+
 
 class WandbConfig(_Strict):
     """Where `trackers: [wandb]` logs: one run per trial, grouped by the sweep's name."""
@@ -714,7 +725,7 @@ def format_errors(error: ValidationError) -> list[str]:
             problems.append(f"`{location}`: required field is missing")
             continue
         value = item.get("input")
-        if location in ("storage", "ray.address") and isinstance(value, str):
+        if location in ("storage", "ray.address", "mlflow.tracking_uri") and isinstance(value, str):
             value = redact_uri(value)  # never print a credential, even in the error that refuses it
         got = f" (got {shown(value)})" if "input" in item and not isinstance(item["input"], dict) else ""
         merged.setdefault(location, []).append(f"{message}{got}")

@@ -84,7 +84,8 @@ def check_trackers(config: SweepConfig) -> None:
                 MlflowClient(uri).search_experiments(max_results=1)
         except (MlflowException, OSError) as error:
             reason = cut((str(error).strip().splitlines() or [type(error).__name__])[0], 200)
-            raise ConfigError([f"`mlflow.tracking_uri`: the MLflow server at {uri} does not answer ({reason})"],
+            raise ConfigError([f"`mlflow.tracking_uri`: the MLflow server at {redact_uri(uri)} does not answer "
+                               f"({reason.replace(uri, redact_uri(uri))})"],
                               "config") from None
 
 

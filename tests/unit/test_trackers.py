@@ -192,6 +192,12 @@ def test_tracker_settings_are_checked(raw_config, write_config, monkeypatch):
     raw_config["trackers"] = ["neptune"]
     with pytest.raises(ConfigError, match="trackers"):
         load_config(write_config(raw_config))
+    raw_config["trackers"] = ["mlflow"]
+    raw_config["mlflow"] = {"tracking_uri": "https://bob:hunter2@mlflow.example.com"}
+    with pytest.raises(ConfigError, match=r"`mlflow.tracking_uri`: must not carry credentials") as error:
+        load_config(write_config(raw_config))
+    assert "hunter2" not in str(error.value)
+    del raw_config["mlflow"]
     raw_config["trackers"] = []
     raw_config["wandb"] = {"project": "p"}
     with pytest.raises(ConfigError, match=r"`wandb`: settings for a tracker that `trackers` does not list \(\[\]\); "

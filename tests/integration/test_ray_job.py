@@ -7,6 +7,7 @@ import os
 import subprocess
 import sys
 import time
+import urllib.error
 import urllib.request
 from pathlib import Path
 
@@ -28,6 +29,12 @@ def head_with_dashboard(monkeypatch):
 
     # The job's entrypoint runs in the head's environment: `sweep` is found on its PATH, as on a real cluster.
     monkeypatch.setenv("PATH", f"{Path(sys.executable).parent}{os.pathsep}{os.environ['PATH']}")
+    # Token authentication on, as `ray.init` turns it on for a new local cluster (and for this whole process, once
+    # any test has started one): `ray job` and the job's own driver authenticate with the token in ~/.ray/auth_token.
+    # Ray's own switch, which also refreshes the config this process has cached.
+    from ray._private.authentication.authentication_token_setup import enable_token_auth_by_default
+
+    enable_token_auth_by_default()
     port = free_port()
     cluster = Cluster(initialize_head=True, head_node_args={
         "num_cpus": 2, "include_dashboard": True, "dashboard_host": "127.0.0.1", "dashboard_port": port})
@@ -39,6 +46,9 @@ def head_with_dashboard(monkeypatch):
                 with urllib.request.urlopen(f"{address}/api/version", timeout=2) as answer:
                     if answer.status == 200:
                         break
+            except urllib.error.HTTPError as refused:
+                if refused.code == 401:  # up, and asking for the token this test does not send
+                    break
             except OSError:
                 pass
             if time.time() > deadline:

@@ -71,11 +71,17 @@ def test_a_sweep_runs_as_a_ray_job_and_its_status_is_readable_while_it_runs(raw_
     (project / "my_sweep.yaml").write_text(yaml.safe_dump(raw_config))
     sweep_dir = tmp_path / "results" / raw_config["name"]
     ray_cli = str(Path(sys.executable).parent / "ray")
-    submitted = subprocess.run(
-        [ray_cli, "job", "submit", "--address", head_with_dashboard, "--working-dir", ".", "--submission-id",
-         "sweep-job", "--runtime-env-json", json.dumps({"env_vars": {"HF_HUB_OFFLINE": "1"}}), "--no-wait",
-         "--", "sweep", "run", "my_sweep.yaml", "--address", "auto"],
-        cwd=project, capture_output=True, text=True, timeout=300)
+    deadline = time.time() + 180
+    while True:
+        submitted = subprocess.run(
+            [ray_cli, "job", "submit", "--address", head_with_dashboard, "--working-dir", ".", "--submission-id",
+             "sweep-job", "--runtime-env-json", json.dumps({"env_vars": {"HF_HUB_OFFLINE": "1"}}), "--no-wait",
+             "--", "sweep", "run", "my_sweep.yaml", "--address", "auto"],
+            cwd=project, capture_output=True, text=True, timeout=300)
+        # The head's job agent registers a little after the dashboard answers; Ray says to try again.
+        if "No available agent to submit job" not in submitted.stderr or time.time() > deadline:
+            break
+        time.sleep(2)
     assert submitted.returncode == 0, submitted.stdout + submitted.stderr
     assert "sweep-job" in submitted.stdout
 

@@ -30,8 +30,8 @@ def chat_tokenizer():
     return tokenizer
 
 
-def labelled_text(row, tokenizer) -> list[str]:
-    """The runs of tokens that carry labels, decoded (special tokens shown): what the loss is computed on."""
+def labelled_runs(row) -> list[list[int]]:
+    """The runs of token ids that carry labels: what the loss is computed on."""
     runs, current = [], []
     for token, label in zip(row["input_ids"], row["labels"], strict=True):
         if label == IGNORE_INDEX:
@@ -43,6 +43,12 @@ def labelled_text(row, tokenizer) -> list[str]:
             current.append(token)
     if current:
         runs.append(current)
+    return runs
+
+
+def labelled_text(row, tokenizer) -> list[str]:
+    """The runs of tokens that carry labels, decoded (special tokens shown): what the loss is computed on."""
+    runs = labelled_runs(row)
     return [tokenizer.decode(run) for run in runs]
 
 
@@ -302,21 +308,10 @@ def test_answers_stop_at_the_chat_templates_end_of_turn_and_the_models_own_eos()
     tokenizer.chat_template = CHATML
     end_of_turn = tokenizer.convert_tokens_to_ids("<|im_end|>")
     row = tokenize_segments(segments_for(TWO_TURNS, "chat", tokenizer), tokenizer, 512)
-    closing = [ids[-2] for ids in _labelled_runs(row)]
+    closing = [ids[-2] for ids in labelled_runs(row)]
     assert closing == [end_of_turn, end_of_turn] and tokenizer.eos_token_id not in row["input_ids"]
     model = SimpleNamespace(generation_config=SimpleNamespace(eos_token_id=[tokenizer.eos_token_id, 7]))
     assert stop_token_ids(model, tokenizer) == sorted({tokenizer.eos_token_id, 7, end_of_turn})
     tokenizer.chat_template = None  # no template: the EOS (and the model's)
     assert stop_token_ids(SimpleNamespace(), tokenizer) == [tokenizer.eos_token_id]
 
-
-def _labelled_runs(row) -> list[list[int]]:
-    runs, current = [], []
-    for token, label in zip(row["input_ids"], row["labels"], strict=True):
-        if label == IGNORE_INDEX:
-            if current:
-                runs.append(current)
-            current = []
-        else:
-            current.append(token)
-    return runs + ([current] if current else [])

@@ -36,8 +36,11 @@ def head_with_dashboard(monkeypatch):
 
     enable_token_auth_by_default()
     port = free_port()
+    # The job agent on a port of its own: on Ray's default (52365) a leftover process of an earlier test (CI runs
+    # many) keeps the agent from listening, and the head answers 'No available agent to submit job' for ever.
     cluster = Cluster(initialize_head=True, head_node_args={
-        "num_cpus": 2, "include_dashboard": True, "dashboard_host": "127.0.0.1", "dashboard_port": port})
+        "num_cpus": 2, "include_dashboard": True, "dashboard_host": "127.0.0.1", "dashboard_port": port,
+        "dashboard_agent_listen_port": free_port()})
     address = f"http://127.0.0.1:{port}"
     try:
         deadline = time.time() + 120

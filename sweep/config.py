@@ -334,8 +334,12 @@ class SchedulerConfig(_Strict):
 
 
 class ResourcesConfig(_Strict):
-    cpu: RayAmount = Field(1.0, gt=0.0)
-    gpu: RayAmount = Field(0.0, ge=0.0)
+    cpu: RayAmount = Field(1.0, gt=0.0, description="CPUs of a trial (of each worker, with `workers` > 1).")
+    gpu: RayAmount = Field(0.0, ge=0.0, description="GPUs of a trial (of each worker, with `workers` > 1); more than "
+                           "1 spreads one model's layers over them (device_map, for a model too big for one GPU).")
+    workers: Int = Field(1, ge=1, description="Data-parallel workers per trial: more than 1 makes each trial a Ray "
+                         "Train TorchTrainer (DDP), each worker with `cpu` and `gpu`; batch_size is per worker, so "
+                         "the global batch is workers x batch_size x gradient_accumulation_steps.")
 
     @field_validator("gpu")
     @classmethod
@@ -502,8 +506,9 @@ class SweepConfig(_Strict):
 
     @property
     def devices_per_trial(self) -> float:
-        """What a trial holds, for device-hours: its GPUs, or its CPUs when it asks for no GPU."""
-        return self.resources.gpu if self.resources.gpu > 0 else self.resources.cpu
+        """What a trial holds, for device-hours: its GPUs, or its CPUs when it asks for no GPU (every worker's)."""
+        per_worker = self.resources.gpu if self.resources.gpu > 0 else self.resources.cpu
+        return per_worker * self.resources.workers
 
     @field_validator("output_dir")
     @classmethod
@@ -560,6 +565,10 @@ class SweepConfig(_Strict):
                     f"scheduler.reduction_factor {self.scheduler.reduction_factor} with grace_period "
                     f"{grace} and max_steps {t.max_steps} makes {rungs:,} ASHA rungs, but at most "
                     f"{MAX_ASHA_RUNGS} are allowed: raise the factor (2 to 4 is usual)")
+        if self.resources.workers > 1 and self.resources.gpu > 1:
+            problems.append(f"resources.workers {self.resources.workers} with resources.gpu {self.resources.gpu:g}: a "
+                            "data-parallel worker trains on one GPU (or a fraction); set gpu: 1 and raise workers, or "
+                            "keep workers: 1 to spread one model over several GPUs")
         if self.model.quantization != "none":
             if self.resources.gpu == 0:
                 problems.append(f"model.quantization {self.model.quantization} (bitsandbytes 4-bit) trains on CUDA "

@@ -28,7 +28,8 @@ from ray.tune.schedulers import ASHAScheduler, FIFOScheduler, TrialScheduler
 from ray.tune.search import Searcher
 from ray.tune.search.optuna import OptunaSearch
 
-from lora_sweep.folder import BUDGET_FILE, CONFIG_FILE, CONFIRM_DIR_NAME, STUDY_FILE, TENSORBOARD_DIR, TUNE_DIR_NAME
+from lora_sweep.folder import (BUDGET_FILE, CONFIG_FILE, CONFIRM_DIR_NAME, STUDY_FILE, TENSORBOARD_DIR, TUNE_DIR_NAME,
+                               WORKERS_DIR)
 from lora_sweep.schedulers import KeepResultsAcrossPauses, PausingConcurrencyLimiter, PromotionASHA
 from lora_sweep.safety import check_state_files_are_ours, recover_truncated_tune_snapshot, sweep_id
 from lora_sweep.signals import SweepInterrupted, ctrl_c_handler_kept, sigterm_stops_like_ctrl_c
@@ -41,6 +42,7 @@ from lora_sweep.tensorboard_logs import TensorBoardCallback
 from lora_sweep.testing import faults
 from lora_sweep.trackers import tracker_callbacks
 from lora_sweep.trial_report import DIVERGED, STEP
+from lora_sweep.distributed import data_parallel_trainable
 from lora_sweep.recipe import confirm_trainable, tune_trainable
 
 log = logging.getLogger(__name__)
@@ -486,9 +488,10 @@ def trials_that_fit(config: SweepConfig, cpus: float, gpus: float) -> int:
     """Trials at once: the configured limit, else as many as `cpus` and `gpus` hold (at most all of them)."""
     if config.search.max_concurrent_trials:
         return min(config.search.max_concurrent_trials, config.search.num_trials)
-    fits = int(cpus // config.resources.cpu)
+    workers = config.resources.workers  # a data-parallel trial holds every worker's resources
+    fits = int(cpus // (config.resources.cpu * workers))
     if config.resources.gpu > 0:
-        fits = min(fits, int(gpus // config.resources.gpu))
+        fits = min(fits, int(gpus // (config.resources.gpu * workers)))
     return max(1, min(fits, config.search.num_trials))
 
 
@@ -514,7 +517,8 @@ def concurrent_trials(config: SweepConfig) -> int:
 
 
 def check_cluster_resources(config: SweepConfig) -> None:
-    """On an existing cluster, the largest node must fit one trial (checked once connected, before any trial)."""
+    """On an existing cluster, the largest node must fit one trial, or one worker of a data-parallel trial, whose
+    workers Ray Train may place on several nodes (checked once connected, before any trial)."""
     nodes = [n for n in ray.nodes() if n.get("Alive")]
     fits = [
         n for n in nodes
@@ -523,10 +527,18 @@ def check_cluster_resources(config: SweepConfig) -> None:
     if not fits:
         largest = max((n["Resources"].get("CPU", 0), n["Resources"].get("GPU", 0)) for n in nodes) if nodes else (0, 0)
         raise ConfigError(
-            [f"`resources`: a trial asks for {config.resources.cpu} CPU and {config.resources.gpu} GPU, but the largest "
+            [f"`resources`: a {'worker' if config.resources.workers > 1 else 'trial'} asks for {config.resources.cpu} "
+             f"CPU and {config.resources.gpu} GPU, but the largest "
              f"node of the cluster at {config.ray.address} has {largest[0]:g} CPU and {largest[1]:g} GPU"],
             "resources",
         )
+    total = ray.cluster_resources()
+    workers = config.resources.workers
+    if total.get("CPU", 0) < config.resources.cpu * workers or total.get("GPU", 0) < config.resources.gpu * workers:
+        raise ConfigError(
+            [f"`resources.workers`: a trial's {workers} workers ask for {config.resources.cpu * workers:g} CPU and "
+             f"{config.resources.gpu * workers:g} GPU in all, but the cluster at {config.ray.address} has "
+             f"{total.get('CPU', 0):g} CPU and {total.get('GPU', 0):g} GPU"], "resources")
 
 
 def run_sweep(config: SweepConfig, space: dict[str, Any], data_path: Path, folder: SweepFolder, resume: bool = False,
@@ -575,7 +587,7 @@ def run_sweep(config: SweepConfig, space: dict[str, Any], data_path: Path, folde
             num_samples=config.search.num_trials,
             max_concurrent_trials=at_once,
             # Reusing a worker skips its start-up and imports for every trial after the first.
-            reuse_actors=True,
+            reuse_actors=reuses_trial_actors(config),
         ),
         run_config=tune.RunConfig(
             name=TUNE_DIR_NAME,
@@ -610,7 +622,7 @@ def run_confirmation(config: SweepConfig, runs: list[dict[str, Any]], data_path:
         trainable,
         param_space={"run": tune.grid_search(runs)},
         tune_config=tune.TuneConfig(metric=config.search.metric, mode=config.search.mode,
-                                    max_concurrent_trials=at_once, reuse_actors=True,
+                                    max_concurrent_trials=at_once, reuse_actors=reuses_trial_actors(config),
                                     trial_dirname_creator=_confirm_run_folder),
         run_config=tune.RunConfig(
             name=CONFIRM_DIR_NAME, storage_path=storage_path, storage_filesystem=filesystem,
@@ -621,6 +633,13 @@ def run_confirmation(config: SweepConfig, runs: list[dict[str, Any]], data_path:
         ),
     )
     return _fit(tuner, sweep_dir)
+
+
+def reuses_trial_actors(config: SweepConfig) -> bool:
+    """Whether Tune reuses a trial's actor for the next trial. Not for data-parallel trials: Tune reuses an actor
+    only when the stopped trial's thread ends within 2 s, and Ray Train's shutdown of the workers takes longer
+    (their processes are new for every trial anyway)."""
+    return config.resources.workers == 1
 
 
 def _confirm_run_folder(trial: Any) -> str:
@@ -662,14 +681,22 @@ def follow_the_folder(tuner: tune.Tuner, folder: SweepFolder) -> None:
 
 def _bound_trainable(config: SweepConfig, data_path: Path, folder: SweepFolder,
                      trial_function: Callable[..., None]) -> Any:
-    """The trial function with the sweep's config, its prepared data and each trial's resources."""
+    """The trial function with the sweep's config, its prepared data and each trial's resources (a data-parallel
+    trial's Tune trainable, when the sweep's trials have workers)."""
     parameters: dict[str, Any] = {"base_config": config.model_dump(mode="json"), "data_path": str(data_path)}
     data_in_storage = folder.prepared_data_in_storage(data_path)
     if data_in_storage is not None:  # nodes that do not see the driver's disk fetch the prepared data from storage
         parameters["data_in_storage"] = data_in_storage
-    return tune.with_resources(
-        tune.with_parameters(trial_function, **parameters), {"cpu": config.resources.cpu, "gpu": config.resources.gpu},
-    )
+    resources = {"cpu": config.resources.cpu, "gpu": config.resources.gpu}
+    trainable: Any = trial_function
+    if config.resources.workers > 1 and trial_function in (tune_trainable, confirm_trainable):
+        trainable = data_parallel_trainable(confirm=trial_function is confirm_trainable)
+        # The Tune trial only passes reports on; Ray Train asks for its workers' resources itself. Tune refuses a
+        # trial that asks for nothing: a token of memory, so no CPU a worker needs is held by the trial.
+        storage_path, filesystem = folder.experiment_root()
+        parameters["workers_storage"] = (f"{storage_path}/{WORKERS_DIR}", filesystem)
+        resources = {"cpu": 0, "gpu": 0, "memory": 2**20}
+    return tune.with_resources(tune.with_parameters(trainable, **parameters), resources)
 
 
 def _restored(storage_path: str, filesystem: Any, name: str, trainable: Any, sweep_dir: Path) -> tune.Tuner | None:

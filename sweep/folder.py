@@ -12,6 +12,7 @@ PROVENANCE_FILE = "provenance.json"
 STUDY_FILE = "optuna_study.db"
 TUNE_DIR_NAME = "tune"  # Ray Tune's experiment: state, per-trial results, checkpoints
 CONFIRM_DIR_NAME = "confirm"  # promotion.confirm's runs: a Tune experiment beside the sweep's
+WORKERS_DIR = "workers"  # Ray Train's run of each running data-parallel trial (resources.workers), removed at its end
 STATUS_FILE = "status.json"
 DATA_DIR = "data"  # prepared data, one folder per content hash
 TENSORBOARD_DIR = "tensorboard"

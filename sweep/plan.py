@@ -122,7 +122,8 @@ def make_plan(config: SweepConfig) -> SweepPlan:
         generation_per_evaluation=generation_cost(config, tokenized.counts["val"]),
         base_parameters=checked.base_parameters,
         largest_adapter_parameters=checked.adapter_parameters,
-        resources_per_trial={"cpu": config.resources.cpu, "gpu": config.resources.gpu},
+        resources_per_trial={"cpu": config.resources.cpu, "gpu": config.resources.gpu,
+                             "workers": config.resources.workers},
         disk_bytes=checked.disk,
         sweep_dir_exists=taken,
         sweep_dir_is_ours=not taken or is_sweep_folder(sweep_dir),
@@ -133,6 +134,15 @@ def make_plan(config: SweepConfig) -> SweepPlan:
         confirm_seeds=config.confirm_seeds,
         trackers=tracker_targets(config, sweep_dir),
     )
+
+
+def trial_resources_line(resources: dict[str, float]) -> str:
+    """What a trial holds: its CPU and GPU, or its workers' (each `cpu` and `gpu`) when data-parallel."""
+    cpu, gpu, workers = resources["cpu"], resources["gpu"], int(resources["workers"])
+    if workers == 1:
+        return f"each trial asks for {cpu:g} CPU and {gpu:g} GPU"
+    return (f"each trial: {workers} data-parallel workers (Ray Train, DDP) of {cpu:g} CPU and {gpu:g} GPU each, "
+            f"{cpu * workers:g} CPU and {gpu * workers:g} GPU in all; the global batch is {workers} x batch_size")
 
 
 def plan_lines(plan: SweepPlan) -> list[str]:
@@ -159,7 +169,7 @@ def plan_lines(plan: SweepPlan) -> list[str]:
         + (f", loss on {plan.train_on.replace('_', ' ')} turns" if plan.data_format in ("messages", "sharegpt") else ""),
         f"model: {plan.base_parameters:,} parameters; largest adapter the sweep can pick: "
         f"{plan.largest_adapter_parameters:,} LoRA parameters",
-        f"each trial asks for {plan.resources_per_trial['cpu']:g} CPU and {plan.resources_per_trial['gpu']:g} GPU",
+        trial_resources_line(plan.resources_per_trial),
         f"disk: {human_bytes(plan.disk_bytes['checkpoint'])} per checkpoint; at most "
         f"{human_bytes(plan.disk_bytes['during_sweep_at_most'])} of checkpoints while it runs, "
         f"{human_bytes(plan.disk_bytes['after_sweep'])} after; export {human_bytes(plan.disk_bytes['export'])}",

@@ -141,10 +141,13 @@ def check_resources(config: SweepConfig) -> None:
         return
     cpus, gpus = local_ray_resources(config)
     problems = []
-    if config.resources.cpu > cpus:
-        problems.append(f"`resources.cpu`: a trial asks for {config.resources.cpu} CPUs but this machine's Ray has {cpus}")
-    if config.resources.gpu > gpus:
-        problems.append(f"`resources.gpu`: a trial asks for {config.resources.gpu} GPUs but this machine's Ray has {gpus:g}")
+    workers = config.resources.workers
+    held = f"a trial's {workers} workers ask for" if workers > 1 else "a trial asks for"
+    if config.resources.cpu * workers > cpus:
+        problems.append(f"`resources.cpu`: {held} {config.resources.cpu * workers} CPUs but this machine's Ray has {cpus}")
+    if config.resources.gpu * workers > gpus:
+        problems.append(f"`resources.gpu`: {held} {config.resources.gpu * workers} GPUs but this machine's Ray has "
+                        f"{gpus:g}")
     if problems:
         raise ConfigError(problems, "resources")
 

@@ -156,7 +156,8 @@ def run_trial(params: dict[str, Any], base_config: dict[str, Any], data_path: st
 
 def tune_trainable(params: dict[str, Any], base_config: dict[str, Any], data_path: str,
                    data_in_storage: Optional[str] = None) -> None:
-    """Ray Tune's entry point (bound with `tune.with_parameters`)."""
+    """Ray Tune's entry point (bound with `tune.with_parameters`); data-parallel trials have their own
+    (lora_sweep.distributed)."""
     data_path = local_prepared_data(data_path, data_in_storage, base_config["storage"])
     run_trial(params, base_config, data_path, TuneReporter())
 

@@ -26,7 +26,8 @@ DIVERGED_REASON = "diverged_reason"  # only in a report of a diverged trial
 DEVICE = "device"  # where the trial trained: the GPU Ray assigned, or the CPU
 ADAPTER_PARAMS = "adapter_params"
 EVAL_MS_PER_EXAMPLE = "eval_ms_per_example"
-NODE_ID = "node_id"  # added by the Tune reporter: the Ray node that ran the trial
+NODE_ID = "node_id"  # added by the Tune reporter: the Ray node that ran the trial (rank 0's, with workers)
+WORKER_NODE_IDS = "worker_node_ids"  # a data-parallel trial's: every worker's Ray node, comma-separated, by rank
 
 # What `search.metric` may name (and any metric of `evaluation.metrics`, a custom one's included), and the costs
 # `search.also_minimize` may name.
@@ -84,4 +85,5 @@ TUNE_RESULT_KEYS = ("training_iteration", "time_total_s", "episodes_total", "tim
                     "pid", "time_this_iter_s", "timestamp", "date", "time_since_restore", "timesteps_since_restore",
                     "iterations_since_restore", "config", "checkpoint_dir_name", "done", "trial_id",
                     "should_checkpoint", "experiment_tag")
-RESERVED_KEYS = (*(field.name for field in dataclasses.fields(TrialReport)), NODE_ID, *TUNE_RESULT_KEYS)
+RESERVED_KEYS = (*(field.name for field in dataclasses.fields(TrialReport)), NODE_ID, WORKER_NODE_IDS,
+                 *TUNE_RESULT_KEYS)

@@ -26,7 +26,7 @@ def test_plan_prints_space_trials_steps_disk_and_resources(raw_config, write_con
     assert plan["asha_rungs"] == [10, 30, 90]
     # 10 each, then a third of the trials go on to 30 and a ninth to 90.
     assert plan["expected_training_steps"] == round(2 * (10 + 20 / 3 + 60 / 9))
-    assert plan["examples"]["train"] > 0 and plan["resources_per_trial"] == {"cpu": 1.0, "gpu": 0.0}
+    assert plan["examples"]["train"] > 0 and plan["resources_per_trial"] == {"cpu": 1.0, "gpu": 0.0, "workers": 1}
     assert plan["largest_adapter_parameters"] == peft_trainable_parameters(raw_config["model"]["path"], rank=4)
     assert plan["disk_bytes"]["checkpoint"] > plan["largest_adapter_parameters"] * 4
     assert not ray.is_initialized()

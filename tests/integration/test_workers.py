@@ -5,6 +5,7 @@ worker's node is lost."""
 import json
 import threading
 import time
+from pathlib import Path
 
 import pytest
 import ray
@@ -17,45 +18,58 @@ from sweep_process import assert_never_started_over
 pytestmark = pytest.mark.integration
 
 
-def _reports(sweep_dir) -> list[dict]:
-    (result_file,) = sweep_dir.glob("tune/*/result.json")
-    return [json.loads(line) for line in result_file.read_text().splitlines() if line.strip()]
+def _reports(sweep_dir) -> dict[float, list[dict]]:
+    """Each trial's reports, by its learning rate."""
+    reports = {}
+    for result_file in sweep_dir.glob("tune/*/result.json"):
+        rows = [json.loads(line) for line in result_file.read_text().splitlines() if line.strip()]
+        reports[rows[0]["config"]["training.learning_rate"]] = rows
+    return reports
 
 
 def test_two_workers_train_as_one_worker_with_the_same_global_batch(raw_config, write_config, tmp_path):
-    """Same seed, same learning rate (Optuna's first draw), same examples in each optimizer step: one worker with
-    batch 4 against two workers with batch 2 each. Evaluated one example per batch, so the eval loss is the mean
-    over examples however the validation set is split between workers."""
+    """Same seed, same learning rate (Optuna's first draw), the same examples in each optimizer step: one worker with
+    batch 4 against two workers with batch 2 each. Evaluated one example per batch, so the eval loss is the mean over
+    the same examples however the validation set is split between workers. The two-worker sweep runs three trials
+    under promotion ASHA: trials pause at a rung (their workers stop), one resumes from its checkpoint to the end,
+    the others are stopped early, and the best is promoted and exported."""
     raw_config["training"].update({"max_steps": 9, "eval_steps": 3, "eval_batch_size": 1})
-    raw_config["search"].update({"num_trials": 1, "max_concurrent_trials": 1})
-    raw_config["scheduler"] = {"type": "none"}
+    raw_config["search"].update({"max_concurrent_trials": 1})
     runs = {}
-    for workers, batch in ((1, 4), (2, 2)):
+    for workers, batch, trials, scheduler in ((1, 4, 1, {"type": "none"}),
+                                              (2, 2, 3, {"type": "promotion_asha", "grace_period": 3})):
         raw_config["name"] = f"workers-{workers}"
         raw_config["resources"] = {"cpu": 1, "workers": workers}
         raw_config["training"]["batch_size"] = batch
+        raw_config["search"]["num_trials"] = trials
+        raw_config["scheduler"] = scheduler
         config = load_config(write_config(raw_config, f"workers-{workers}.yaml"))
         outcome = run(config)
         ray.shutdown()
-        assert outcome.records[0].status == "completed"
-        runs[workers] = _reports(config.sweep_dir)
+        runs[workers] = (outcome, _reports(config.sweep_dir))
         assert (config.sweep_dir / "export" / "merged" / "model.safetensors").is_file()
-    one, two = runs[1], runs[2]
-    assert [r["step"] for r in one] == [r["step"] for r in two] == [3, 6, 9]
-    assert [r["tokens_seen"] for r in one] == [r["tokens_seen"] for r in two]  # the same examples, counted over workers
-    for a, b in zip(one, two, strict=True):
+    (one,) = runs[1][1].values()
+    two = runs[2][1][one[0]["config"]["training.learning_rate"]]  # the two-worker sweep's first trial
+    assert [r["step"] for r in one] == [3, 6, 9] and len(two) >= 1
+    for a, b in zip(one, two, strict=False):  # up to where promotion ASHA let the two-worker trial go
+        assert b["step"] == a["step"] and b["tokens_seen"] == a["tokens_seen"]  # the same examples, over workers
         assert b["train_loss"] == pytest.approx(a["train_loss"], abs=1e-4), (a, b)
         assert b["eval_loss"] == pytest.approx(a["eval_loss"], abs=1e-4), (a, b)
-    assert all(len(r["worker_node_ids"].split(",")) == 2 for r in two)
+    records = runs[2][0].records
+    assert sorted(r.status for r in records) == ["completed", "stopped early", "stopped early"]
+    best = next(r for r in records if r.status == "completed")
+    assert best.steps_run == 9 and best.best_checkpoint
+    # A paused trial resumed from its checkpoint: its steps never start over.
+    (resumed,) = [rows for rows in runs[2][1].values() if rows[-1]["step"] == 9]
+    assert [r["step"] for r in resumed] == [3, 6, 9]
+    assert all(len(r["worker_node_ids"].split(",")) == 2 for rows in runs[2][1].values() for r in rows)
     # Both workers' RNG states are in the trial's checkpoints (Train merges each rank's part), for an exact resume.
-    (result_file,) = (tmp_path / "results" / "workers-2" / "tune").glob("*/result.json")
-    trial_dir = result_file.parent
-    kept = sorted(trial_dir.glob("checkpoint_*"))
-    assert kept and {"rng_state_0.pth", "rng_state_1.pth", "adapter_model.safetensors", "optimizer.pt"} <= {
-        p.name for p in kept[-1].iterdir()}
+    assert {"rng_state_0.pth", "rng_state_1.pth", "adapter_model.safetensors", "optimizer.pt"} <= {
+        p.name for p in Path(best.best_checkpoint).iterdir()}
     # The budget counts every worker: two CPUs held for the trial's wall time.
-    record = json.loads((tmp_path / "results" / "workers-2" / "best.json").read_text())
-    assert record["device_seconds"] == pytest.approx(2 * record["wall_seconds"], rel=0.01)
+    assert best.device_seconds == pytest.approx(2 * best.wall_seconds, rel=0.01)
+    # Ray Train's runs are gone with their trials; Tune holds the checkpoints.
+    assert not any((tmp_path / "results" / "workers-2" / "workers").iterdir())
 
 
 def test_a_two_worker_trial_spans_two_nodes_and_goes_on_when_one_is_lost(raw_config, write_config):
@@ -63,7 +77,7 @@ def test_a_two_worker_trial_spans_two_nodes_and_goes_on_when_one_is_lost(raw_con
     first = cluster.add_node(num_cpus=1)
     second = cluster.add_node(num_cpus=1)
     try:
-        raw_config["training"].update({"max_steps": 600, "eval_steps": 30})
+        raw_config["training"].update({"max_steps": 300, "eval_steps": 30})
         raw_config["search"].update({"num_trials": 1, "max_concurrent_trials": 1})
         raw_config["scheduler"] = {"type": "none"}
         raw_config["failure_retries"] = 2
@@ -89,9 +103,9 @@ def test_a_two_worker_trial_spans_two_nodes_and_goes_on_when_one_is_lost(raw_con
         driver.join(timeout=400)
         assert not errors and outcome, errors
         assert outcome[0].records[0].status == "completed"
-        reports = _reports(config.sweep_dir)
+        (reports,) = _reports(config.sweep_dir).values()
         steps = [r["step"] for r in reports]
-        assert steps[-1] == 600
+        assert steps[-1] == 300
         assert_never_started_over(steps, 30)  # went on from a checkpoint
         spreads = [set(r["worker_node_ids"].split(",")) for r in reports]
         assert spreads[0] == {first.node_id, second.node_id}  # one worker on each node

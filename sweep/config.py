@@ -566,9 +566,9 @@ class SweepConfig(_Strict):
                     f"{grace} and max_steps {t.max_steps} makes {rungs:,} ASHA rungs, but at most "
                     f"{MAX_ASHA_RUNGS} are allowed: raise the factor (2 to 4 is usual)")
         if self.resources.workers > 1 and self.resources.gpu > 1:
-            problems.append(f"resources.workers {self.resources.workers} with resources.gpu {self.resources.gpu:g}: a "
-                            "data-parallel worker trains on one GPU (or a fraction); set gpu: 1 and raise workers, or "
-                            "keep workers: 1 to spread one model over several GPUs")
+            problems.append(f"`resources.workers`: {self.resources.workers} with resources.gpu {self.resources.gpu:g}, "
+                            "but a data-parallel worker trains on one GPU (or a fraction): set gpu: 1 and raise "
+                            "workers, or keep workers: 1 to spread one model over several GPUs")
         if self.model.quantization != "none":
             if self.resources.gpu == 0:
                 problems.append(f"model.quantization {self.model.quantization} (bitsandbytes 4-bit) trains on CUDA "

@@ -128,7 +128,7 @@ def _worker_loop(loop_config: dict[str, Any]) -> None:
 def _forward_to_tune_class() -> type:
     from ray.train.v2.api.callback import UserCallback
 
-    class ForwardToTune(UserCallback):  # type: ignore[misc]
+    class ForwardToTune(UserCallback):
         """Runs in Train's controller: each report's rank-0 metrics and merged checkpoint go to the Tune trial."""
 
         def __init__(self, reports: Any):
@@ -150,7 +150,7 @@ def _trial_classes() -> tuple[type, type]:
     from ray.tune.result import DONE, RESULT_DUPLICATE, SHOULD_CHECKPOINT
     from ray.util.queue import Empty, Queue
 
-    class DataParallelTrial(tune.Trainable):  # type: ignore[misc]
+    class DataParallelTrial(tune.Trainable):
         """A Tune trial whose training runs in a TorchTrainer of `resources.workers` workers.
 
         A class trainable, not a function: Tune calls `cleanup` and waits for it before it ends the trial's
@@ -160,8 +160,9 @@ def _trial_classes() -> tuple[type, type]:
         the one a restarted trial resumes from where every worker can read it.
         """
 
-        def setup(self, config: dict[str, Any], base_config: dict[str, Any], data_path: str,
+        def setup(self, config: dict[str, Any], base_config: dict[str, Any], data_path: str,  # type: ignore[override]
                   data_in_storage: Optional[str] = None, workers_storage: Optional[tuple[str, Any]] = None) -> None:
+            # Tune's own signature is setup(config): tune.with_parameters passes the rest as keyword arguments.
             self.params, self.base_config = self.trial_params(config, base_config)
             self.data_path, self.data_in_storage = data_path, data_in_storage
             assert workers_storage is not None  # bound by the driver for every data-parallel sweep
@@ -229,7 +230,7 @@ def _trial_classes() -> tuple[type, type]:
                 pafs.copy_files(self.latest.path, checkpoint_dir, source_filesystem=self.latest.filesystem,
                                 destination_filesystem=pafs.LocalFileSystem())
 
-        def load_checkpoint(self, checkpoint_dir: str) -> None:
+        def load_checkpoint(self, checkpoint_dir: Any) -> None:  # the folder save_checkpoint filled, fetched here
             # Where every worker reads it, on any node: beside the Train run, in the sweep's folder or storage.
             restored = f"{self.storage_path}/{self.run_name}-restored"
             self.filesystem.create_dir(restored, recursive=True)  # a local copy needs the folder made first
@@ -252,7 +253,7 @@ def _trial_classes() -> tuple[type, type]:
                 for queue in (self.reports, self.answers):
                     queue.shutdown(force=True)
 
-    class DataParallelConfirmRun(DataParallelTrial):  # type: ignore[misc, valid-type]
+    class DataParallelConfirmRun(DataParallelTrial):
         """`promotion.confirm`'s run of one configuration with another seed, trained by workers (as `confirm_trainable`)."""
 
         def trial_params(self, config: dict[str, Any], base_config: dict[str, Any]) -> tuple[dict[str, Any], dict[str, Any]]:

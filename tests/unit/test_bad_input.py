@@ -49,6 +49,7 @@ CASES = {
     "not a causal LM": (lambda raw, tmp: raw["model"].update(path=_not_a_causal_lm(tmp)), "is not a causal LM"),
     "target modules not found": (lambda raw, tmp: raw.update(lora={"target_modules": ["c_attn"]}), "['c_attn'] not found in the model; its linear modules are ['down_proj', 'gate_proj', 'k_proj', 'o_proj', 'q_proj', 'up_proj', 'v_proj']"),
     "resources beyond the cluster": (lambda raw, tmp: raw.update(resources={"cpu": 8, "gpu": 0}), "`resources.cpu`: a trial asks for 8.0 CPUs but this machine's Ray has 2"),
+    "workers beyond the machine": (lambda raw, tmp: raw.update(resources={"cpu": 1, "workers": 3}), "`resources.cpu`: a trial's 3 workers ask for 3.0 CPUs but this machine's Ray has 2"),
     "a GPU that is not there": (lambda raw, tmp: raw.update(resources={"cpu": 1, "gpu": 1}), "`resources.gpu`: a trial asks for 1.0 GPUs but this machine's Ray has 0"),
     "a metric never reported": (lambda raw, tmp: raw["search"].update(metric="accuracy"), "`search.metric`: must be one the trainable reports"),
     "output folder not writable": (lambda raw, tmp: (tmp.joinpath("a-file").write_text("x"), raw.update(output_dir=str(tmp / "a-file" / "results"))), "a-file is a file, so"),

@@ -75,6 +75,19 @@ def test_without_a_limit_plan_counts_the_trials_that_fit(raw_config, write_confi
     assert json.loads(result.output)["max_concurrent_trials"] == 6  # 3 GPUs / 0.5 (CPUs would fit 8)
 
 
+def test_plan_shows_a_data_parallel_trials_workers_and_counts_them_all(raw_config, write_config):
+    raw_config["search"]["num_trials"] = 10
+    raw_config["search"].pop("max_concurrent_trials")
+    raw_config["resources"] = {"cpu": 1, "workers": 2}
+    raw_config["ray"] = {"num_cpus": 5}
+    plan = json.loads(CliRunner().invoke(app, ["plan", str(write_config(raw_config)), "--json"]).output)
+    assert plan["resources_per_trial"] == {"cpu": 1.0, "gpu": 0.0, "workers": 2}
+    assert plan["max_concurrent_trials"] == 2  # 5 CPUs hold two trials of two 1-CPU workers
+    text = CliRunner().invoke(app, ["plan", str(write_config(raw_config))]).output
+    assert ("each trial: 2 data-parallel workers (Ray Train, DDP) of 1 CPU and 0 GPU each, 2 CPU and 0 GPU in all; "
+            "the global batch is 2 x batch_size") in text
+
+
 def test_plan_says_where_the_trackers_log(raw_config, write_config, tmp_path, monkeypatch):
     monkeypatch.delenv("MLFLOW_TRACKING_URI", raising=False)
     raw_config["trackers"] = ["mlflow", "wandb"]

@@ -15,7 +15,9 @@ def a_report(**changes) -> TrialReport:
 def test_every_field_of_the_report_is_a_named_key_and_the_key_lists_name_fields():
     named = {value for name, value in vars(keys).items() if name.isupper() and isinstance(value, str)}
     fields = {field.name for field in dataclasses.fields(TrialReport)}
-    assert fields == named - {keys.NODE_ID}  # NODE_ID is added by the Tune reporter, not by the trainable
+    # NODE_ID is added by the Tune reporter (and a data-parallel trial's WORKER_NODE_IDS by its workers' reporter),
+    # not by the trainable
+    assert fields == named - {keys.NODE_ID, keys.WORKER_NODE_IDS}
     for listed in (keys.OBJECTIVE_METRICS, keys.COST_METRICS, keys.SCALARS, keys.BEST_EVALUATION_KEYS):
         assert set(listed) <= fields
 

@@ -565,9 +565,13 @@ class SweepConfig(_Strict):
                     f"scheduler.reduction_factor {self.scheduler.reduction_factor} with grace_period "
                     f"{grace} and max_steps {t.max_steps} makes {rungs:,} ASHA rungs, but at most "
                     f"{MAX_ASHA_RUNGS} are allowed: raise the factor (2 to 4 is usual)")
+        if self.resources.workers > 1 and 0 < self.resources.gpu < 1:
+            problems.append(f"`resources.workers`: {self.resources.workers} with resources.gpu {self.resources.gpu:g}, "
+                            "but data-parallel workers cannot share a GPU (NCCL refuses two ranks on one device): "
+                            "set gpu: 1, or keep workers: 1 to fit several trials on one GPU")
         if self.resources.workers > 1 and self.resources.gpu > 1:
             problems.append(f"`resources.workers`: {self.resources.workers} with resources.gpu {self.resources.gpu:g}, "
-                            "but a data-parallel worker trains on one GPU (or a fraction): set gpu: 1 and raise "
+                            "but a data-parallel worker trains on one GPU: set gpu: 1 and raise "
                             "workers, or keep workers: 1 to spread one model over several GPUs")
         if self.model.quantization != "none":
             if self.resources.gpu == 0:

@@ -37,9 +37,10 @@ def disk_needs(config: SweepConfig, adapter_parameters: int, base_parameters: in
     return {
         "checkpoint": checkpoint,
         # While it runs, each trial keeps its k best and its latest; a running one can hold one more (and a
-        # data-parallel one also its Ray Train run's latest, in the sweep's workers/ folder).
+        # data-parallel one, in the sweep's workers/ folder, its Ray Train run's latest, a second while Train
+        # registers a new one, and the one a resumed trial started from).
         "during_sweep_at_most": config.search.num_trials * (keep + 1) * checkpoint
-        + concurrent * checkpoint * (2 if config.resources.workers > 1 else 1),
+        + concurrent * checkpoint * (4 if config.resources.workers > 1 else 1),
         "after_sweep": (keep + 1) * checkpoint,
         "export": adapter_parameters * ADAPTER_BYTES_PER_PARAMETER
         + base_parameters * DTYPE_BYTES.get(config.model.dtype, 4),

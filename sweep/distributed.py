@@ -29,7 +29,9 @@ from typing import Any, Callable, Iterator, Optional, TypeVar
 from lora_sweep.trial_report import NODE_ID, STEP, WORKER_NODE_IDS
 
 GO_ON, STOP = "go on", "stop"
-_ANSWER_TIMEOUT_S = 24 * 3600.0  # Tune answers at once, unless a promotion_asha pause holds it; then cleanup answers
+# Tune answers a report at once (the next step, or cleanup when it ends the trial); the other ranks wait for rank 0
+# in a collective, which gives up after the process group's timeout (Ray Train's TorchConfig: 1800 s).
+_ANSWER_TIMEOUT_S = 1800.0
 _SHUTDOWN_TIMEOUT_S = 300.0  # for Train to end the workers once they are told to stop
 
 T = TypeVar("T")
@@ -88,9 +90,11 @@ class WorkerReporter:
             raise TrialStopped(f"Tune stopped the trial at step {step}")
 
     def _answer_to(self, step: int) -> str:
-        while True:  # an answer to a report of a worker group that was lost since is skipped
+        while True:
             answered, decision = self.answers.get(timeout=_ANSWER_TIMEOUT_S)
-            if answered == step:
+            # A stop holds whatever step it answered (a worker group started again may be past it); a go-on
+            # to the report of a worker group lost since is skipped.
+            if decision == STOP or answered == step:
                 return str(decision)
 
     @contextlib.contextmanager
@@ -175,8 +179,10 @@ def _trial_classes() -> tuple[type, type]:
             self.last: dict[str, Any] = {}
             self.training: Optional[threading.Thread] = None
             self.ended: dict[str, BaseException] = {}
-            self.reports: Any = Queue(maxsize=1, actor_options={"num_cpus": 0})
-            self.answers: Any = Queue(maxsize=1, actor_options={"num_cpus": 0})
+            # Unbounded: Train's controller never waits to hand a report on, and cleanup never waits to answer.
+            # Rank 0 waits for the answer to each report, so neither holds more than one or two items.
+            self.reports: Any = Queue(actor_options={"num_cpus": 0})
+            self.answers: Any = Queue(actor_options={"num_cpus": 0})
 
         def trial_params(self, config: dict[str, Any], base_config: dict[str, Any]) -> tuple[dict[str, Any], dict[str, Any]]:
             """(the trial's params, the config it trains with)."""
@@ -192,7 +198,9 @@ def _trial_classes() -> tuple[type, type]:
                     metrics, checkpoint = self.reports.get(timeout=1.0)
                 except Empty:
                     continue
-                self.last, self.latest = metrics, checkpoint
+                self.last = metrics
+                if checkpoint is not None:  # a diverged trial's last report has none: a pause keeps the one before
+                    self.latest = checkpoint
                 return {**metrics, SHOULD_CHECKPOINT: checkpoint is not None}
             if "error" in self.ended:
                 raise self.ended["error"]
@@ -212,7 +220,11 @@ def _trial_classes() -> tuple[type, type]:
                     name=self.run_name, storage_path=self.storage_path, storage_filesystem=self.filesystem,
                     # Train keeps the latest only: it restarts a lost worker group from there; Tune keeps the best.
                     checkpoint_config=ray.train.CheckpointConfig(num_to_keep=1),
-                    failure_config=ray.train.FailureConfig(max_failures=int(self.base_config["failure_retries"])),
+                    # A lost worker or node: Train starts the group again (then Tune retries the trial, as any).
+                    # Waiting for room for the workers gives up after about 30 minutes (30 startups of 60 s).
+                    # (mypy reads Train V1's FailureConfig; Train V2's, which runs, has controller_failure_limit)
+                    failure_config=ray.train.FailureConfig(  # type: ignore[call-arg]
+                        max_failures=int(self.base_config["failure_retries"]), controller_failure_limit=30),
                     callbacks=[_forward_to_tune_class()(self.reports)]),
             )
 
@@ -243,8 +255,7 @@ def _trial_classes() -> tuple[type, type]:
                 if self.training is not None and self.training.is_alive():
                     # Tune ended the trial (a stop, a pause, the end of the sweep) while the workers wait for the
                     # answer to the last report: they stop there, and Train shuts them down.
-                    if self.last:
-                        self.answers.put((int(self.last[STEP]), STOP))
+                    self.answers.put((int(self.last.get(STEP, -1)), STOP))  # also before the first report
                     self.training.join(timeout=_SHUTDOWN_TIMEOUT_S)
             finally:
                 for folder in (self.run_name, f"{self.run_name}-restored"):

@@ -28,8 +28,7 @@ from ray.tune.schedulers import ASHAScheduler, FIFOScheduler, TrialScheduler
 from ray.tune.search import Searcher
 from ray.tune.search.optuna import OptunaSearch
 
-from lora_sweep.folder import (BUDGET_FILE, CONFIG_FILE, CONFIRM_DIR_NAME, STUDY_FILE, TENSORBOARD_DIR, TUNE_DIR_NAME,
-                               WORKERS_DIR)
+from lora_sweep.folder import BUDGET_FILE, CONFIG_FILE, CONFIRM_DIR_NAME, STUDY_FILE, TENSORBOARD_DIR, TUNE_DIR_NAME
 from lora_sweep.schedulers import KeepResultsAcrossPauses, PausingConcurrencyLimiter, PromotionASHA
 from lora_sweep.safety import check_state_files_are_ours, recover_truncated_tune_snapshot, sweep_id
 from lora_sweep.signals import SweepInterrupted, ctrl_c_handler_kept, sigterm_stops_like_ctrl_c
@@ -367,13 +366,16 @@ def make_search(config: SweepConfig, space: dict[str, Any], sweep_dir: Path | No
     )
 
 
-def make_scheduler(config: SweepConfig) -> TrialScheduler:
+def make_scheduler(config: SweepConfig, at_once: int | None = None) -> TrialScheduler:
+    """The config's scheduler; `at_once`: the trials that fit, which promotion ASHA keeps to when it resumes paused
+    data-parallel trials (Tune's resource accounting does it for one-worker trials, which ask Tune for theirs)."""
     if config.scheduler.type == "none":
         return FIFOScheduler()
     if config.scheduler.type == "promotion_asha":
         return PromotionASHA(time_attr=STEP, max_t=config.training.max_steps,
                              grace_period=config.grace_steps,
-                             reduction_factor=config.scheduler.reduction_factor)
+                             reduction_factor=config.scheduler.reduction_factor,
+                             max_running=at_once if config.resources.workers > 1 else None)
     return ASHAScheduler(
         time_attr=STEP,
         max_t=config.training.max_steps,
@@ -486,13 +488,17 @@ def budget_spent(sweep_dir: Path) -> str | None:
 
 def trials_that_fit(config: SweepConfig, cpus: float, gpus: float) -> int:
     """Trials at once: the configured limit, else as many as `cpus` and `gpus` hold (at most all of them)."""
-    if config.search.max_concurrent_trials:
-        return min(config.search.max_concurrent_trials, config.search.num_trials)
     workers = config.resources.workers  # a data-parallel trial holds every worker's resources
     fits = int(cpus // (config.resources.cpu * workers))
     if config.resources.gpu > 0:
         fits = min(fits, int(gpus // (config.resources.gpu * workers)))
-    return max(1, min(fits, config.search.num_trials))
+    fits = max(1, min(fits, config.search.num_trials))
+    if config.search.max_concurrent_trials:
+        # Tune holds back a one-worker trial that does not fit; a data-parallel trial asks Tune for nothing (its
+        # workers ask Ray Train), so more of them than fit would only wait for each other's resources.
+        limit = min(config.search.max_concurrent_trials, config.search.num_trials)
+        return min(limit, fits) if workers > 1 else limit
+    return fits
 
 
 def trials_that_fit_the_cluster(config: SweepConfig) -> int:
@@ -554,7 +560,7 @@ def run_sweep(config: SweepConfig, space: dict[str, Any], data_path: Path, folde
     if restored is not None:
         # Finished trials stay finished; unfinished ones restart from their last checkpoint; the
         # searcher (and through it the Optuna study) continues from its saved state.
-        return _fit(restored, sweep_dir)
+        return _fit(restored, folder)
     task_metrics = tuple(metric_names(config.evaluation.metrics)) if config.generated_val_examples else ()
     callbacks: list[Callback] = [
         TensorBoardCallback(sweep_dir / TENSORBOARD_DIR, config.search.metric, config.search.mode,
@@ -583,7 +589,7 @@ def run_sweep(config: SweepConfig, space: dict[str, Any], data_path: Path, folde
             metric=config.search.metric,
             mode=config.search.mode,
             search_alg=search,
-            scheduler=make_scheduler(config),
+            scheduler=make_scheduler(config, fits),
             num_samples=config.search.num_trials,
             max_concurrent_trials=at_once,
             # Reusing a worker skips its start-up and imports for every trial after the first.
@@ -605,18 +611,17 @@ def run_sweep(config: SweepConfig, space: dict[str, Any], data_path: Path, folde
             verbose=faults.tune_verbosity(),
         ),
     )
-    return _fit(tuner, sweep_dir)
+    return _fit(tuner, folder)
 
 
 def run_confirmation(config: SweepConfig, runs: list[dict[str, Any]], data_path: Path, folder: SweepFolder,
                      resume: bool = False) -> Any:
     """Train `promotion.confirm`'s runs ({"of", "seed", "params"} each) to the end, side by side as trials fit,
     as the Tune experiment `confirm` beside the sweep's own; returns its ResultGrid. A stopped one continues."""
-    sweep_dir = folder.local
     trainable, storage_path, filesystem, restored = _experiment(config, data_path, folder, CONFIRM_DIR_NAME,
                                                                 confirm_trainable, resume)
     if restored is not None:
-        return _fit(restored, sweep_dir)
+        return _fit(restored, folder)
     at_once = trials_that_fit_the_cluster(config)
     tuner = tune.Tuner(
         trainable,
@@ -632,7 +637,7 @@ def run_confirmation(config: SweepConfig, runs: list[dict[str, Any]], data_path:
             verbose=faults.tune_verbosity(),
         ),
     )
-    return _fit(tuner, sweep_dir)
+    return _fit(tuner, folder)
 
 
 def reuses_trial_actors(config: SweepConfig) -> bool:
@@ -693,8 +698,7 @@ def _bound_trainable(config: SweepConfig, data_path: Path, folder: SweepFolder,
         trainable = data_parallel_trainable(confirm=trial_function is confirm_trainable)
         # The Tune trial only passes reports on; Ray Train asks for its workers' resources itself. Tune refuses a
         # trial that asks for nothing: a token of memory, so no CPU a worker needs is held by the trial.
-        storage_path, filesystem = folder.experiment_root()
-        parameters["workers_storage"] = (f"{storage_path}/{WORKERS_DIR}", filesystem)
+        parameters["workers_storage"] = folder.workers_runs()
         resources = {"cpu": 0, "gpu": 0, "memory": 2**20}
     return tune.with_resources(tune.with_parameters(trainable, **parameters), resources)
 
@@ -714,18 +718,22 @@ def _restored(storage_path: str, filesystem: Any, name: str, trainable: Any, swe
                               storage_filesystem=filesystem)
 
 
-def _fit(tuner: tune.Tuner, sweep_dir: Path) -> Any:
-    """Tune's fit; a Ctrl-C or SIGTERM during it is a stop (SweepInterrupted), never a sweep that ended."""
+def _fit(tuner: tune.Tuner, folder: SweepFolder) -> Any:
+    """Tune's fit; a Ctrl-C or SIGTERM during it is a stop (SweepInterrupted), never a sweep that ended.
+    Data-parallel trials' Ray Train runs left by an earlier stop go before, and any this one leaves after."""
+    sweep_dir = folder.local
     local = tuner._local_tuner
     mirrors = [hook for hook in (local.get_run_config().callbacks or []) if isinstance(hook, MirrorToStorage)] \
         if local is not None else []
     ResumableOptunaSearch.before_state_sync = mirrors[0].records if mirrors else None
+    folder.remove_workers_runs()
     try:
         with ctrl_c_handler_kept() as stop:
             result_grid = tuner.fit()
     finally:
         # set by `_experiment` (and `_fit` below) for this experiment only
         ResumableOptunaSearch.study_file_now = ResumableOptunaSearch.before_state_sync = None
+        folder.remove_workers_runs()
     if stop.interrupted:
         raise SweepInterrupted(f"its state is saved: continue with `sweep resume {sweep_dir}`")
     return result_grid

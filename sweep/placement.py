@@ -12,6 +12,7 @@ runs on CUDA only: a sweep without a GPU is refused before anything runs.
 from __future__ import annotations
 
 import importlib.util
+import os
 from typing import Any, Optional
 
 import torch
@@ -28,8 +29,19 @@ def visible_gpus() -> int:
 
 
 def cuda_devices_for_trial(config: SweepConfig) -> int:
-    """The CUDA devices this trial may use (0 when it asked for none, or where CUDA is missing)."""
-    return visible_gpus() if config.resources.gpu > 0 else 0
+    """The CUDA devices this trial may use (0 when it asked for none, or where CUDA is missing). A data-parallel
+    worker uses one: Ray Train shows each worker every GPU its node gives the trial's workers, and the Trainer
+    trains on the one of its local rank."""
+    if config.resources.gpu == 0:
+        return 0
+    return min(visible_gpus(), 1) if config.resources.workers > 1 else visible_gpus()
+
+
+def trial_cuda_device() -> int:
+    """The CUDA device this trial process trains on: its local rank's in a data-parallel worker (as the Trainer
+    picks it), else the current one."""
+    local_rank = os.environ.get("LOCAL_RANK")
+    return int(local_rank) if local_rank is not None else torch.cuda.current_device()
 
 
 def quantization_config(config: SweepConfig) -> Any:
@@ -61,7 +73,7 @@ def trial_loading_kwargs(config: SweepConfig, cuda_devices: int) -> dict[str, An
     if cuda_devices >= 2:
         kwargs["device_map"] = "auto"  # accelerate balances the layers over every GPU the trial holds
     elif quantized:
-        kwargs["device_map"] = {"": torch.cuda.current_device()}  # bitsandbytes quantizes while loading onto the GPU
+        kwargs["device_map"] = {"": trial_cuda_device()}  # bitsandbytes quantizes while loading onto the GPU
     return kwargs
 
 

@@ -34,8 +34,9 @@ class PromotionASHA(FIFOScheduler):
     """
 
     def __init__(self, time_attr: str, max_t: int, grace_period: int, reduction_factor: float,
-                 metric: Optional[str] = None, mode: Optional[str] = None):
+                 metric: Optional[str] = None, mode: Optional[str] = None, max_running: Optional[int] = None):
         super().__init__()  # type: ignore[no-untyped-call]
+        self.max_running = max_running  # trials at once, when Tune's resource accounting does not hold them back
         self._time_attr = time_attr
         self._max_t = max_t
         self._metric = metric
@@ -100,6 +101,9 @@ class PromotionASHA(FIFOScheduler):
 
     def choose_trial_to_run(self, tune_controller: Any) -> Optional[Trial]:
         trials: list[Trial] = tune_controller.get_trials()
+        limit = getattr(self, "max_running", None)  # a scheduler pickled before the limit existed has none
+        if limit is not None and sum(t.status == Trial.RUNNING for t in trials) >= limit:
+            return None
         paused = {t.trial_id: t for t in trials if t.status == Trial.PAUSED}
         for trial_id in self.promotable():
             if trial_id in paused:

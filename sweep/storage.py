@@ -26,7 +26,7 @@ import pyarrow as pa
 import pyarrow.fs as pafs
 
 from lora_sweep.config import ConfigError, SweepConfig, redact_uri
-from lora_sweep.folder import CONFIRM_DIR_NAME, DATA_DIR, MARKER_FILE, TUNE_DIR_NAME
+from lora_sweep.folder import CONFIRM_DIR_NAME, DATA_DIR, MARKER_FILE, TUNE_DIR_NAME, WORKERS_DIR
 
 # Tune's per-trial files the driver reads back (report, learning curves); checkpoints stay in storage.
 TRIAL_RESULT_FILES = ("result.json", "params.json", "progress.csv")
@@ -82,6 +82,17 @@ class SweepFolder:
         if self.storage is not None:
             return self.storage.root, self.storage.filesystem
         return str(self.local.resolve()), None
+
+    def workers_runs(self) -> tuple[str, Optional[pafs.FileSystem]]:
+        """Where the Ray Train runs of running data-parallel trials are kept (WORKERS_DIR), as experiment_root."""
+        root, filesystem = self.experiment_root()
+        return f"{root}/{WORKERS_DIR}", filesystem
+
+    def remove_workers_runs(self) -> None:
+        """The Ray Train runs of data-parallel trials that ended without their own cleanup (a sweep stopped or
+        killed while they ran): called when no trial runs; Tune holds their checkpoints."""
+        with contextlib.suppress(OSError):  # none there (FileNotFoundError), or storage that cannot delete now
+            self.filesystem.delete_dir(self.workers_runs()[0])
 
     def experiment_path(self, name: str) -> str:
         """An experiment's folder (TUNE_DIR_NAME, CONFIRM_DIR_NAME) as `filesystem` spells its paths."""

@@ -4,6 +4,10 @@ loopback; an earlier sweep's folder for warm start."""
 from __future__ import annotations
 
 import socket
+import time
+import urllib.error
+import urllib.request
+from typing import Callable
 from pathlib import Path
 
 import pyarrow.fs as pafs
@@ -103,6 +107,26 @@ def refused_case(command: str, change, expected: str, raw_config: dict, write_co
 def listing(root: Path) -> set[str]:
     """Every path under `root`, relative to it (to check that a refused command wrote nothing)."""
     return {str(p.relative_to(root)) for p in Path(root).rglob("*")}
+
+
+def wait_until_answering(url: str, what: str, up: tuple[int, ...] = (200,), given_up: Callable[[], bool] = lambda: False,
+                         timeout: float = 120.0) -> None:
+    """Wait until a server a test started answers `url` with an HTTP status in `up` (RuntimeError naming `what` after
+    `timeout` seconds, or at once when `given_up()`: the server's process ended)."""
+    deadline = time.time() + timeout
+    while True:
+        try:
+            with urllib.request.urlopen(url, timeout=2) as answer:
+                if answer.status in up:
+                    return
+        except urllib.error.HTTPError as refused:
+            if refused.code in up:
+                return
+        except OSError:
+            pass
+        if given_up() or time.time() > deadline:
+            raise RuntimeError(f"{what} did not start")
+        time.sleep(0.5)
 
 
 def free_port() -> int:

@@ -7,15 +7,13 @@ import os
 import subprocess
 import sys
 import time
-import urllib.error
-import urllib.request
 from pathlib import Path
 
 import pandas as pd
 import pytest
 import yaml
 
-from conftest import free_port
+from conftest import free_port, wait_until_answering
 
 pytestmark = pytest.mark.integration
 pytest.importorskip("ray.dashboard")
@@ -43,20 +41,8 @@ def head_with_dashboard(monkeypatch):
         "dashboard_agent_listen_port": free_port()})
     address = f"http://127.0.0.1:{port}"
     try:
-        deadline = time.time() + 120
-        while True:
-            try:
-                with urllib.request.urlopen(f"{address}/api/version", timeout=2) as answer:
-                    if answer.status == 200:
-                        break
-            except urllib.error.HTTPError as refused:
-                if refused.code == 401:  # up, and asking for the token this test does not send
-                    break
-            except OSError:
-                pass
-            if time.time() > deadline:
-                raise RuntimeError("the Ray dashboard did not start")
-            time.sleep(0.5)
+        # 401: up, and asking for the token this test does not send
+        wait_until_answering(f"{address}/api/version", "the Ray dashboard", up=(200, 401))
         yield address
     finally:
         cluster.shutdown()

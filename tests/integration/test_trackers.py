@@ -5,14 +5,12 @@ and registered; a re-export registers a new version."""
 import json
 import subprocess
 import sys
-import time
-import urllib.request
 from pathlib import Path
 
 import pytest
 import ray
 
-from conftest import free_port
+from conftest import free_port, wait_until_answering
 from lora_sweep.config import load_config
 from lora_sweep.folder import MARKER_FILE
 from lora_sweep.pipeline import export, run
@@ -34,17 +32,10 @@ def mlflow_server(tmp_path):
         stdout=subprocess.DEVNULL, stderr=open(store / "server.log", "w"), cwd=store)
     uri = f"http://127.0.0.1:{port}"
     try:
-        deadline = time.time() + 120
-        while True:
-            try:
-                with urllib.request.urlopen(f"{uri}/health", timeout=2) as answer:
-                    if answer.status == 200:
-                        break
-            except OSError:
-                pass
-            if server.poll() is not None or time.time() > deadline:
-                raise RuntimeError(f"mlflow server did not start: {(store / 'server.log').read_text()[-2000:]}")
-            time.sleep(0.5)
+        try:
+            wait_until_answering(f"{uri}/health", "mlflow server", given_up=lambda: server.poll() is not None)
+        except RuntimeError as error:
+            raise RuntimeError(f"{error}: {(store / 'server.log').read_text()[-2000:]}") from None
         yield uri
     finally:
         server.terminate()

@@ -66,10 +66,8 @@ def test_two_workers_train_as_one_worker_with_the_same_global_batch(raw_config, 
     # Both workers' RNG states are in the trial's checkpoints (Train merges each rank's part), for an exact resume.
     assert {"rng_state_0.pth", "rng_state_1.pth", "adapter_model.safetensors", "optimizer.pt"} <= {
         p.name for p in Path(best.best_checkpoint).iterdir()}
-    # The budget counts every worker: two CPUs held for the trial's wall time.
-    assert best.device_seconds == pytest.approx(2 * best.wall_seconds, rel=0.01)
-    # Ray Train's runs are gone with their trials; Tune holds the checkpoints.
-    assert not any((tmp_path / "results" / "workers-2" / "workers").iterdir())
+    # Ray Train's runs are gone with the sweep; Tune holds the checkpoints.
+    assert not (tmp_path / "results" / "workers-2" / "workers").exists()
 
 
 def test_a_two_worker_trial_spans_two_nodes_and_goes_on_when_one_is_lost(raw_config, write_config):
@@ -110,6 +108,8 @@ def test_a_two_worker_trial_spans_two_nodes_and_goes_on_when_one_is_lost(raw_con
         spreads = [set(r["worker_node_ids"].split(",")) for r in reports]
         assert spreads[0] == {first.node_id, second.node_id}  # one worker on each node
         assert spreads[-1] == {first.node_id, third.node_id}  # the lost node's worker started again on the new one
+        # by Ray Train, within the trial: Tune saw no failure of it
+        assert not list(config.sweep_dir.glob("tune/*/error.txt"))
     finally:
         ray.shutdown()
         cluster.shutdown()

@@ -60,6 +60,7 @@ CASES = {
     "an output_dir of 5000 characters": (_set("", output_dir="d" * 5000), "`output_dir`: is 5,000 characters long"),
     "resources.cpu finer than Ray counts": (_set("resources", cpu=0.00001), "`resources.cpu`: Ray counts resources in steps of 0.0001, but got 1e-05"),
     "resources.workers 0": (_set("resources", workers=0), "`resources.workers`: Input should be greater than or equal to 1 (got 0)"),
+    "workers sharing a GPU": (_set("resources", workers=2, gpu=0.5), "`resources.workers`: 2 with resources.gpu 0.5, but data-parallel workers cannot share a GPU"),
     "workers of several GPUs each": (_set("resources", workers=2, gpu=2), "`resources.workers`: 2 with resources.gpu 2, but a data-parallel worker trains on one GPU"),
     "resources.gpu finer than Ray counts": (_set("resources", gpu=1e-9), "`resources.gpu`: Ray counts resources in steps of 0.0001"),
     "a ray.address host of 3000 characters": (_set("ray", address="h" * 3000 + ":6379"), "`ray.address`: must be `auto`, HOST:PORT"),

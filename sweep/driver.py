@@ -30,7 +30,8 @@ from ray.tune.search.optuna import OptunaSearch
 
 from lora_sweep.folder import BUDGET_FILE, CONFIG_FILE, CONFIRM_DIR_NAME, STUDY_FILE, TENSORBOARD_DIR, TUNE_DIR_NAME
 from lora_sweep.schedulers import KeepResultsAcrossPauses, PausingConcurrencyLimiter, PromotionASHA
-from lora_sweep.safety import check_state_files_are_ours, recover_truncated_tune_snapshot, sweep_id
+from lora_sweep.safety import (check_state_files_are_ours, fill_in_deleted_checkpoints, recover_truncated_tune_snapshot,
+                               sweep_id)
 from lora_sweep.signals import SweepInterrupted, ctrl_c_handler_kept, sigterm_stops_like_ctrl_c
 from lora_sweep.config import ConfigError, SweepConfig, cut, read_yaml, shown
 from lora_sweep.metrics import metric_names
@@ -714,6 +715,9 @@ def _restored(storage_path: str, filesystem: Any, name: str, trainable: Any, swe
         for file in recover_truncated_tune_snapshot(Path(experiment), Path(get_default_ray_temp_dir())):
             log.warning("%s was empty (the driver was killed while Ray Tune copied it); its complete copy from "
                         "Ray's temp folder was put back", file)
+    for path in fill_in_deleted_checkpoints(filesystem, experiment):
+        log.warning("%s was deleted after Ray Tune last saved its state (the driver was killed before the state "
+                    "caught up); the trial's newer checkpoint was copied there and the trial goes on from it", path)
     return tune.Tuner.restore(experiment, trainable, resume_unfinished=True, resume_errored=False,
                               storage_filesystem=filesystem)
 

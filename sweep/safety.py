@@ -275,3 +275,49 @@ def _trusted_copy(path: Path) -> bool:
         return path.stat().st_size > 0 and write_access_problem(path) is None and write_access_problem(path.parent) is None
     except OSError:
         return False
+
+
+def fill_in_deleted_checkpoints(filesystem: Optional[pafs.FileSystem], experiment: str) -> list[str]:
+    """Give each unfinished trial the checkpoint Tune's saved state names, when a killed driver left that state
+    naming one already deleted; the paths filled in.
+
+    Tune deletes a trial's checkpoints beyond `checkpoints.keep` at once, but copies its experiment state to the
+    sweep's folder (or storage) in the background: a driver killed while that copy lags behind leaves a state
+    whose trial resumes from a checkpoint that is gone, and Tune then fails the trial ("Could not recover from
+    checkpoint as it does not exist on storage anymore"). The trial's newer checkpoint is still there (Tune wrote
+    it before it deleted the older one): it is copied under the name the state holds, and the trial goes on from
+    there, later than the state knows, never from the start. Only trials that had not ended are looked at.
+    """
+    fs = filesystem or pafs.LocalFileSystem()
+    try:
+        listing = fs.get_file_info(pafs.FileSelector(experiment))
+    except (OSError, pa.ArrowException):
+        return []
+    states = sorted(info.path for info in listing
+                    if info.base_name.startswith("experiment_state-") and info.base_name.endswith(".json"))
+    if not states:
+        return []
+    try:
+        with fs.open_input_stream(states[-1]) as stream:
+            trial_data = json.loads(stream.read())["trial_data"]
+    except (OSError, ValueError, KeyError, TypeError, pa.ArrowException):
+        return []  # Tune reports a state it cannot read itself
+    filled = []
+    for trial_state, run_state in trial_data:
+        trial = json.loads(trial_state) if isinstance(trial_state, str) else trial_state
+        run = json.loads(run_state) if isinstance(run_state, str) else run_state
+        name = (run.get("last_result") or {}).get("checkpoint_dir_name")
+        if trial.get("status") in ("TERMINATED", "ERROR") or not name or not trial.get("relative_logdir"):
+            continue
+        trial_dir = f"{experiment}/{trial['relative_logdir']}"
+        wanted = f"{trial_dir}/{name}"
+        if fs.get_file_info(wanted).type != pafs.FileType.NotFound:
+            continue
+        newer = sorted(info.path for info in fs.get_file_info(pafs.FileSelector(trial_dir, allow_not_found=True))
+                       if info.type == pafs.FileType.Directory and info.base_name.startswith("checkpoint_")
+                       and info.base_name > name)
+        if newer:
+            fs.create_dir(wanted, recursive=True)  # a local copy needs the folder made first
+            pafs.copy_files(newer[-1], wanted, source_filesystem=fs, destination_filesystem=fs)
+            filled.append(wanted)
+    return filled

@@ -260,3 +260,27 @@ def test_a_tune_snapshot_left_empty_by_a_kill_is_recovered_from_rays_staging_cop
     assert recover_truncated_tune_snapshot(tune_dir, ray_temp) == ["search_gen_state-2026-01-01_10-00-00.json"]
     assert (tune_dir / "search_gen_state-2026-01-01_10-00-00.json").read_bytes() == b"the searcher's state"
     assert recover_truncated_tune_snapshot(tune_dir, ray_temp) == []  # nothing empty: nothing touched
+
+
+def test_a_checkpoint_deleted_after_tunes_last_saved_state_is_filled_in_from_the_newer_one(tmp_path):
+    from lora_sweep.safety import fill_in_deleted_checkpoints
+
+    def trial(name: str, status: str, checkpoint: str) -> list[str]:
+        return [json.dumps({"status": status, "relative_logdir": name}),
+                json.dumps({"last_result": {"step": 6, "checkpoint_dir_name": checkpoint}})]
+
+    experiment = tmp_path / "tune"
+    for name, kept in (("cut", ["checkpoint_000002"]), ("ended", ["checkpoint_000003"]), ("current", ["checkpoint_000001"])):
+        for checkpoint in kept:
+            (experiment / name / checkpoint).mkdir(parents=True)
+            (experiment / name / checkpoint / "adapter_model.safetensors").write_text(f"{name} {checkpoint}")
+    (experiment / "experiment_state-2026-01-01_00-00-00.json").write_text(json.dumps({"trial_data": [
+        trial("cut", "RUNNING", "checkpoint_000000"),  # the state lagged: 000000 was deleted after 000002 came
+        trial("ended", "TERMINATED", "checkpoint_000001"),  # ended: never resumed, left alone
+        trial("current", "PAUSED", "checkpoint_000001"),  # the state names what is there
+    ]}))
+    filled = fill_in_deleted_checkpoints(None, str(experiment))
+    assert filled == [str(experiment / "cut" / "checkpoint_000000")]
+    assert (experiment / "cut" / "checkpoint_000000" / "adapter_model.safetensors").read_text() == "cut checkpoint_000002"
+    assert not (experiment / "ended" / "checkpoint_000001").exists()
+    assert fill_in_deleted_checkpoints(None, str(tmp_path / "nothing")) == []

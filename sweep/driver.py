@@ -698,9 +698,11 @@ def _bound_trainable(config: SweepConfig, data_path: Path, folder: SweepFolder,
     if config.resources.workers > 1 and trial_function in (tune_trainable, confirm_trainable):
         trainable = data_parallel_trainable(confirm=trial_function is confirm_trainable)
         # The Tune trial only passes reports on; Ray Train asks for its workers' resources itself. Tune refuses a
-        # trial that asks for nothing: a token of memory, so no CPU a worker needs is held by the trial.
+        # trial that asks for nothing: a token of memory, so no CPU a worker needs is held by the trial. It runs on
+        # the head node (Ray's own head resource): a lost worker node then never takes a trial's coordinator with
+        # it (and with it the placement group of its Train run, which nothing would free while the sweep runs).
         parameters["workers_storage"] = folder.workers_runs()
-        resources = {"cpu": 0, "gpu": 0, "memory": 2**20}
+        resources = {"cpu": 0, "gpu": 0, "memory": 2**20, "node:__internal_head__": 0.001}
     return tune.with_resources(tune.with_parameters(trainable, **parameters), resources)
 
 

@@ -62,3 +62,28 @@ def assert_never_started_over(steps: list[int], eval_steps: int) -> None:
     assert steps[-1] == max(steps)
     for earlier, later in zip(steps, steps[1:], strict=False):
         assert later > earlier - eval_steps, steps
+
+
+def drive_in_a_thread(config, checkpoints: int = 2, timeout: float = 120.0):
+    """`run(config)` in a thread beside the test, which plays the failing cluster (Ray's node tools need the main
+    thread); returns (thread, outcome, errors) once the sweep folder holds `checkpoints` checkpoints (on a cluster,
+    results reach it when a trial ends; checkpoints at once)."""
+    import threading
+
+    from lora_sweep.pipeline import run
+
+    outcome, errors = [], []
+
+    def drive():
+        try:
+            outcome.append(run(config))
+        except Exception as error:
+            errors.append(error)
+
+    driver = threading.Thread(target=drive, daemon=True)
+    driver.start()
+    deadline = time.monotonic() + timeout
+    while len(list(config.sweep_dir.glob("tune/*/checkpoint_*"))) < checkpoints:
+        assert time.monotonic() < deadline and driver.is_alive(), errors
+        time.sleep(0.05)
+    return driver, outcome, errors

@@ -1,16 +1,13 @@
 """A Ray cluster of local nodes loses the node running a trial; the trial resumes from its checkpoint on another."""
 
 import json
-import threading
-import time
 
 import pytest
 import ray
 from ray.cluster_utils import Cluster
 
 from lora_sweep.config import load_config
-from lora_sweep.pipeline import run
-from sweep_process import assert_never_started_over, trial_histories
+from sweep_process import assert_never_started_over, drive_in_a_thread, trial_histories
 
 pytestmark = pytest.mark.integration
 
@@ -25,21 +22,7 @@ def test_a_trial_on_a_lost_node_resumes_on_another_node(raw_config, write_config
         raw_config["failure_retries"] = 2
         raw_config["ray"] = {"address": cluster.address}
         config = load_config(write_config(raw_config))
-        outcome, errors = [], []
-
-        def drive():  # the driver runs beside the test, which plays the failing cluster (Ray's node tools need the main thread)
-            try:
-                outcome.append(run(config))
-            except Exception as error:
-                errors.append(error)
-
-        driver = threading.Thread(target=drive, daemon=True)
-        driver.start()
-        deadline = time.monotonic() + 120
-        # On a cluster, results reach the sweep folder when the trial ends; checkpoints at once.
-        while len(list(config.sweep_dir.glob("tune/*/checkpoint_*"))) < 2:
-            assert time.monotonic() < deadline and driver.is_alive(), errors
-            time.sleep(0.05)
+        driver, outcome, errors = drive_in_a_thread(config, timeout=120)
         cluster.add_node(num_cpus=1)  # somewhere to go
         cluster.remove_node(first_worker, allow_graceful=False)
         driver.join(timeout=300)

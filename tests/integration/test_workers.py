@@ -3,8 +3,6 @@ one-worker trial of the same global batch does, spans the nodes of a cluster, an
 worker's node is lost."""
 
 import json
-import threading
-import time
 from pathlib import Path
 
 import pytest
@@ -13,7 +11,7 @@ from ray.cluster_utils import Cluster
 
 from lora_sweep.config import load_config
 from lora_sweep.pipeline import run
-from sweep_process import assert_never_started_over
+from sweep_process import assert_never_started_over, drive_in_a_thread
 
 pytestmark = pytest.mark.integration
 
@@ -82,20 +80,7 @@ def test_a_two_worker_trial_spans_two_nodes_and_goes_on_when_one_is_lost(raw_con
         raw_config["resources"] = {"cpu": 1, "workers": 2}  # no node holds both workers
         raw_config["ray"] = {"address": cluster.address}
         config = load_config(write_config(raw_config))
-        outcome, errors = [], []
-
-        def drive():  # the test plays the failing cluster (Ray's node tools need the main thread)
-            try:
-                outcome.append(run(config))
-            except Exception as error:
-                errors.append(error)
-
-        driver = threading.Thread(target=drive, daemon=True)
-        driver.start()
-        deadline = time.monotonic() + 180
-        while len(list(config.sweep_dir.glob("tune/*/checkpoint_*"))) < 2:
-            assert time.monotonic() < deadline and driver.is_alive(), errors
-            time.sleep(0.05)
+        driver, outcome, errors = drive_in_a_thread(config, timeout=180)
         third = cluster.add_node(num_cpus=1)  # somewhere to go
         cluster.remove_node(second, allow_graceful=False)
         driver.join(timeout=400)
